@@ -1,0 +1,157 @@
+// CPU implementations of the moe_fast ops: checks, allocation and threading around csrc/cpu/.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+
+namespace moe_fast {
+namespace {
+
+constexpr int64_t kRouteGrain = 1024;  // tokens per task: routing one token is ~E operations
+constexpr int64_t kPlanChunk = 16384;  // tokens per histogram/scatter chunk
+constexpr int64_t kGramGrain = 16;     // tokens per task: one token is M^2 / 2 dot products of H
+
+void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
+  const int64_t allowed = keep.sum().item<int64_t>();
+  TORCH_CHECK(allowed >= k, "moe_fast.route: keep allows ", allowed, " experts, fewer than k = ", k);
+}
+
+// ids [T, k] -> counts [E], offsets [E + 1], perm [T * k], the same for any number of threads.
+void build_plan(const int32_t* ids, int64_t T, int32_t k, int32_t E, int32_t* counts, int32_t* offsets,
+                int32_t* perm) {
+  const int64_t nchunks = std::max<int64_t>(1, (T + kPlanChunk - 1) / kPlanChunk);
+  std::vector<int32_t> cursor(nchunks * (E + 1), 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      cpu::plan_histogram(ids, c * kPlanChunk, std::min(T, (c + 1) * kPlanChunk), k, E, &cursor[c * (E + 1)]);
+    }
+  });
+  int32_t running = 0;
+  for (int32_t bucket = 0; bucket <= E; ++bucket) {
+    offsets[bucket] = running;  // offsets[E]: where the skipped slots start
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int32_t n = cursor[c * (E + 1) + bucket];
+      cursor[c * (E + 1) + bucket] = running;
+      running += n;
+    }
+    if (bucket < E) counts[bucket] = running - offsets[bucket];
+  }
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      cpu::plan_scatter(ids, c * kPlanChunk, std::min(T, (c + 1) * kPlanChunk), k, E, &cursor[c * (E + 1)], perm);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& logits, int64_t k, bool renormalize, std::optional<at::ArrayRef<double>> beta,
+    const std::optional<at::Tensor>& keep) {
+  const std::vector<double> gaps = check_route_args(logits, k, beta, keep);
+  if (keep.has_value()) check_keep_leaves_k(*keep, k);
+  auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
+  const int64_t T = logits.size(0);
+  const int32_t E = static_cast<int32_t>(logits.size(1));
+  RouteArgs a;
+  a.num_tokens = T;
+  a.num_experts = E;
+  a.top_k = static_cast<int32_t>(k);
+  a.renormalize = renormalize;
+  a.skip_gap = gaps.empty() ? nullptr : gaps.data();
+  a.keep = keep.has_value() ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  const DType dtype = dtype_of(logits, "logits");
+  const void* src = logits.data_ptr();
+  float* w = weights.data_ptr<float>();
+  int32_t* id = ids.data_ptr<int32_t>();
+  at::parallel_for(0, T, kRouteGrain, [&](int64_t b, int64_t e) { cpu::route_rows(dtype, src, a, b, e, w, id); });
+  build_plan(id, T, a.top_k, E, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
+  return {weights, ids, counts, offsets, perm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_gram_cpu(const at::Tensor& outputs,
+                                                               const std::optional<at::Tensor>& target) {
+  const GramShapes s = check_gram_args(outputs, target);
+  auto [gram, cross, target_sq] = alloc_gram_outputs(outputs, target.has_value());
+  const DType dtype = dtype_of(outputs, "outputs");
+  const void* y = outputs.data_ptr();
+  const void* z = target.has_value() ? target->data_ptr() : nullptr;
+  float* g = gram.data_ptr<float>();
+  float* c = target.has_value() ? cross.data_ptr<float>() : nullptr;
+  float* zz = target.has_value() ? target_sq.data_ptr<float>() : nullptr;
+  at::parallel_for(0, s.T, kGramGrain, [&](int64_t b, int64_t e) {
+    cpu::expert_gram_rows(dtype, y, z, s.M, s.H, b, e, g, c, zz);
+  });
+  return {gram, cross, target_sq};
+}
+
+at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const at::Tensor& logits,
+                           const at::Tensor& keep, const at::Tensor& group, int64_t num_groups, int64_t k,
+                           bool renormalize, const std::optional<at::Tensor>& target_weights,
+                           const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq) {
+  const SubsetLossArgs a = check_subset_loss_args(gram, ids, logits, keep, group, num_groups, k, renormalize,
+                                                  target_weights, cross, target_sq);
+  const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
+  check_candidate_sizes(keep, M, k);
+  const int32_t* idp = a.ids;
+  for (int64_t i = 0; i < T * M; ++i) {
+    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_fast.subset_loss: ids must lie in [0, E = ", E, "), found ", idp[i],
+                " (a skipped slot cannot be ranked)");
+  }
+  // Tokens bucketed by group, ascending inside each group; then fixed chunks of kLossChunk.
+  const int64_t* gp = group.data_ptr<int64_t>();
+  std::vector<int64_t> start(G + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(gp[t] >= 0 && gp[t] < G, "moe_fast.subset_loss: group ids must lie in [0, num_groups = ", G,
+                "), found ", gp[t], " at token ", t);
+    ++start[gp[t] + 1];
+  }
+  for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
+  std::vector<int64_t> order(T);
+  {
+    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t) order[cursor[gp[t]]++] = t;
+  }
+  struct Chunk {
+    int64_t group, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first_chunk(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    first_chunk[g] = static_cast<int64_t>(chunks.size());
+    for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) chunks.push_back({g, i, std::min(start[g + 1], i + kLossChunk)});
+  }
+  first_chunk[G] = static_cast<int64_t>(chunks.size());
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  std::vector<ExpertMask> masks(C);
+  const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
+  for (int64_t c = 0; c < C; ++c) masks[c] = cpu::pack_mask(kp + c * E, a.num_experts);
+  std::vector<double> partial(C * nchunks, 0.0);
+  at::parallel_for(0, C * nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t c = item / nchunks;
+      const Chunk& ch = chunks[item % nchunks];
+      partial[item] = cpu::subset_loss_tokens(a, masks[c], order.data() + ch.begin, ch.end - ch.begin);
+    }
+  });
+  at::Tensor out = at::zeros({C, G}, gram.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t g = 0; g < G; ++g) {
+      double total = 0.0;
+      for (int64_t i = first_chunk[g]; i < first_chunk[g + 1]; ++i) total += partial[c * nchunks + i];
+      o[c * G + g] = total;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace moe_fast
+
+TORCH_LIBRARY_IMPL(moe_fast, CPU, m) {
+  m.impl("route", &moe_fast::route_cpu);
+  m.impl("expert_gram", &moe_fast::expert_gram_cpu);
+  m.impl("subset_loss", &moe_fast::subset_loss_cpu);
+}

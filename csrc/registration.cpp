@@ -1,0 +1,29 @@
+// The one place where every moe_fast op schema is declared. Implementations register per device
+// in csrc/bindings/*_bindings.cpp; fake (meta) kernels live in moe_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import moe_fast._C` only has to load this library: the static registrations below run then.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(moe_fast, m) {
+  // logits [T, E] f32/bf16/f16; beta: one value for every slot, or k - 1 values for slots
+  // 1..k-1, each in [0, 1]; keep [E] bool (True = may be chosen).
+  // -> weights [T, k] f32, ids [T, k] i32, counts [E] i32, offsets [E + 1] i32, perm [T * k] i32
+  m.def(
+      "route(Tensor logits, int k, bool renormalize=True, float[]? beta=None, Tensor? keep=None) "
+      "-> (Tensor weights, Tensor ids, Tensor counts, Tensor offsets, Tensor perm)");
+  // outputs [T, M, H], target [T, H] (same dtype) ->
+  // gram [T, M(M+1)/2] f32, cross [T, M] f32 (or [T, 0]), target_sq [T] f32 (or [0])
+  m.def("expert_gram(Tensor outputs, Tensor? target=None) -> (Tensor gram, Tensor cross, Tensor target_sq)");
+  // gram [T, P] f32, ids [T, M] i32, logits [T, E] f32, keep [C, E] bool, group [T] i64,
+  // target_weights [T, M] f32 (layer-wise) xor cross [T, M] f32 + target_sq [T] f32 (progressive)
+  // -> [C, G] f64
+  m.def(
+      "subset_loss(Tensor gram, Tensor ids, Tensor logits, Tensor keep, Tensor group, int num_groups, "
+      "int k, bool renormalize=True, Tensor? target_weights=None, Tensor? cross=None, "
+      "Tensor? target_sq=None) -> Tensor");
+}

@@ -1,0 +1,140 @@
+"""Python wrappers and fake kernels of the moe_fast ops.
+
+Each op is ``torch.ops.moe_fast.<name>``; the wrappers here only turn friendly arguments (a
+float beta, a list of candidate sets) into the schema's. Semantics: :mod:`moe_fast.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from moe_fast import _extension  # noqa: F401  (registers torch.ops.moe_fast)
+from moe_fast.reference import RouteResult
+
+__all__ = ["route", "expert_gram", "subset_loss", "RouteResult"]
+
+
+def _beta_list(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
+    if beta is None:
+        return None
+    if isinstance(beta, torch.Tensor):
+        return [float(b) for b in beta.reshape(-1).tolist()]
+    if isinstance(beta, (int, float)):
+        return [float(beta)]
+    return [float(b) for b in beta]
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    renormalize: bool = True,
+    beta: float | Sequence[float] | torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> RouteResult:
+    """Fused router: softmax, top-k, renormalize, threshold skipping, and the dispatch plan.
+
+    Args:
+        logits: [T, E] float32, bfloat16 or float16, contiguous; 1 <= E <= 256.
+        k: experts per token, 1..8, at most the number of allowed experts.
+        renormalize: weights of the chosen slots sum to 1 (Mixtral; Qwen/OLMoE with norm_topk_prob).
+        beta: skip threshold in [0, 1], one for all slots or k - 1 values for slots 1..k-1. Slot j is
+            skipped when w_j < beta_j * w_0. None: no skipping.
+        keep: [E] bool on the logits' device; False experts can never be chosen (pruned).
+
+    Returns:
+        RouteResult(weights [T, k] float32, ids [T, k] int32 (E marks a skipped slot),
+        counts [E] int32, offsets [E + 1] int32, perm [T * k] int32). ``perm[offsets[e]:offsets[e+1]]``
+        are the flat slots ``t * k + j`` routed to expert e, tokens ascending; skipped slots follow
+        ``offsets[E]``.
+    """
+    return RouteResult(*torch.ops.moe_fast.route(logits, k, renormalize, _beta_list(beta), keep))
+
+
+def expert_gram(
+    outputs: torch.Tensor, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token inner products of the rank-bounded expert outputs (DESIGN.md section 4).
+
+    Args:
+        outputs: [T, M, H] float32/bfloat16/float16: token t's outputs of its M ranked experts.
+        target: optional [T, H], same dtype: the target layer output (progressive mode).
+
+    Returns:
+        gram [T, M(M+1)/2] float32: <y_i, y_j> for i <= j, the upper triangle row by row
+        (``moe_fast.reference.triu_pairs``); cross [T, M] float32 = <y_i, target> and
+        target_sq [T] float32 = ||target||^2, or empty ([T, 0], [0]) without a target.
+    """
+    return tuple(torch.ops.moe_fast.expert_gram(outputs, target))
+
+
+def subset_loss(
+    gram: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    k: int,
+    renormalize: bool = True,
+    target_weights: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    target_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared reconstruction error of C candidate keep-sets, summed per token group.
+
+    Args:
+        gram: [T, M(M+1)/2] float32 from :func:`expert_gram`.
+        ids: [T, M] int32: each token's M ranked experts (``route(logits, M).ids``).
+        logits: [T, E] float32 router logits.
+        keep: [C, E] bool: candidate c keeps the experts where True. Each must keep >= k experts
+            and drop at most M - k.
+        group: [T] int64 in [0, num_groups): e.g. the calibration batch of each token.
+        k: experts per token.
+        target_weights: [T, M] float32, layer-wise mode: the unpruned routing weights over the M
+            ranked slots; the error is d^T G d with d = w^S - target_weights.
+        cross, target_sq: [T, M] and [T] float32, progressive mode: <y_i, z> and ||z||^2 of the
+            target z; the error is w^T G w - 2 w . cross + target_sq.
+
+    Returns:
+        [C, num_groups] float64. The paper's objective is ``out.sqrt().sum(1)`` with one group per
+        calibration batch; the MSE objective is ``out.sum(1)``.
+    """
+    return torch.ops.moe_fast.subset_loss(
+        gram, ids, logits, keep, group, num_groups, k, renormalize, target_weights, cross, target_sq
+    )
+
+
+@torch.library.register_fake("moe_fast::route")
+def _route_fake(logits, k, renormalize=True, beta=None, keep=None):
+    torch._check(logits.dim() == 2, lambda: "moe_fast.route: logits must be [T, E]")
+    T, E = logits.shape
+    i32 = dict(dtype=torch.int32, device=logits.device)
+    return (
+        logits.new_empty(T, k, dtype=torch.float32),
+        logits.new_empty(T, k, **i32),
+        logits.new_empty(E, **i32),
+        logits.new_empty(E + 1, **i32),
+        logits.new_empty(T * k, **i32),
+    )
+
+
+@torch.library.register_fake("moe_fast::expert_gram")
+def _expert_gram_fake(outputs, target=None):
+    torch._check(outputs.dim() == 3, lambda: "moe_fast.expert_gram: outputs must be [T, M, H]")
+    T, M, _ = outputs.shape
+    f32 = dict(dtype=torch.float32)
+    has = target is not None
+    return (
+        outputs.new_empty(T, M * (M + 1) // 2, **f32),
+        outputs.new_empty(T, M if has else 0, **f32),
+        outputs.new_empty(T if has else 0, **f32),
+    )
+
+
+@torch.library.register_fake("moe_fast::subset_loss")
+def _subset_loss_fake(
+    gram, ids, logits, keep, group, num_groups, k, renormalize=True, target_weights=None, cross=None, target_sq=None
+):
+    return gram.new_empty(keep.shape[0], num_groups, dtype=torch.float64)

@@ -1,0 +1,206 @@
+"""Plain PyTorch references: the specification of every moe_fast op.
+
+Slow but obviously correct (vectorized, no custom code paths); the kernels are tested against
+these. Semantics follow DESIGN.md section 2 (routing) and section 4 (subset losses):
+
+* Logits are read as float32. NaN counts as -inf (it never wins); +inf counts as the largest
+  finite float32. Experts outside ``keep`` act as -inf and are never chosen.
+* Ranking is by logit (equivalently by softmax probability), largest first, ties to the lower
+  expert index.
+* A row whose allowed logits are all -inf (or NaN) is taken as all-equal logits: the k lowest
+  allowed expert indices, equal weights.
+* Skipping: slot j >= 1 is skipped when ``float64(l_0) - float64(l_j) > -log(beta_j)`` (that is,
+  ``w_j < beta_j * w_0``; ties do not skip, beta = 0 never skips). A skipped slot has id E and
+  weight 0. With ``renormalize`` the other slots sum to 1; without it they keep their softmax
+  probabilities scaled so that they still sum to what the top-k summed before skipping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+class RouteResult(NamedTuple):
+    weights: torch.Tensor  # [T, k] float32
+    ids: torch.Tensor  # [T, k] int32, E for a skipped slot
+    counts: torch.Tensor  # [E] int32
+    offsets: torch.Tensor  # [E + 1] int32
+    perm: torch.Tensor  # [T * k] int32
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 copy with NaN -> -inf and +inf -> float32 max."""
+    x = logits.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
+    return torch.where(x == math.inf, torch.full_like(x, _F32_MAX), x)
+
+
+def skip_gaps(beta: float | Sequence[float] | None, k: int) -> list[float] | None:
+    """Per-slot logit gaps -log(beta_j) (slot 0 unused); None when nothing skips."""
+    if beta is None:
+        return None
+    values = [float(beta)] if isinstance(beta, (int, float)) else [float(b) for b in beta]
+    if len(values) == 1:
+        values = values * max(k - 1, 1)
+    gaps = [math.inf]
+    for b in values[: k - 1]:
+        gaps.append(math.inf if b == 0.0 else -math.log(b))
+    return gaps
+
+
+def rank_experts(logits: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts of every row in routing order -> (order [T, E] int64, ranking logits [T, E]).
+
+    Allowed experts come first (largest logit first, ties to the lower index); masked ones last.
+    The returned logits are sanitized, with degenerate rows set to 0 on allowed experts.
+    """
+    lg = sanitize_logits(logits)
+    allowed = torch.ones_like(lg, dtype=torch.bool) if keep is None else keep.to(lg.device).bool().expand_as(lg)
+    best = lg.masked_fill(~allowed, -math.inf).amax(dim=-1, keepdim=True) if lg.shape[-1] else lg
+    degenerate = best == -math.inf
+    lg = torch.where(degenerate & allowed, torch.zeros_like(lg), lg)
+    order = torch.sort(lg, dim=-1, descending=True, stable=True).indices
+    allowed_sorted = torch.gather(allowed, -1, order).to(torch.int8)
+    order = torch.gather(order, -1, torch.sort(allowed_sorted, dim=-1, descending=True, stable=True).indices)
+    return order, lg.masked_fill(~allowed, -math.inf)
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    renormalize: bool = True,
+    beta: float | Sequence[float] | None = None,
+    keep: torch.Tensor | None = None,
+) -> RouteResult:
+    """Reference of ``moe_fast.ops.route``: logits [T, E] -> RouteResult."""
+    T, E = logits.shape
+    order, lg = rank_experts(logits, keep)
+    idx = order[:, :k]
+    top_l = torch.gather(lg, -1, idx)
+    probs = torch.softmax(lg, dim=-1) if T else lg
+    top_p = torch.gather(probs, -1, idx)
+    skipped = torch.zeros_like(top_p, dtype=torch.bool)
+    gaps = skip_gaps(beta, k)
+    if gaps is not None:
+        gap = top_l[:, :1].double() - top_l.double()
+        thr = torch.tensor(gaps[:k], dtype=torch.float64)
+        skipped = gap > thr
+        skipped[:, 0] = False
+    kept_p = top_p.masked_fill(skipped, 0.0)
+    if renormalize:
+        weights = kept_p / kept_p.sum(-1, keepdim=True)
+    else:
+        weights = kept_p * (top_p.sum(-1, keepdim=True) / kept_p.sum(-1, keepdim=True))
+    ids = idx.masked_fill(skipped, E).to(torch.int32)
+    return RouteResult(weights.float(), ids, *dispatch_plan(ids, E))
+
+
+def dispatch_plan(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [T, k] (E = skipped) -> counts [E], offsets [E + 1], perm [T * k] (all int32).
+
+    perm lists flat slot indices t * k + j grouped by expert (tokens ascending), skipped last.
+    """
+    flat = ids.reshape(-1).long()
+    perm = torch.sort(flat, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return counts, offsets, perm
+
+
+def triu_pairs(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) with i <= j in the Gram packing order: the upper triangle row by row."""
+    rows, cols = torch.triu_indices(m, m)
+    return rows, cols
+
+
+def expert_gram(
+    outputs: torch.Tensor, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``moe_fast.ops.expert_gram``.
+
+    outputs [T, M, H] -> gram [T, M(M+1)/2] (packed upper triangle, row by row),
+    cross [T, M] = <y_i, target>, target_sq [T] = ||target||^2 (empty without target); float32.
+    """
+    T, M, _ = outputs.shape
+    y = outputs.float()
+    full = torch.bmm(y, y.transpose(1, 2))
+    rows, cols = triu_pairs(M)
+    gram = full[:, rows, cols]
+    if target is None:
+        return gram, y.new_empty(T, 0), y.new_empty(0)
+    z = target.float()
+    return gram, torch.einsum("tmh,th->tm", y, z), (z * z).sum(-1)
+
+
+def unpack_gram(gram: torch.Tensor, m: int) -> torch.Tensor:
+    """[T, M(M+1)/2] -> symmetric [T, M, M] (same dtype)."""
+    rows, cols = triu_pairs(m)
+    full = gram.new_zeros(gram.shape[0], m, m)
+    full[:, rows, cols] = gram
+    full[:, cols, rows] = gram
+    return full
+
+
+def subset_weights(
+    ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor, k: int, renormalize: bool = True
+) -> torch.Tensor:
+    """Routing weights of every candidate over each token's M ranked slots: [C, T, M] float64.
+
+    ids [T, M] ranked experts, logits [T, E], keep [C, E] bool. Same rules as ``route`` with the
+    experts outside the candidate masked.
+    """
+    lg = sanitize_logits(logits).double()  # [T, E]
+    kept = keep.bool()[:, ids.long()]  # [C, T, M]
+    sel = kept & (torch.cumsum(kept.to(torch.int64), dim=-1) <= k)
+    ranked = torch.gather(lg, 1, ids.long()).unsqueeze(0).expand_as(sel)  # [C, T, M]
+    first = torch.argmax(sel.to(torch.int8), dim=-1, keepdim=True)
+    l0 = torch.gather(ranked, -1, first)
+    degenerate = l0 == -math.inf
+    rel = torch.exp(torch.where(degenerate, torch.zeros_like(ranked), ranked - l0))
+    rel = torch.where(sel, rel, torch.zeros_like(rel))
+    if renormalize:
+        return rel / rel.sum(-1, keepdim=True)
+    allowed = keep.bool().unsqueeze(1)  # [C, 1, E]
+    l0_all = torch.where(degenerate, torch.zeros_like(l0), l0)
+    terms = torch.where(degenerate, torch.ones_like(lg), torch.exp(lg.unsqueeze(0) - l0_all))
+    z = torch.where(allowed, terms, torch.zeros_like(terms)).sum(-1, keepdim=True)
+    return rel / z
+
+
+def subset_loss(
+    gram: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    k: int,
+    renormalize: bool = True,
+    target_weights: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    target_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of ``moe_fast.ops.subset_loss``: squared errors [C, G] float64 (see the op)."""
+    T, M = ids.shape
+    C = keep.shape[0]
+    out = torch.zeros(C, num_groups, dtype=torch.float64)
+    if T == 0 or C == 0:
+        return out
+    w = subset_weights(ids, logits, keep, k, renormalize)  # [C, T, M]
+    G = unpack_gram(gram.double(), M)  # [T, M, M]
+    if target_weights is not None:
+        d = w - target_weights.double().unsqueeze(0)
+        err = torch.einsum("ctm,tmn,ctn->ct", d, G, d)
+    else:
+        err = (
+            torch.einsum("ctm,tmn,ctn->ct", w, G, w)
+            - 2.0 * torch.einsum("ctm,tm->ct", w, cross.double())
+            + target_sq.double().unsqueeze(0)
+        )
+    return out.index_add_(1, group.long(), err)
