@@ -1,0 +1,1 @@
+"""Subcommands of ``moe-fast``; each module defines ``register(subparsers)``."""
