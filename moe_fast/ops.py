@@ -110,6 +110,12 @@ def subset_loss(
 def _route_fake(logits, k, renormalize=True, beta=None, keep=None):
     torch._check(logits.dim() == 2, lambda: "moe_fast.route: logits must be [T, E]")
     T, E = logits.shape
+    torch._check(1 <= k <= min(8, E), lambda: f"moe_fast.route: k must be in 1..8 and at most E = {E}, got {k}")
+    if keep is not None:
+        torch._check(
+            keep.device == logits.device,
+            lambda: f"moe_fast.route: keep must be on {logits.device} like the other inputs, got {keep.device}",
+        )
     i32 = dict(dtype=torch.int32, device=logits.device)
     return (
         logits.new_empty(T, k, dtype=torch.float32),
