@@ -8,6 +8,33 @@ from __future__ import annotations
 
 from moe_fast import _extension  # noqa: F401  (loads the kernels first)
 from moe_fast import ops, reference
+from moe_fast.experts import register_when_transformers_loads as _register_experts
 
-__all__ = ["ops", "reference"]
+_register_experts()  # experts_implementation="moe_fast" in transformers
+
+# Skipping and patching (imported lazily: they pull in transformers).
+_LAZY = {
+    "calibrate_skipping": "moe_fast.skipping",
+    "SkipCalibration": "moe_fast.skipping",
+    "patch": "moe_fast.patching",
+    "unpatch": "moe_fast.patching",
+    "save": "moe_fast.saving",
+    "from_pretrained": "moe_fast.saving",
+    # Expert pruning.
+    "prune": "moe_fast.pruning",
+    "PruneReport": "moe_fast.pruning",
+    "PruneResult": "moe_fast.pruning",
+    "load_calibration": "moe_fast.calibration",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moe_fast' has no attribute {name!r}")
+
+
+__all__ = ["ops", "reference", *_LAZY]
 __version__ = "0.1.0"

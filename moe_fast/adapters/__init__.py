@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from moe_fast.adapters.base import MoEAdapter, MoEBlockRef
 from moe_fast.adapters.mixtral import MixtralAdapter
+from moe_fast.adapters.olmoe import OlmoeAdapter
+from moe_fast.adapters.qwen2_moe import Qwen2MoeAdapter
+from moe_fast.adapters.qwen3_moe import Qwen3MoeAdapter
 
-ADAPTERS: list[type[MoEAdapter]] = [MixtralAdapter]
+ADAPTERS: list[type[MoEAdapter]] = [MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter]
 
 
 def register_adapter(cls: type[MoEAdapter]) -> type[MoEAdapter]:
@@ -32,4 +35,14 @@ def get_adapter(model_or_config) -> MoEAdapter:
     )
 
 
-__all__ = ["MoEAdapter", "MoEBlockRef", "MixtralAdapter", "get_adapter", "register_adapter", "supported_model_types"]
+__all__ = [
+    "MoEAdapter",
+    "MoEBlockRef",
+    "MixtralAdapter",
+    "Qwen2MoeAdapter",
+    "Qwen3MoeAdapter",
+    "OlmoeAdapter",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_types",
+]

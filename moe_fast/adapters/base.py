@@ -32,6 +32,12 @@ class MoEAdapter:
     num_experts_key: ClassVar[str] = "num_experts"  # config attribute holding E
     top_k_key: ClassVar[str] = "num_experts_per_tok"
     block_attr: ClassVar[str] = "mlp"  # attribute of a decoder layer holding its MoE block
+    router_scores_float32: ClassVar[bool] = False  # stock router returns float32 scores (else logits' dtype)
+    # Checkpoint (hub) layout, used to stream one layer from safetensors and to export a pruned
+    # checkpoint without loading the model: the block's key segment and per-expert projection
+    # names (gate, up, down); the router is "<hub_block_attr>.gate.weight" with one row per expert.
+    hub_block_attr: ClassVar[str] = "mlp"
+    hub_expert_proj: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config) -> None:
         self.config = config
@@ -83,3 +89,101 @@ class MoEAdapter:
     def checkpoint_prefix(self, layer: int) -> str:
         """Key prefix of a layer's MoE block in a checkpoint, e.g. 'model.layers.3.mlp'."""
         return f"model.layers.{layer}.{self.block_attr}"
+
+    # --- pruning hooks (moe_fast.pruning, moe_fast.export) --------------------------------------
+    def router_logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] of the block's router on hidden [T, H] (the router's index 0)."""
+        return block.gate(hidden)[0]
+
+    def expert_forward(self, experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+        """One expert's output on hidden [N, H] -> [N, H], computed as the stock experts module does."""
+        gate, up = nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+
+    def layer_call_kwargs(self, config, rotary: nn.Module, inputs_embeds: torch.Tensor) -> dict:
+        """Keyword arguments of a decoder layer's forward for full sequences without padding.
+
+        The same mask and position embeddings the model's own forward builds (Llama-style
+        families); override for families whose layers take something else.
+        """
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        seq_len = inputs_embeds.shape[1]
+        position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0)
+        sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+        mask_fn = create_sliding_window_causal_mask if sliding else create_causal_mask
+        mask = mask_fn(config=config, inputs_embeds=inputs_embeds, attention_mask=None, cache=None, position_ids=position_ids)
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "position_embeddings": rotary(inputs_embeds, position_ids=position_ids),
+        }
+
+    def _hub_expert_key(self, rel_key: str) -> tuple[int, str] | None:
+        """(expert, projection) of a per-expert checkpoint key relative to a decoder layer, else None."""
+        prefix = f"{self.hub_block_attr}.experts."
+        if not rel_key.startswith(prefix):
+            return None
+        num, _, rest = rel_key[len(prefix) :].partition(".")
+        if not num.isdigit():
+            return None
+        return int(num), rest
+
+    def layer_state_from_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Module state of one decoder layer from its checkpoint tensors (keys relative to the layer).
+
+        Accepts the hub layout (per-expert projections, stacked here into gate_up_proj [E, 2I, H]
+        and down_proj [E, H, I]) and the fused module layout (taken as is).
+        """
+        gate_name, up_name, down_name = (f"{p}.weight" for p in self.hub_expert_proj)
+        state: dict[str, torch.Tensor] = {}
+        per_expert: dict[str, dict[int, torch.Tensor]] = {gate_name: {}, up_name: {}, down_name: {}}
+        for key, value in tensors.items():
+            hit = self._hub_expert_key(key)
+            if hit is not None and hit[1] in per_expert:
+                per_expert[hit[1]][hit[0]] = value
+                continue
+            if key.startswith(f"{self.hub_block_attr}."):
+                key = f"{self.block_attr}." + key[len(self.hub_block_attr) + 1 :]
+            state[key] = value
+        if per_expert[gate_name]:
+            n = len(per_expert[gate_name])
+            for name in per_expert:
+                if sorted(per_expert[name]) != list(range(n)):
+                    raise ValueError(f"checkpoint layer has experts {sorted(per_expert[name])} for {name}, expected 0..{n - 1}")
+            state[f"{self.block_attr}.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([per_expert[gate_name][e], per_expert[up_name][e]], dim=0) for e in range(n)]
+            )
+            state[f"{self.block_attr}.experts.down_proj"] = torch.stack([per_expert[down_name][e] for e in range(n)])
+        return state
+
+    def prune_checkpoint_tensor(self, rel_key: str, tensor: torch.Tensor, keep: list[int]) -> tuple[str, torch.Tensor] | None:
+        """A layer's checkpoint tensor after pruning to the experts ``keep`` (sorted), or None to drop it.
+
+        Per-expert keys are renumbered in order, the router keeps its rows ``keep``, fused expert
+        tensors keep those entries of dim 0; everything else is unchanged.
+        """
+        hit = self._hub_expert_key(rel_key)
+        if hit is not None:
+            if hit[0] not in keep:
+                return None
+            return f"{self.hub_block_attr}.experts.{keep.index(hit[0])}.{hit[1]}", tensor
+        index = torch.tensor(keep, dtype=torch.long)
+        for block in {self.hub_block_attr, self.block_attr}:
+            if rel_key == f"{block}.gate.weight":
+                return rel_key, tensor.index_select(0, index).contiguous()
+            if rel_key in (f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"):
+                return rel_key, tensor.index_select(0, index).contiguous()
+        return rel_key, tensor
+
+    def prune_block(self, block: nn.Module, keep: list[int]) -> None:
+        """Removes the experts outside ``keep`` (sorted) from a loaded block, in place."""
+        index = torch.tensor(keep, dtype=torch.long, device=block.gate.weight.device)
+        with torch.no_grad():
+            block.gate.weight = nn.Parameter(block.gate.weight.index_select(0, index).contiguous(), requires_grad=False)
+            for name in ("gate_up_proj", "down_proj"):
+                old = getattr(block.experts, name)
+                setattr(block.experts, name, nn.Parameter(old.index_select(0, index.to(old.device)).contiguous(), requires_grad=False))
+        for module in (block.gate, block.experts, block):
+            if hasattr(module, "num_experts"):
+                module.num_experts = len(keep)

@@ -1,0 +1,160 @@
+"""The ``moe_fast`` experts implementation for transformers' ``ExpertsInterface``.
+
+Why: transformers' built-in paths either loop over experts in Python (eager) or compute every
+slot (grouped_mm has no notion of a skipped slot). This one runs the expert MLPs from a dispatch
+plan (slots grouped by expert, skipped slots last) with grouped GEMMs, so a skipped slot (index
+E, weight 0) costs nothing. The plan comes from the patched router of the same call when it is
+there (checked by tensor identity), else it is rebuilt from ``top_k_index`` with a stable sort.
+
+Registered as ``experts_implementation="moe_fast"`` on import of :mod:`moe_fast`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+NAME = "moe_fast"
+
+
+class Plan(NamedTuple):
+    """Dispatch plan of one call: which slots each expert computes."""
+
+    indices: torch.Tensor  # the exact top_k_index tensor this plan belongs to
+    perm: torch.Tensor  # [T*k] int64: flat slots t*k+j grouped by expert, skipped last
+    offsets: torch.Tensor  # [E] int32: cumulative counts (grouped_mm's ``offs``)
+    active: int  # number of slots that are computed (offsets[-1])
+
+
+def stash_plan(experts: nn.Module, indices: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Leaves the router's plan for the experts call that receives ``indices``.
+
+    ``offsets`` is the router op's [E + 1] (starting at 0) int32 tensor.
+    """
+    ends = offsets[1:]
+    experts._moe_fast_plan = Plan(indices, perm.long(), ends, int(ends[-1]) if ends.numel() else 0)
+
+
+def _take_plan(experts: nn.Module, top_k_index: torch.Tensor) -> Plan:
+    plan = getattr(experts, "_moe_fast_plan", None)
+    if plan is not None:
+        experts._moe_fast_plan = None  # one use only
+        if plan.indices is top_k_index:
+            return plan
+    return build_plan(top_k_index, experts.num_experts)
+
+
+def build_plan(top_k_index: torch.Tensor, num_experts: int) -> Plan:
+    """Plan from indices alone ([T, k], E = skipped): a stable sort by expert."""
+    flat = top_k_index.reshape(-1)
+    sorted_ids, perm = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    active = int(offsets[-1]) if num_experts else 0
+    return Plan(top_k_index, perm, offsets, active)
+
+
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if weight.device.type == "cuda":
+        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return weight.device.type == "cpu"
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[e-1]:offsets[e]`` of x times ``weight[e]`` ([E, in, out]); x has offsets[-1] rows."""
+    x = x.to(weight.dtype)
+    if _grouped_mm_ok(x, weight):
+        return torch.nn.functional.grouped_mm(x, weight, offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weight[e], out=out[start:end])
+        start = end
+    return out
+
+
+def moe_fast_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """``fn(experts, hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
+
+    Slots whose index is E (``experts.num_experts``) are skipped: never gathered, never computed.
+    The weighted slot outputs are summed per token in the weights' dtype (float32 for Mixtral),
+    in slot order, so the result is deterministic.
+    """
+    if getattr(self, "has_bias", False) or getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError("moe_fast experts: expert biases / post-expert norms are not supported")
+    if getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError("moe_fast experts: expert parallelism is not supported")
+    T, H = hidden_states.shape
+    k = top_k_index.shape[-1]
+    plan = _take_plan(self, top_k_index)
+    slots = plan.perm[: plan.active]
+    x = hidden_states.index_select(0, torch.div(slots, k, rounding_mode="floor"))
+
+    transposed = getattr(self, "is_transposed", False)
+    up_w = self.gate_up_proj if getattr(self, "has_gate", True) else self.up_proj
+    up_w = up_w if transposed else up_w.transpose(-2, -1)
+    down_w = self.down_proj if transposed else self.down_proj.transpose(-2, -1)
+
+    h = grouped_matmul(x, up_w, plan.offsets)
+    h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
+    y = grouped_matmul(h, down_w, plan.offsets)
+    y = y * top_k_weights.reshape(-1).index_select(0, slots).unsqueeze(-1)
+
+    if plan.active == T * k:
+        per_slot = y.new_empty(T * k, H)
+    else:
+        per_slot = y.new_zeros(T * k, H)
+    per_slot.index_copy_(0, slots, y)
+    out = per_slot.view(T, k, H).sum(dim=1) if k > 1 else per_slot
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Makes ``experts_implementation="moe_fast"`` selectable in transformers (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NAME, moe_fast_experts_forward)
+
+
+class _RegisterOnImport:
+    """Meta-path finder that registers ``moe_fast`` right after transformers' moe integration loads.
+
+    Why: ``from_pretrained(..., experts_implementation="moe_fast")`` must work after ``import
+    moe_fast`` without making every ``import moe_fast`` pay for importing transformers.
+    """
+
+    target = "transformers.integrations.moe"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.target:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            module.ExpertsInterface.register(NAME, moe_fast_experts_forward)
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def register_when_transformers_loads() -> None:
+    """Registers now if transformers' moe integration is loaded, else as soon as it is."""
+    import sys
+
+    if _RegisterOnImport.target in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())

@@ -1,0 +1,186 @@
+"""One-call patching of a loaded Hugging Face MoE model: fused routing and skip-aware experts.
+
+``patch(model, betas)`` replaces each router's ``forward`` (on the instance, nothing in
+transformers is edited) with one that calls the fused ``moe_fast.ops.route`` op and selects the
+registered ``moe_fast`` experts implementation, which runs only the non-skipped slots from the
+router's dispatch plan. The router keeps its return contract ``(router_logits, scores,
+indices)``; ``indices`` holds E for a skipped slot. ``unpatch`` restores stock behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_fast import experts as fast_experts
+from moe_fast import ops
+from moe_fast.adapters import get_adapter
+from moe_fast.skipping import BetaSpec, normalize_betas
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "moe_fast"  # config.json entry remembering the patch (see moe_fast.saving)
+
+
+@dataclass
+class RouterState:
+    """What a patched router needs besides its own weights."""
+
+    layer: int
+    renormalize: bool
+    scores_float32: bool
+    beta: list[float] | None
+    experts: nn.Module
+
+
+@dataclass
+class PatchState:
+    previous_experts_implementation: str | None
+    layers: list[int]
+
+
+def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
+    """Drop-in for ``<Family>TopKRouter.forward``: (router_logits, scores, indices)."""
+    state: RouterState = self._moe_fast
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    plan = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
+    indices = plan.ids.long()
+    weights = plan.weights
+    if torch.is_grad_enabled() and router_logits.requires_grad:
+        weights = _differentiable_weights(router_logits, indices, weights, state.renormalize)
+    scores = weights if state.scores_float32 else weights.to(router_logits.dtype)
+    fast_experts.stash_plan(state.experts, indices, plan.perm, plan.offsets)
+    return router_logits, scores, indices
+
+
+def _differentiable_weights(
+    logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, renormalize: bool
+) -> torch.Tensor:
+    """The kernel's weights recomputed with autograd (training through a patched router)."""
+    E = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    kept = indices < E
+    p = torch.gather(probs, -1, indices.clamp(max=E - 1)) * kept
+    if renormalize:
+        return p / p.sum(-1, keepdim=True)
+    # Without renormalization the kept slots still sum to what the top-k summed (reference.route).
+    top_sum = torch.topk(probs, indices.shape[-1], dim=-1).values.sum(-1, keepdim=True)
+    return p * (top_sum / p.sum(-1, keepdim=True))
+
+
+def _experts_config(experts: nn.Module):
+    config = getattr(experts, "config", None)
+    if config is None or not hasattr(config, "_experts_implementation"):
+        raise ValueError(
+            f"moe_fast.patch: {type(experts).__name__} does not dispatch through transformers' ExpertsInterface "
+            "(needs transformers >= 5.7 and a model class decorated with @use_experts_implementation)"
+        )
+    return config
+
+
+def _set_experts_implementation(model: nn.Module, blocks, name: str | None) -> None:
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(name)
+    for ref in blocks:  # also covers expert modules whose config is not the model's
+        config = _experts_config(ref.experts)
+        if config._experts_implementation != name:
+            config._experts_implementation_internal = name
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_moe_fast_patch", None), PatchState)
+
+
+def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
+    """Turns on fused routing and skip-aware experts in place; returns the model.
+
+    Args:
+        model: a loaded transformers MoE model of a supported family (Mixtral, Qwen2-MoE,
+            Qwen3-MoE, OLMoE), whatever experts implementation it was loaded with.
+        betas: skip thresholds: None (no skipping), one number, the result of
+            ``calibrate_skipping``, one entry per MoE layer, or {layer index: entry}.
+
+    Calling it again changes the betas (idempotent otherwise). The betas are recorded in
+    ``model.config.moe_fast`` so that ``save_pretrained`` / ``moe_fast.save`` remember them.
+    """
+    fast_experts.register()
+    adapter = get_adapter(model)
+    blocks = adapter.moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"moe_fast.patch: found no MoE blocks in this {adapter.family} model")
+    k = adapter.top_k
+    per_layer = normalize_betas(betas, [ref.layer for ref in blocks], k)
+    for ref in blocks:
+        _experts_config(ref.experts)
+        for attr in ("weight", "top_k", "hidden_dim"):
+            if not hasattr(ref.router, attr):
+                raise ValueError(f"moe_fast.patch: {type(ref.router).__name__} lacks .{attr}; unsupported router")
+
+    if not is_patched(model):
+        previous = getattr(_experts_config(blocks[0].experts), "_experts_implementation", None)
+        model._moe_fast_patch = PatchState(previous, [ref.layer for ref in blocks])
+    for ref in blocks:
+        ref.router._moe_fast = RouterState(
+            layer=ref.layer,
+            renormalize=adapter.renormalize,
+            scores_float32=adapter.router_scores_float32,
+            beta=per_layer[ref.layer],
+            experts=ref.experts,
+        )
+        ref.router.forward = types.MethodType(_fused_router_forward, ref.router)
+    _set_experts_implementation(model, blocks, fast_experts.NAME)
+    record = {"betas": [per_layer[ref.layer] for ref in blocks], "layers": [ref.layer for ref in blocks]}
+    model.config.moe_fast = record if any(b is not None for b in record["betas"]) else {"betas": None}
+    skipping = sum(b is not None for b in record["betas"])
+    log.info("moe_fast: patched %d MoE blocks (%s), skipping on %d", len(blocks), adapter.family, skipping)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restores the stock routers and the experts implementation the model had before ``patch``."""
+    state = getattr(model, "_moe_fast_patch", None)
+    if not isinstance(state, PatchState):
+        return model
+    adapter = get_adapter(model)
+    blocks = adapter.moe_blocks(model)
+    for ref in blocks:
+        ref.router.__dict__.pop("forward", None)
+        ref.router.__dict__.pop("_moe_fast", None)
+        ref.experts.__dict__.pop("_moe_fast_plan", None)
+    _set_experts_implementation(model, blocks, state.previous_experts_implementation)
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    del model._moe_fast_patch
+    return model
+
+
+def current_betas(model: nn.Module) -> dict[int, list[float] | None]:
+    """{layer: betas or None} of a patched model ({} when not patched)."""
+    if not is_patched(model):
+        return {}
+    return {ref.layer: ref.router._moe_fast.beta for ref in get_adapter(model).moe_blocks(model)}
+
+
+def suspend_skipping(model: nn.Module) -> Any:
+    """Turns skipping off on a patched model (for calibration); returns what ``resume_skipping`` needs."""
+    if not is_patched(model):
+        return None
+    saved = {}
+    for ref in get_adapter(model).moe_blocks(model):
+        saved[ref.layer] = ref.router._moe_fast.beta
+        ref.router._moe_fast.beta = None
+    return saved
+
+
+def resume_skipping(model: nn.Module, saved: Any) -> None:
+    if not saved:
+        return
+    for ref in get_adapter(model).moe_blocks(model):
+        ref.router._moe_fast.beta = saved[ref.layer]
