@@ -1,0 +1,122 @@
+// CUDA implementations of the moe_fast ops: checks, allocation and streams around csrc/cuda/.
+// Compiled only when torch has CUDA (setup.py adds this file with -DMOE_FAST_WITH_CUDA).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "moe_fast/cuda_kernels.h"
+
+namespace moe_fast {
+namespace {
+
+void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
+  const int64_t allowed = keep.sum().item<int64_t>();  // one device sync, only when a mask is given
+  TORCH_CHECK(allowed >= k, "moe_fast.route: keep allows ", allowed, " experts, fewer than k = ", k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& logits, int64_t k, bool renormalize, std::optional<at::ArrayRef<double>> beta,
+    const std::optional<at::Tensor>& keep) {
+  const std::vector<double> gaps = check_route_args(logits, k, beta, keep);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  if (keep.has_value()) check_keep_leaves_k(*keep, k);
+  auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
+  RouteArgs a;
+  a.num_tokens = logits.size(0);
+  a.num_experts = static_cast<int32_t>(logits.size(1));
+  a.top_k = static_cast<int32_t>(k);
+  a.renormalize = renormalize;
+  a.skip_gap = gaps.empty() ? nullptr : gaps.data();  // host memory: passed by value to the kernel
+  a.keep = keep.has_value() ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  const size_t ws_bytes = cuda::route_workspace_bytes(a.num_tokens * k, a.num_experts);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::route(dtype_of(logits, "logits"), logits.data_ptr(), a, weights.data_ptr<float>(),
+                             ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                             perm.data_ptr<int32_t>(), workspace.data_ptr(), ws_bytes,
+                             c10::cuda::getCurrentCUDAStream()));
+  return {weights, ids, counts, offsets, perm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_gram_cuda(const at::Tensor& outputs,
+                                                                const std::optional<at::Tensor>& target) {
+  const GramShapes s = check_gram_args(outputs, target);
+  const c10::cuda::CUDAGuard guard(outputs.device());
+  auto [gram, cross, target_sq] = alloc_gram_outputs(outputs, target.has_value());
+  const bool has = target.has_value();
+  C10_CUDA_CHECK(cuda::expert_gram(dtype_of(outputs, "outputs"), outputs.data_ptr(), has ? target->data_ptr() : nullptr,
+                                   s.T, s.M, s.H, gram.data_ptr<float>(), has ? cross.data_ptr<float>() : nullptr,
+                                   has ? target_sq.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream()));
+  return {gram, cross, target_sq};
+}
+
+at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const at::Tensor& logits,
+                            const at::Tensor& keep, const at::Tensor& group, int64_t num_groups, int64_t k,
+                            bool renormalize, const std::optional<at::Tensor>& target_weights,
+                            const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq) {
+  const SubsetLossArgs a = check_subset_loss_args(gram, ids, logits, keep, group, num_groups, k, renormalize,
+                                                  target_weights, cross, target_sq);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
+  const at::Tensor keep_cpu = keep.cpu();
+  check_candidate_sizes(keep_cpu, M, k);
+  at::Tensor out = at::zeros({C, G}, gram.options().dtype(at::kDouble));
+  if (T == 0 || C == 0) return out;
+
+  const at::Tensor id_range = at::stack({ids.min(), ids.max()}).cpu();
+  const int32_t id_lo = id_range[0].item<int32_t>(), id_hi = id_range[1].item<int32_t>();
+  TORCH_CHECK(id_lo >= 0 && id_hi < E, "moe_fast.subset_loss: ids must lie in [0, E = ", E, "), found ",
+              id_lo < 0 ? id_lo : id_hi, " (a skipped slot cannot be ranked)");
+
+  // Tokens sorted by group (stable: ascending inside a group) and each group's first position.
+  const auto sorted = at::sort(group, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+  const at::Tensor& sorted_group = std::get<0>(sorted);
+  const at::Tensor order = std::get<1>(sorted).contiguous();  // int64
+  const at::Tensor start = at::searchsorted(sorted_group, at::arange(G + 1, group.options())).cpu();
+  const int64_t* sp = start.data_ptr<int64_t>();
+  TORCH_CHECK(sp[0] == 0 && sp[G] == T, "moe_fast.subset_loss: group ids must lie in [0, num_groups = ", G,
+              "), found ", sp[0] != 0 ? "a negative id" : "an id >= num_groups");
+
+  // One host table -> one copy: chunks [n, 2], first_chunk [G + 1], candidate masks [C, kMaskWords].
+  std::vector<cuda::LossChunk> chunks;
+  std::vector<int64_t> first_chunk;
+  cuda::build_loss_chunks(sp, G, chunks, first_chunk);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  at::Tensor table = at::empty({2 * n_chunks + (G + 1) + C * kMaskWords}, at::kLong);
+  int64_t* tp = table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_chunks; ++i) {
+    tp[2 * i] = chunks[i].begin;
+    tp[2 * i + 1] = chunks[i].end;
+  }
+  std::copy(first_chunk.begin(), first_chunk.end(), tp + 2 * n_chunks);
+  const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep_cpu.data_ptr<bool>());
+  int64_t* mp = tp + 2 * n_chunks + (G + 1);
+  for (int64_t c = 0; c < C; ++c) {
+    const ExpertMask mask = cpu::pack_mask(kp + c * E, a.num_experts);
+    for (int32_t w = 0; w < kMaskWords; ++w) mp[c * kMaskWords + w] = static_cast<int64_t>(mask.words[w]);
+  }
+  const at::Tensor dev_table = table.to(gram.device());
+  const int64_t* dp = dev_table.data_ptr<int64_t>();
+  at::Tensor partial = at::empty({C * n_chunks}, gram.options().dtype(at::kDouble));
+
+  C10_CUDA_CHECK(cuda::subset_loss(a, reinterpret_cast<const ExpertMask*>(dp + 2 * n_chunks + (G + 1)), C,
+                                   order.data_ptr<int64_t>(), reinterpret_cast<const cuda::LossChunk*>(dp), n_chunks,
+                                   dp + 2 * n_chunks, G, partial.data_ptr<double>(), out.data_ptr<double>(),
+                                   c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+}  // namespace moe_fast
+
+TORCH_LIBRARY_IMPL(moe_fast, CUDA, m) {
+  m.impl("route", &moe_fast::route_cuda);
+  m.impl("expert_gram", &moe_fast::expert_gram_cuda);
+  m.impl("subset_loss", &moe_fast::subset_loss_cuda);
+}

@@ -1,0 +1,190 @@
+// Op 2b on the GPU: squared reconstruction error of candidate keep-sets, summed per group.
+//
+// Grid: one block per (candidate tile, chunk); a chunk is at most kLossChunk tokens of one group
+// (cuda_kernels.h). Thread i takes the chunk's positions i, i + kBlock, ... in order and adds, for
+// each candidate of the tile, the float64 error of those tokens; a fixed shared-memory tree then
+// sums the threads, giving partial[c, chunk]. A second kernel adds each group's chunks in order.
+// Nothing depends on scheduling, so the result is the same on every run.
+#include <cfloat>
+#include <cstdint>
+
+#include "moe_fast/cuda_kernels.h"
+
+namespace moe_fast {
+namespace cuda {
+namespace {
+
+constexpr int kBlock = 256;
+constexpr int kTile = 8;  // candidates per block: a token's data is read once for all of them
+
+__device__ __forceinline__ float sanitize(float v) {
+  if (v != v) return -INFINITY;
+  if (v == INFINITY) return FLT_MAX;
+  return v;
+}
+
+__device__ __forceinline__ bool mask_has(const ExpertMask& mask, int32_t e) {
+  return (mask.words[e >> 6] >> (e & 63)) & 1u;
+}
+
+__device__ __forceinline__ int64_t packed(int64_t i, int64_t j, int64_t m) {
+  if (i > j) {
+    const int64_t s = i;
+    i = j;
+    j = s;
+  }
+  return i * m - i * (i - 1) / 2 + (j - i);
+}
+
+// Squared error of token t under one candidate: the CPU's token_error, line for line.
+__device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t) {
+  const int32_t m = a.rank;
+  const int32_t k = a.top_k;
+  const int32_t* ids = a.ids + t * m;
+  const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
+  // The first k ranked experts that the candidate keeps, and their weights.
+  int32_t slot[kMaxTopK];
+  double w[kMaxTopK];
+  int32_t n = 0;
+  for (int32_t i = 0; i < m && n < k; ++i) {
+    if (mask_has(mask, ids[i])) slot[n++] = i;
+  }
+  if (n == 0) return 0.0;  // cannot happen: the binding checks every candidate keeps k ranked experts
+  float l0 = sanitize(lg[ids[slot[0]]]);
+  const bool degenerate = l0 == -INFINITY;  // no finite kept logit: all taken as equal
+  if (degenerate) l0 = 0.f;
+  double sum = 0.0;
+  for (int32_t j = 0; j < n; ++j) {
+    const float lj = degenerate ? 0.f : sanitize(lg[ids[slot[j]]]);
+    w[j] = j == 0 ? 1.0 : exp(static_cast<double>(lj) - static_cast<double>(l0));
+    sum += w[j];
+  }
+  double scale = 1.0 / sum;
+  if (!a.renormalize) {
+    double z = 0.0;
+    for (int32_t e = 0; e < a.num_experts; ++e) {
+      if (mask_has(mask, e)) z += degenerate ? 1.0 : exp(static_cast<double>(sanitize(lg[e])) - static_cast<double>(l0));
+    }
+    scale = 1.0 / z;
+  }
+  for (int32_t j = 0; j < n; ++j) w[j] *= scale;
+
+  const float* g = a.gram + t * (static_cast<int64_t>(m) * (m + 1) / 2);
+  if (a.target_weights != nullptr) {
+    // d = w^S - target over the M ranked slots; at most 2k entries are nonzero.
+    const float* tw = a.target_weights + t * m;
+    int32_t pos[2 * kMaxTopK];
+    double d[2 * kMaxTopK];
+    int32_t nd = 0;
+    int32_t next = 0;  // walks slot[] alongside i (slot is ascending)
+    for (int32_t i = 0; i < m; ++i) {
+      double v = -static_cast<double>(tw[i]);
+      if (next < n && slot[next] == i) v += w[next++];
+      if (v != 0.0) {
+        pos[nd] = i;
+        d[nd++] = v;
+      }
+      if (nd == 2 * kMaxTopK) break;  // cannot happen for a valid target (<= k nonzeros)
+    }
+    double err = 0.0;
+    for (int32_t x = 0; x < nd; ++x) {
+      err += d[x] * d[x] * g[packed(pos[x], pos[x], m)];
+      for (int32_t y = x + 1; y < nd; ++y) err += 2.0 * d[x] * d[y] * g[packed(pos[x], pos[y], m)];
+    }
+    return err;
+  }
+  const float* c = a.cross + t * m;
+  double err = a.target_sq[t];
+  for (int32_t x = 0; x < n; ++x) {
+    err -= 2.0 * w[x] * c[slot[x]];
+    err += w[x] * w[x] * g[packed(slot[x], slot[x], m)];
+    for (int32_t y = x + 1; y < n; ++y) err += 2.0 * w[x] * w[y] * g[packed(slot[x], slot[y], m)];
+  }
+  return err;
+}
+
+// Sum of v over the block in a fixed tree; the result is valid on thread 0.
+__device__ double block_sum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int width = kBlock / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();  // shared[] is reused by the next call
+  return total;
+}
+
+__global__ void __launch_bounds__(kBlock) chunk_kernel(SubsetLossArgs a, const ExpertMask* __restrict__ masks,
+                                                       int64_t num_candidates, const int64_t* __restrict__ order,
+                                                       const LossChunk* __restrict__ chunks, int64_t num_chunks,
+                                                       double* __restrict__ partial) {
+  __shared__ double shared[kBlock];
+  __shared__ ExpertMask tile_masks[kTile];
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) % num_chunks;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) / num_chunks * kTile;
+  const int ct = static_cast<int>(num_candidates - c0 < kTile ? num_candidates - c0 : kTile);
+  if (threadIdx.x < ct) tile_masks[threadIdx.x] = masks[c0 + threadIdx.x];
+  __syncthreads();
+
+  double acc[kTile];
+#pragma unroll
+  for (int c = 0; c < kTile; ++c) acc[c] = 0.0;
+  const LossChunk ch = chunks[chunk];
+  for (int64_t i = ch.begin + threadIdx.x; i < ch.end; i += kBlock) {
+    const int64_t t = order[i];
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      if (c < ct) acc[c] += token_error(a, tile_masks[c], t);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kTile; ++c) {
+    if (c < ct) {  // block-uniform: every thread reaches the barriers in block_sum
+      const double total = block_sum(acc[c], shared);
+      if (threadIdx.x == 0) partial[(c0 + c) * num_chunks + chunk] = total;
+    }
+  }
+}
+
+// out[c, g] = sum of partial[c, first_chunk[g] .. first_chunk[g + 1]) in order (0 for empty groups).
+__global__ void finish_kernel(const double* __restrict__ partial, int64_t num_candidates, int64_t num_chunks,
+                              const int64_t* __restrict__ first_chunk, int64_t num_groups, double* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= num_candidates * num_groups) return;
+  const int64_t c = idx / num_groups, g = idx % num_groups;
+  double total = 0.0;
+  for (int64_t i = first_chunk[g]; i < first_chunk[g + 1]; ++i) total += partial[c * num_chunks + i];
+  out[idx] = total;
+}
+
+}  // namespace
+
+cudaError_t subset_loss(const SubsetLossArgs& args, const ExpertMask* masks, int64_t num_candidates,
+                        const int64_t* order, const LossChunk* chunks, int64_t num_chunks,
+                        const int64_t* first_chunk, int64_t num_groups, double* partial, double* out,
+                        cudaStream_t stream) {
+  if (args.top_k < 1 || args.top_k > kMaxTopK || args.rank < args.top_k || num_candidates < 0 || num_groups < 0 ||
+      num_chunks < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_candidates == 0 || num_groups == 0) return cudaSuccess;
+  if (num_chunks > 0) {
+    const int64_t tiles = (num_candidates + kTile - 1) / kTile;
+    const int64_t blocks = tiles * num_chunks;
+    if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+    chunk_kernel<<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(args, masks, num_candidates, order, chunks,
+                                                                       num_chunks, partial);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t outputs = num_candidates * num_groups;
+  finish_kernel<<<static_cast<unsigned>((outputs + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
+      partial, num_candidates, num_chunks, first_chunk, num_groups, out);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace moe_fast

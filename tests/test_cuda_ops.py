@@ -1,0 +1,197 @@
+"""CUDA kernels of the moe_fast ops against moe_fast.reference and against the CPU kernels.
+
+Runs wherever ``torch.cuda.is_available()``; on a machine without a GPU the whole module is skipped
+(the one accepted skip). Exactness: ids, counts, offsets and perm bit for bit; weights to 1e-6;
+Gram entries to float32 tolerance; subset losses to ~1e-12 relative, and bit-identical between runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import moe_fast
+from moe_fast import ops, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256) for k in (1, 2, 4, 8) if k <= e]
+
+
+def _logits(T: int, E: int, dtype: torch.dtype, ties: bool = False) -> torch.Tensor:
+    """CPU logits with NaN, +-inf, all -inf / all NaN rows and (optionally) many ties."""
+    x = torch.randint(-2, 3, (T, E)).float() if ties else torch.randn(T, E) * 3
+    if T >= 7:
+        x[0] = math.nan
+        x[1] = -math.inf
+        x[2] = 0.5
+        x[3, E // 2] = math.inf
+        x[4, : (E + 1) // 2] = -math.inf
+        x[5, E - 1] = math.nan
+        x[6, 0] = -math.inf
+    return x.to(dtype)
+
+
+def _assert_route_equal(got: reference.RouteResult, want: reference.RouteResult, what: str) -> None:
+    for name in ("ids", "counts", "offsets", "perm"):
+        g, w = getattr(got, name).cpu(), getattr(want, name).cpu()
+        assert g.dtype == w.dtype == torch.int32, f"{what}: {name} dtype"
+        assert torch.equal(g, w), f"{what}: {name} differs"
+    torch.testing.assert_close(got.weights.cpu(), want.weights.cpu(), atol=1e-6, rtol=1e-6, msg=what)
+
+
+def test_cuda_kernels_are_registered() -> None:
+    assert moe_fast._extension.HAS_CUDA_KERNELS, (
+        "a CUDA device is present but moe_fast._C has no CUDA kernels: rebuild with "
+        "MOE_FAST_CUDA=1 pip install --no-build-isolation -e ."
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,k", EK)
+def test_route_matches_reference_and_cpu(E: int, k: int, dtype: torch.dtype) -> None:
+    for T in (0, 1, 7, 4096):
+        for ties in (False, True):
+            x = _logits(T, E, dtype, ties)
+            xc = x.cuda()
+            betas = [None, 0.3, 1.0] + ([[0.9] + [0.1] * (k - 2)] if k > 2 else [])
+            for beta in betas:
+                for renorm in (True, False):
+                    what = f"T={T} E={E} k={k} {dtype} ties={ties} beta={beta} renorm={renorm}"
+                    got = ops.route(xc, k, renorm, beta)
+                    assert got.ids.is_cuda and got.perm.is_cuda
+                    _assert_route_equal(got, reference.route(x, k, renorm, beta), what + " vs reference")
+                    _assert_route_equal(got, ops.route(x, k, renorm, beta), what + " vs cpu")
+
+
+@pytest.mark.parametrize("E,k", [(1, 1), (3, 2), (8, 2), (60, 4), (64, 2), (128, 8), (256, 8)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_route_keep_mask(E: int, k: int, dtype: torch.dtype) -> None:
+    for trial in range(4):
+        keep = torch.zeros(E, dtype=torch.bool)
+        keep[torch.randperm(E)[: max(k, E - trial * (E // 4) - 1)]] = True
+        x = _logits(513, E, dtype)
+        for beta in (None, 0.5):
+            for renorm in (True, False):
+                got = ops.route(x.cuda(), k, renorm, beta, keep.cuda())
+                what = f"E={E} k={k} keep={keep.sum().item()} beta={beta} renorm={renorm}"
+                _assert_route_equal(got, reference.route(x, k, renorm, beta, keep), what + " vs reference")
+                _assert_route_equal(got, ops.route(x, k, renorm, beta, keep), what + " vs cpu")
+                assert not torch.isin(got.ids.cpu(), torch.nonzero(~keep).flatten().int()).any()
+
+
+def test_route_large_and_deterministic() -> None:
+    x = torch.randn(65536, 64, dtype=torch.bfloat16, device="cuda")
+    a = ops.route(x, 4, True, 0.2)
+    b = ops.route(x, 4, True, 0.2)
+    for name in a._fields:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    _assert_route_equal(a, reference.route(x.cpu(), 4, True, 0.2), "T=65536 E=64 k=4")
+
+
+def test_route_bad_input_on_cuda() -> None:
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="k must be in"):
+        ops.route(x, 9)
+    with pytest.raises(RuntimeError, match="keep allows"):
+        ops.route(x, 2, keep=torch.tensor([True] + [False] * 7, device="cuda"))
+    with pytest.raises(RuntimeError, match="must be on"):
+        ops.route(x, 2, keep=torch.ones(8, dtype=torch.bool))
+
+
+def _gram_f64(y: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.expert_gram's packing, computed in float64."""
+    yd = y.double()
+    rows, cols = reference.triu_pairs(y.shape[1])
+    gram = torch.bmm(yd, yd.transpose(1, 2))[:, rows, cols]
+    if z is None:
+        return gram, yd.new_empty(y.shape[0], 0), yd.new_empty(0)
+    zd = z.double()
+    return gram, torch.einsum("tmh,th->tm", yd, zd), (zd * zd).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,M,H", [(0, 4, 16), (1, 1, 1), (7, 3, 33), (64, 8, 4096), (5, 17, 100)])
+def test_expert_gram(T: int, M: int, H: int, dtype: torch.dtype) -> None:
+    y = torch.randn(T, M, H).to(dtype)
+    z = torch.randn(T, H).to(dtype)
+    for target in (None, z):
+        got = ops.expert_gram(y.cuda(), None if target is None else target.cuda())
+        want = _gram_f64(y, target)
+        cpu = ops.expert_gram(y, target)
+        atol = 1e-4 * max(H, 1) ** 0.5  # float32 sums of H products of N(0, 1) values
+        for g, w, c, name in zip(got, want, cpu, ("gram", "cross", "target_sq")):
+            assert g.is_cuda and g.dtype == torch.float32 and g.shape == w.shape, name
+            torch.testing.assert_close(g.cpu().double(), w, atol=atol, rtol=1e-5, msg=name)
+            torch.testing.assert_close(g.cpu(), c, atol=atol, rtol=1e-5, msg=name + " vs cpu")
+
+
+def _subset_problem(T: int, E: int, k: int, M: int, H: int = 32, progressive: bool = False):
+    """A consistent calibration problem: ranked ids, Gram, targets; logits with special rows."""
+    logits = _logits(T, E, torch.float32)
+    ids = reference.route(logits, M).ids
+    y = torch.randn(T, M, H)
+    gram, cross, target_sq = reference.expert_gram(y, torch.randn(T, H) if progressive else None)
+    tw = torch.zeros(T, M)
+    tw[:, :k] = reference.route(logits, k).weights
+    extra = dict(cross=cross, target_sq=target_sq) if progressive else dict(target_weights=tw)
+    return gram, ids, logits, extra
+
+
+def _candidates(E: int, drop: int, limit: int = 70) -> torch.Tensor:
+    rows = []
+    for dropped in itertools.islice(itertools.combinations(range(E), drop), limit):
+        keep = torch.ones(E, dtype=torch.bool)
+        keep[list(dropped)] = False
+        rows.append(keep)
+    return torch.stack(rows)
+
+
+def _close_f64(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == torch.float64 and got.shape == want.shape, what
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max().clamp(min=1.0)), msg=what)
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("E,k,drop", [(8, 2, 2), (8, 2, 4), (8, 1, 3), (64, 2, 1), (60, 4, 2), (256, 8, 1)])
+def test_subset_loss(E: int, k: int, drop: int, renorm: bool, progressive: bool) -> None:
+    M = k + drop
+    for T, G in ((0, 3), (1, 1), (7, 3), (9000, 5)):
+        gram, ids, logits, extra = _subset_problem(T, E, k, M, progressive=progressive)
+        keep = _candidates(E, drop, limit=70 if E <= 8 else 12)
+        group = torch.randint(0, G, (T,))  # arbitrary order, possibly empty groups
+        if T >= 7:
+            group[: T // 2] = G - 1  # one group larger than a chunk when T is large
+        args = (gram, ids, logits, keep, group, G, k, renorm)
+        dev = {n: v.cuda() for n, v in extra.items()}
+        got = ops.subset_loss(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args), **dev)
+        again = ops.subset_loss(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args), **dev)
+        assert got.is_cuda
+        assert torch.equal(got, again), "not deterministic"
+        what = f"T={T} E={E} k={k} drop={drop} renorm={renorm} progressive={progressive}"
+        _close_f64(got.cpu(), reference.subset_loss(*args, **extra), what + " vs reference")
+        _close_f64(got.cpu(), ops.subset_loss(*args, **extra), what + " vs cpu")
+
+
+def test_subset_loss_bad_input_on_cuda() -> None:
+    gram, ids, logits, extra = _subset_problem(16, 8, 2, 4)
+    keep = _candidates(8, 2).cuda()
+    dev = [gram.cuda(), ids.cuda(), logits.cuda(), keep]
+    tw = extra["target_weights"].cuda()
+    with pytest.raises(RuntimeError, match="group ids must lie"):
+        ops.subset_loss(*dev, torch.full((16,), 3, device="cuda"), 3, 2, target_weights=tw)
+    with pytest.raises(RuntimeError, match="group ids must lie"):
+        ops.subset_loss(*dev, torch.full((16,), -1, device="cuda"), 3, 2, target_weights=tw)
+    bad_ids = ids.clone()
+    bad_ids[3, 1] = 8
+    with pytest.raises(RuntimeError, match="ids must lie"):
+        ops.subset_loss(gram.cuda(), bad_ids.cuda(), logits.cuda(), keep, torch.zeros(16, dtype=torch.long, device="cuda"),
+                        1, 2, target_weights=tw)
+    with pytest.raises(RuntimeError, match="drops"):
+        ops.subset_loss(*dev[:3], _candidates(8, 3).cuda(), torch.zeros(16, dtype=torch.long, device="cuda"), 1, 2,
+                        target_weights=tw)
