@@ -127,12 +127,20 @@ at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const 
   std::vector<ExpertMask> masks(C);
   const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
   for (int64_t c = 0; c < C; ++c) masks[c] = cpu::pack_mask(kp + c * E, a.num_experts);
-  std::vector<double> partial(C * nchunks, 0.0);
-  at::parallel_for(0, C * nchunks, 1, [&](int64_t b, int64_t e) {
+  // Work items: (block of candidates, token chunk). Each (candidate, chunk) sum is computed in
+  // token order by one thread, so the result does not depend on the thread count.
+  constexpr int64_t kCandidateBlock = 16;
+  const int64_t nblocks = (C + kCandidateBlock - 1) / kCandidateBlock;
+  std::vector<double> partial(C * nchunks, 0.0);  // [chunk, C]
+  at::parallel_for(0, nblocks * nchunks, 1, [&](int64_t b, int64_t e) {
+    std::vector<double> sums(kCandidateBlock);
     for (int64_t item = b; item < e; ++item) {
-      const int64_t c = item / nchunks;
-      const Chunk& ch = chunks[item % nchunks];
-      partial[item] = cpu::subset_loss_tokens(a, masks[c], order.data() + ch.begin, ch.end - ch.begin);
+      const int64_t c0 = (item / nchunks) * kCandidateBlock;
+      const int64_t nc = std::min(kCandidateBlock, C - c0);
+      const int64_t chunk = item % nchunks;
+      const Chunk& ch = chunks[chunk];
+      cpu::subset_loss_tokens(a, masks.data() + c0, nc, order.data() + ch.begin, ch.end - ch.begin, sums.data());
+      for (int64_t c = 0; c < nc; ++c) partial[chunk * C + c0 + c] = sums[c];
     }
   });
   at::Tensor out = at::zeros({C, G}, gram.options().dtype(at::kDouble));
@@ -140,7 +148,7 @@ at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const 
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t g = 0; g < G; ++g) {
       double total = 0.0;
-      for (int64_t i = first_chunk[g]; i < first_chunk[g + 1]; ++i) total += partial[c * nchunks + i];
+      for (int64_t i = first_chunk[g]; i < first_chunk[g + 1]; ++i) total += partial[i * C + c];
       o[c * G + g] = total;
     }
   }

@@ -63,8 +63,13 @@ void route_rows_k(const scalar_t* logits, const RouteArgs& a, int64_t t_begin, i
   const int32_t E = a.num_experts;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const scalar_t* row = logits + t * E;
+    // Preset so that a row with fewer than K allowed experts (the bindings reject it) stays defined.
     float top_v[K];
     int32_t top_i[K];
+    for (int j = 0; j < K; ++j) {
+      top_v[j] = kNegInf;
+      top_i[j] = E;
+    }
     const int32_t allowed = select_topk<K>(row, E, a.keep, top_v, top_i);
     // A row with no finite allowed logit is taken as all-equal logits.
     const bool degenerate = top_v[0] == kNegInf;

@@ -61,19 +61,68 @@ inline float sanitize(float v) {
   return v;
 }
 
-// Squared error of one token under one candidate.
-inline double token_error(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t) {
+// Per-token quantities shared by every candidate: exp(l - l_top) of the ranked experts (and of
+// all experts when weights are not renormalized), so that a candidate needs no exp() at all.
+struct TokenCache {
+  bool usable = false;                // false: degenerate row, use the exact per-candidate path
+  double ranked[kMaxExperts];         // exp(l_ids[i] - l_ids[0])
+  double all[kMaxExperts];            // exp(l_e - l_ids[0]), only when !renormalize
+  int32_t target_pos[kMaxExperts];    // layer-wise: ranked slots where the target weight != 0
+  double target_val[kMaxExperts];
+  int32_t target_n = 0;
+};
+
+inline void fill_cache(const SubsetLossArgs& a, int64_t t, TokenCache& cache) {
+  const int32_t* ids = a.ids + t * a.rank;
+  const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
+  if (a.target_weights != nullptr) {
+    const float* tw = a.target_weights + t * a.rank;
+    cache.target_n = 0;
+    for (int32_t i = 0; i < a.rank; ++i) {
+      if (tw[i] != 0.f) {
+        cache.target_pos[cache.target_n] = i;
+        cache.target_val[cache.target_n++] = tw[i];
+      }
+    }
+  }
+  const double top = sanitize(lg[ids[0]]);
+  cache.usable = top != -std::numeric_limits<double>::infinity();
+  if (!cache.usable) return;
+  for (int32_t i = 0; i < a.rank; ++i) cache.ranked[i] = std::exp(static_cast<double>(sanitize(lg[ids[i]])) - top);
+  if (!a.renormalize) {
+    for (int32_t e = 0; e < a.num_experts; ++e) cache.all[e] = std::exp(static_cast<double>(sanitize(lg[e])) - top);
+  }
+}
+
+// Below this the cached exponentials may have underflowed: recompute relative to the kept top.
+constexpr double kTinySum = 1e-280;
+
+// Weights w[0..n) of the first k ranked experts that the candidate keeps, at ranked positions
+// slot[0..n). Uses the cache when it is exact enough, else exp() relative to the kept top logit.
+inline int32_t candidate_weights(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t,
+                                 const TokenCache& cache, int32_t* slot, double* w) {
   const int32_t m = a.rank;
   const int32_t k = a.top_k;
   const int32_t* ids = a.ids + t * m;
-  const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
-  // The first k ranked experts that the candidate keeps, and their weights.
-  int32_t slot[kMaxTopK];
-  double w[kMaxTopK];
   int32_t n = 0;
   for (int32_t i = 0; i < m && n < k; ++i) {
     if (mask_has(mask, ids[i])) slot[n++] = i;
   }
+  if (cache.usable) {
+    double denom = 0.0;
+    if (a.renormalize) {
+      for (int32_t j = 0; j < n; ++j) denom += cache.ranked[slot[j]];
+    } else {
+      for (int32_t e = 0; e < a.num_experts; ++e) {
+        if (mask_has(mask, e)) denom += cache.all[e];
+      }
+    }
+    if (denom > kTinySum) {
+      for (int32_t j = 0; j < n; ++j) w[j] = cache.ranked[slot[j]] / denom;
+      return n;
+    }
+  }
+  const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
   float l0 = sanitize(lg[ids[slot[0]]]);
   const bool degenerate = l0 == kNegInf;  // no finite kept logit: all taken as equal
   if (degenerate) l0 = 0.f;
@@ -83,46 +132,53 @@ inline double token_error(const SubsetLossArgs& a, const ExpertMask& mask, int64
     w[j] = j == 0 ? 1.0 : std::exp(static_cast<double>(lj) - l0);
     sum += w[j];
   }
-  double scale = 1.0 / sum;
   if (!a.renormalize) {
-    double z = 0.0;
+    sum = 0.0;
     for (int32_t e = 0; e < a.num_experts; ++e) {
-      if (mask_has(mask, e)) z += degenerate ? 1.0 : std::exp(static_cast<double>(sanitize(lg[e])) - l0);
+      if (mask_has(mask, e)) sum += degenerate ? 1.0 : std::exp(static_cast<double>(sanitize(lg[e])) - l0);
     }
-    scale = 1.0 / z;
   }
-  for (int32_t j = 0; j < n; ++j) w[j] *= scale;
+  for (int32_t j = 0; j < n; ++j) w[j] /= sum;
+  return n;
+}
 
+// Squared error of one token under one candidate, from the candidate's weights.
+inline double token_error(const SubsetLossArgs& a, int64_t t, const TokenCache& cache, const int32_t* slot,
+                          const double* w, int32_t n) {
+  const int32_t m = a.rank;
   const float* g = a.gram + t * (static_cast<int64_t>(m) * (m + 1) / 2);
   if (a.target_weights != nullptr) {
-    // d = w^S - target over the M ranked slots; at most 2k entries are nonzero.
-    const float* tw = a.target_weights + t * m;
-    int32_t pos[2 * kMaxTopK];
-    double d[2 * kMaxTopK];
-    int32_t nd = 0;
-    int32_t next = 0;  // walks slot[] alongside i (slot is ascending)
-    for (int32_t i = 0; i < m; ++i) {
-      double v = -static_cast<double>(tw[i]);
-      if (next < n && slot[next] == i) v += w[next++];
+    // d = w^S - target over the M ranked slots: nonzero only on the candidate's slots and the
+    // target's (at most k each for a routing target); merge the two ascending lists.
+    int32_t pos[kMaxTopK + kMaxExperts];
+    double d[kMaxTopK + kMaxExperts];
+    int32_t nd = 0, x = 0, y = 0;
+    const int32_t nt = cache.target_n;
+    while (x < n || y < nt) {
+      const int32_t px = x < n ? slot[x] : m, py = y < nt ? cache.target_pos[y] : m;
+      const int32_t p = px < py ? px : py;
+      double v = 0.0;
+      if (px == p) v += w[x++];
+      if (py == p) v -= cache.target_val[y++];
       if (v != 0.0) {
-        pos[nd] = i;
+        pos[nd] = p;
         d[nd++] = v;
       }
-      if (nd == 2 * kMaxTopK) break;  // cannot happen for a valid target (<= k nonzeros)
     }
     double err = 0.0;
-    for (int32_t x = 0; x < nd; ++x) {
-      err += d[x] * d[x] * g[gram_index(pos[x], pos[x], m)];
-      for (int32_t y = x + 1; y < nd; ++y) err += 2.0 * d[x] * d[y] * g[gram_index(pos[x], pos[y], m)];
+    for (int32_t i = 0; i < nd; ++i) {
+      double row = 0.5 * d[i] * g[gram_index(pos[i], pos[i], m)];
+      for (int32_t j = i + 1; j < nd; ++j) row += d[j] * g[gram_index(pos[i], pos[j], m)];
+      err += 2.0 * d[i] * row;
     }
     return err;
   }
   const float* c = a.cross + t * m;
   double err = a.target_sq[t];
   for (int32_t x = 0; x < n; ++x) {
-    err -= 2.0 * w[x] * c[slot[x]];
-    err += w[x] * w[x] * g[gram_index(slot[x], slot[x], m)];
-    for (int32_t y = x + 1; y < n; ++y) err += 2.0 * w[x] * w[y] * g[gram_index(slot[x], slot[y], m)];
+    double row = 0.5 * w[x] * g[gram_index(slot[x], slot[x], m)];
+    for (int32_t y = x + 1; y < n; ++y) row += w[y] * g[gram_index(slot[x], slot[y], m)];
+    err += 2.0 * w[x] * (row - c[slot[x]]);
   }
   return err;
 }
@@ -153,11 +209,20 @@ ExpertMask pack_mask(const uint8_t* keep, int32_t num_experts) {
   return mask;
 }
 
-double subset_loss_tokens(const SubsetLossArgs& args, const ExpertMask& mask, const int64_t* tokens,
-                          int64_t n) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += token_error(args, mask, tokens[i]);
-  return sum;
+void subset_loss_tokens(const SubsetLossArgs& args, const ExpertMask* masks, int64_t num_candidates,
+                        const int64_t* tokens, int64_t n, double* sums) {
+  TokenCache cache;
+  int32_t slot[kMaxTopK];
+  double w[kMaxTopK];
+  for (int64_t c = 0; c < num_candidates; ++c) sums[c] = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = tokens[i];
+    fill_cache(args, t, cache);
+    for (int64_t c = 0; c < num_candidates; ++c) {
+      const int32_t nw = candidate_weights(args, masks[c], t, cache, slot, w);
+      sums[c] += token_error(args, t, cache, slot, w, nw);
+    }
+  }
 }
 
 void subset_loss(const SubsetLossArgs& args, const uint8_t* keep, int64_t num_candidates,
@@ -169,15 +234,15 @@ void subset_loss(const SubsetLossArgs& args, const uint8_t* keep, int64_t num_ca
   std::vector<int64_t> order(args.num_tokens);
   std::vector<int64_t> cursor(start.begin(), start.end() - 1);
   for (int64_t t = 0; t < args.num_tokens; ++t) order[cursor[group[t]]++] = t;
-  for (int64_t c = 0; c < num_candidates; ++c) {
-    const ExpertMask mask = pack_mask(keep + c * args.num_experts, args.num_experts);
-    for (int64_t g = 0; g < num_groups; ++g) {
-      double total = 0.0;
-      for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) {
-        const int64_t n = std::min(kLossChunk, start[g + 1] - i);
-        total += subset_loss_tokens(args, mask, order.data() + i, n);
-      }
-      out[c * num_groups + g] = total;
+  std::vector<ExpertMask> masks(num_candidates);
+  for (int64_t c = 0; c < num_candidates; ++c) masks[c] = pack_mask(keep + c * args.num_experts, args.num_experts);
+  std::vector<double> sums(num_candidates);
+  std::fill(out, out + num_candidates * num_groups, 0.0);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) {
+      const int64_t n = std::min(kLossChunk, start[g + 1] - i);
+      subset_loss_tokens(args, masks.data(), num_candidates, order.data() + i, n, sums.data());
+      for (int64_t c = 0; c < num_candidates; ++c) out[c * num_groups + g] += sums[c];
     }
   }
 }

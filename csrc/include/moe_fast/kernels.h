@@ -108,9 +108,9 @@ void expert_gram_rows(DType dtype, const void* outputs, const void* target, int6
 // Packs a bool mask keep[E] into bits.
 ExpertMask pack_mask(const uint8_t* keep, int32_t num_experts);
 
-// Squared error of one candidate summed over tokens[0..n) in that order (float64).
-double subset_loss_tokens(const SubsetLossArgs& args, const ExpertMask& mask,
-                          const int64_t* tokens, int64_t n);
+// sums[c] = squared error of candidate masks[c] summed over tokens[0..n) in that order (float64).
+void subset_loss_tokens(const SubsetLossArgs& args, const ExpertMask* masks, int64_t num_candidates,
+                        const int64_t* tokens, int64_t n, double* sums);
 
 
 // Whole op on one thread: keep [C, E] (nonzero = kept), group [T] in [0, G) -> out [C, G].

@@ -1,0 +1,187 @@
+// C++ tests of the CPU kernels through the torch-free API, with expected values worked out by
+// hand or by a straightforward brute force written here (not by the kernels themselves).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "moe_fast/kernels.h"
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond)                                                   \
+  do {                                                                 \
+    if (!(cond)) {                                                     \
+      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                      \
+    }                                                                  \
+  } while (0)
+
+bool near(double a, double b, double tol) { return std::fabs(a - b) <= tol * (1.0 + std::fabs(b)); }
+
+using moe_fast::DType;
+using moe_fast::RouteArgs;
+
+void test_route_top2_with_skip() {
+  // Two tokens, 4 experts, top-2. Token 0: experts 2 and 0 (gap 0.5); token 1: experts 1 and 3
+  // (gap 2.0). beta = exp(-1): token 1's second slot is skipped.
+  const std::vector<float> logits = {1.0f, -1.0f, 1.5f, 0.0f,  //
+                                     0.0f, 3.0f, -2.0f, 1.0f};
+  const double gaps[2] = {std::numeric_limits<double>::infinity(), 1.0};
+  RouteArgs a;
+  a.num_tokens = 2;
+  a.num_experts = 4;
+  a.top_k = 2;
+  a.skip_gap = gaps;
+  std::vector<float> w(4);
+  std::vector<int32_t> ids(4), counts(4), offsets(5), perm(4);
+  moe_fast::cpu::route(DType::Float32, logits.data(), a, w.data(), ids.data(), counts.data(), offsets.data(),
+                       perm.data());
+  EXPECT(ids[0] == 2 && ids[1] == 0 && ids[2] == 1 && ids[3] == 4);
+  const double w0 = 1.0 / (1.0 + std::exp(-0.5));
+  EXPECT(near(w[0], w0, 1e-6) && near(w[1], 1.0 - w0, 1e-6));
+  EXPECT(w[2] == 1.0f && w[3] == 0.0f);
+  // Expert 0: slot 1; expert 1: slot 2; expert 2: slot 0; skipped: slot 3.
+  EXPECT(counts[0] == 1 && counts[1] == 1 && counts[2] == 1 && counts[3] == 0);
+  EXPECT(offsets[0] == 0 && offsets[1] == 1 && offsets[2] == 2 && offsets[3] == 3 && offsets[4] == 3);
+  EXPECT(perm[0] == 1 && perm[1] == 2 && perm[2] == 0 && perm[3] == 3);
+}
+
+void test_route_ties_mask_and_degenerate_rows() {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // Row 0: ties -> lower index first. Row 1: all -inf -> lowest allowed, equal weights.
+  // Row 2: NaN never wins. Expert 1 is masked everywhere.
+  const std::vector<float> logits = {2.0f, 2.0f, 2.0f, 2.0f,  //
+                                     -inf, -inf, -inf, -inf,  //
+                                     nan, 5.0f, nan, 0.0f};
+  const uint8_t keep[4] = {1, 0, 1, 1};
+  RouteArgs a;
+  a.num_tokens = 3;
+  a.num_experts = 4;
+  a.top_k = 2;
+  a.keep = keep;
+  std::vector<float> w(6);
+  std::vector<int32_t> ids(6), counts(4), offsets(5), perm(6);
+  moe_fast::cpu::route(DType::Float32, logits.data(), a, w.data(), ids.data(), counts.data(), offsets.data(),
+                       perm.data());
+  EXPECT(ids[0] == 0 && ids[1] == 2);
+  EXPECT(ids[2] == 0 && ids[3] == 2 && w[2] == 0.5f && w[3] == 0.5f);
+  EXPECT(ids[4] == 3 && ids[5] == 0 && w[4] == 1.0f && w[5] == 0.0f);
+}
+
+void test_bf16_and_fp16_conversion() {
+  // bf16 0x3F80 = 1.0, 0xC000 = -2.0; fp16 0x3C00 = 1.0, 0x0001 = 2^-24, 0x7C00 = +inf.
+  EXPECT(moe_fast::to_float(moe_fast::bf16_t{0x3F80}) == 1.0f);
+  EXPECT(moe_fast::to_float(moe_fast::bf16_t{0xC000}) == -2.0f);
+  EXPECT(moe_fast::to_float(moe_fast::fp16_t{0x3C00}) == 1.0f);
+  EXPECT(moe_fast::to_float(moe_fast::fp16_t{0x0001}) == std::ldexp(1.0f, -24));
+  EXPECT(moe_fast::to_float(moe_fast::fp16_t{0x7C00}) == std::numeric_limits<float>::infinity());
+  EXPECT(moe_fast::to_float(moe_fast::fp16_t{0xBC00}) == -1.0f);
+}
+
+// Brute force: the error of keeping `keep` for one token, from explicit expert outputs.
+double brute_error(const std::vector<float>& logits, const std::vector<std::vector<double>>& y,
+                   const std::vector<int>& keep, int k, const std::vector<double>& z) {
+  const int E = static_cast<int>(logits.size());
+  std::vector<int> order;
+  for (int e = 0; e < E; ++e)
+    if (keep[e]) order.push_back(e);
+  // Selection sort by logit, ties to the lower index.
+  for (size_t i = 0; i < order.size(); ++i)
+    for (size_t j = i + 1; j < order.size(); ++j)
+      if (logits[order[j]] > logits[order[i]]) std::swap(order[i], order[j]);
+  double sum = 0;
+  for (int j = 0; j < k; ++j) sum += std::exp(static_cast<double>(logits[order[j]]));
+  std::vector<double> out(z.size(), 0.0);
+  for (int j = 0; j < k; ++j) {
+    const double w = std::exp(static_cast<double>(logits[order[j]])) / sum;
+    for (size_t h = 0; h < z.size(); ++h) out[h] += w * y[order[j]][h];
+  }
+  double err = 0;
+  for (size_t h = 0; h < z.size(); ++h) err += (out[h] - z[h]) * (out[h] - z[h]);
+  return err;
+}
+
+void test_subset_loss_against_brute_force() {
+  const int T = 50, E = 6, k = 2, H = 5, M = 4;  // M = k + 2: up to two experts may be dropped
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  std::vector<float> logits(T * E);
+  for (auto& v : logits) v = normal(rng);
+  std::vector<std::vector<std::vector<double>>> y(T, std::vector<std::vector<double>>(E, std::vector<double>(H)));
+  for (auto& t : y)
+    for (auto& e : t)
+      for (auto& v : e) v = normal(rng);
+  // Ranked ids (top-M) and their outputs, via the route kernel.
+  RouteArgs a;
+  a.num_tokens = T;
+  a.num_experts = E;
+  a.top_k = M;
+  std::vector<float> wm(T * M);
+  std::vector<int32_t> ids(T * M);
+  moe_fast::cpu::route_rows(DType::Float32, logits.data(), a, 0, T, wm.data(), ids.data());
+  std::vector<float> outputs(T * M * H), target(T * H);
+  std::vector<std::vector<double>> z(T, std::vector<double>(H));
+  for (int t = 0; t < T; ++t) {
+    for (int i = 0; i < M; ++i)
+      for (int h = 0; h < H; ++h) outputs[(t * M + i) * H + h] = static_cast<float>(y[t][ids[t * M + i]][h]);
+    for (int h = 0; h < H; ++h) z[t][h] = target[t * H + h] = normal(rng);
+  }
+  const int P = M * (M + 1) / 2;
+  std::vector<float> gram(T * P), cross(T * M), target_sq(T);
+  moe_fast::cpu::expert_gram_rows(DType::Float32, outputs.data(), target.data(), M, H, 0, T, gram.data(),
+                                  cross.data(), target_sq.data());
+  // Candidates: every set that drops two experts; two groups (even / odd tokens).
+  std::vector<uint8_t> keep;
+  std::vector<std::vector<int>> cands;
+  for (int d0 = 0; d0 < E; ++d0)
+    for (int d1 = d0 + 1; d1 < E; ++d1) {
+      std::vector<int> kp(E, 1);
+      kp[d0] = kp[d1] = 0;
+      cands.push_back(kp);
+      keep.insert(keep.end(), kp.begin(), kp.end());
+    }
+  std::vector<int64_t> group(T);
+  for (int t = 0; t < T; ++t) group[t] = t % 2;
+  moe_fast::SubsetLossArgs s;
+  s.num_tokens = T;
+  s.num_experts = E;
+  s.rank = M;
+  s.top_k = k;
+  s.gram = gram.data();
+  s.ids = ids.data();
+  s.logits = logits.data();
+  s.cross = cross.data();
+  s.target_sq = target_sq.data();
+  const int64_t C = static_cast<int64_t>(cands.size());
+  std::vector<double> out(C * 2);
+  moe_fast::cpu::subset_loss(s, keep.data(), C, group.data(), 2, out.data());
+  for (int64_t c = 0; c < C; ++c) {
+    double want[2] = {0.0, 0.0};
+    for (int t = 0; t < T; ++t) {
+      std::vector<float> row(logits.begin() + t * E, logits.begin() + (t + 1) * E);
+      want[t % 2] += brute_error(row, y[t], cands[c], k, z[t]);
+    }
+    EXPECT(near(out[c * 2], want[0], 1e-4) && near(out[c * 2 + 1], want[1], 1e-4));
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_route_top2_with_skip();
+  test_route_ties_mask_and_degenerate_rows();
+  test_bf16_and_fp16_conversion();
+  test_subset_loss_against_brute_force();
+  if (failures != 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return EXIT_FAILURE;
+  }
+  std::printf("all C++ kernel tests passed\n");
+  return EXIT_SUCCESS;
+}
