@@ -207,6 +207,7 @@ def good_args():
         (dict(keep=lambda a: torch.tensor([[True] * 5 + [False] * 3])), "drops 3 experts but ids rank only M = 4"),
         (dict(group=lambda a: torch.full((10,), 1)), r"group ids must lie in \[0, num_groups"),
         (dict(target_weights=lambda a: None), "either target_weights"),
+        (dict(target_weights=lambda a: torch.full((10, 4), 0.25)), "at most k = 2 nonzero weights"),
         (dict(ids=lambda a: torch.full((10, 4), 8, dtype=torch.int32)), "ids must lie in"),
         (dict(logits=lambda a: torch.randn(8, 10).t()), "contiguous"),
         (dict(gram=lambda a: a["gram"].unsqueeze(0)), "2 dimensions"),

@@ -175,6 +175,15 @@ inline SubsetLossArgs check_subset_loss_args(const at::Tensor& gram, const at::T
   return a;
 }
 
+// A layer-wise target is a routing: at most k nonzero weights per token (the kernels' work per
+// token is bounded by that). Checked with tensor ops so it runs on any device.
+inline void check_target_is_routing(const std::optional<at::Tensor>& target_weights, int64_t k) {
+  if (!target_weights.has_value() || target_weights->numel() == 0) return;
+  const int64_t most = target_weights->ne(0).sum(1).max().item<int64_t>();
+  TORCH_CHECK(most <= k, "moe_fast.subset_loss: target_weights must have at most k = ", k,
+              " nonzero weights per token (a routing), found a token with ", most);
+}
+
 // Every candidate must keep at least k experts and drop at most M - k (the rank bound), so that
 // each token's top-k among the kept lies within its M ranked experts.
 inline void check_candidate_sizes(const at::Tensor& keep_cpu, int64_t M, int64_t k) {

@@ -94,6 +94,7 @@ at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const 
                                                   target_weights, cross, target_sq);
   const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
   check_candidate_sizes(keep, M, k);
+  check_target_is_routing(target_weights, k);
   const int32_t* idp = a.ids;
   for (int64_t i = 0; i < T * M; ++i) {
     TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_fast.subset_loss: ids must lie in [0, E = ", E, "), found ", idp[i],

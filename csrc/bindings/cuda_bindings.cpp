@@ -66,6 +66,7 @@ at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const
   const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
   const at::Tensor keep_cpu = keep.cpu();
   check_candidate_sizes(keep_cpu, M, k);
+  check_target_is_routing(target_weights, k);
   at::Tensor out = at::zeros({C, G}, gram.options().dtype(at::kDouble));
   if (T == 0 || C == 0) return out;
 

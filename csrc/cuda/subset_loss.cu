@@ -84,7 +84,7 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
         pos[nd] = i;
         d[nd++] = v;
       }
-      if (nd == 2 * kMaxTopK) break;  // cannot happen for a valid target (<= k nonzeros)
+      if (nd == 2 * kMaxTopK) break;  // the bindings reject targets with more than k nonzeros
     }
     double err = 0.0;
     for (int32_t x = 0; x < nd; ++x) {
