@@ -1,0 +1,61 @@
+"""``moe-fast prune MODEL --keep R --calib SPEC --out DIR``: expert pruning end to end."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prune",
+        help="keep R experts per MoE layer, chosen on calibration text; write a plain checkpoint",
+        description="Expert pruning (Lu et al., ACL 2024): in every MoE layer keep the R experts whose "
+        "layer output on calibration tokens stays closest to the unpruned one, and write the result as "
+        "a checkpoint that plain transformers loads.",
+    )
+    p.add_argument("model", help="checkpoint directory (hub layout, safetensors)")
+    p.add_argument("--keep", "-r", type=int, required=True, help="experts kept per MoE layer (R)")
+    p.add_argument("--calib", required=True, help="calibration: .txt, .json/.jsonl (text field), .pt ids, builtin:NAME or HF dataset")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--mode", choices=["layerwise", "progressive"], default="layerwise")
+    p.add_argument("--objective", choices=["paper", "mse"], default="paper")
+    p.add_argument("--search", choices=["auto", "exhaustive", "greedy", "beam"], default="auto")
+    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; a .pt is used whole)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch (one term of the paper's sum)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens whose expert outputs are held at once")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_fast.pruning import prune
+
+    _, report = prune(
+        args.model,
+        args.calib,
+        args.keep,
+        out=args.out,
+        mode=args.mode,
+        objective=args.objective,
+        search=args.search,
+        beam_width=args.beam_width,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        resume=args.resume,
+        chunk_tokens=args.chunk_tokens,
+        return_model=False,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    print(f"pruned checkpoint: {args.out}")
+    return 0

@@ -1,0 +1,143 @@
+"""Writing a pruned checkpoint that plain ``transformers`` (and vLLM) load.
+
+Two routes to the same hub layout (for Mixtral ``block_sparse_moe.experts.N.w1/w2/w3``):
+* a loaded model is pruned in place and written with ``save_pretrained``;
+* a checkpoint directory is rewritten shard by shard (one source shard in memory at a time),
+  dropping the removed experts' tensors, renumbering the rest in order and keeping the router
+  rows of the kept experts.
+``config.json`` gets the new expert count and a ``"moe_fast": {"pruning": ...}`` record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import torch
+from torch import nn
+
+from moe_fast.adapters import MoEAdapter
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "moe_fast"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+def _merged_record(existing, pruning: dict) -> dict:
+    record = dict(existing) if isinstance(existing, dict) else {}
+    record["pruning"] = pruning
+    return record
+
+
+def prune_loaded_model(model: nn.Module, adapter: MoEAdapter, kept: dict[int, list[int]], pruning_record: dict | None = None) -> nn.Module:
+    """Removes the dropped experts of a loaded model in place; all layers must keep the same count."""
+    counts = {len(v) for v in kept.values()}
+    if len(counts) > 1:
+        raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(counts)}")
+    layers = adapter.decoder_layers(model)
+    for index, keep in kept.items():
+        block = adapter.moe_block(layers[index])
+        adapter.prune_block(block, sorted(keep))
+    if counts:
+        r = counts.pop()
+        adapter.set_num_experts(model.config, r)
+        if hasattr(model, "num_experts"):
+            model.num_experts = r
+    if pruning_record is not None:
+        setattr(model.config, CONFIG_KEY, _merged_record(getattr(model.config, CONFIG_KEY, None), pruning_record))
+    return model
+
+
+def save_loaded(model: nn.Module, directory: str, tokenizer=None, source_path: str | None = None) -> None:
+    """``save_pretrained`` of an already pruned model into ``directory`` (plus tokenizer files)."""
+    model.save_pretrained(directory)
+    _copy_tokenizer(directory, tokenizer, source_path)
+
+
+def export_checkpoint(
+    source_path: str,
+    directory: str,
+    adapter: MoEAdapter,
+    kept: dict[int, list[int]],
+    pruning_record: dict,
+    tokenizer=None,
+) -> None:
+    """Rewrites the checkpoint at ``source_path`` into ``directory`` with only the kept experts."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moe_fast.pruning.source import checkpoint_weight_map
+
+    counts = {len(v) for v in kept.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(counts)}")
+    r = counts.pop()
+    os.makedirs(directory, exist_ok=True)
+    weight_map = checkpoint_weight_map(source_path)
+    files = sorted(set(weight_map.values()))
+    new_map: dict[str, str] = {}
+    total = 0
+    for file in files:
+        out_tensors: dict[str, torch.Tensor] = {}
+        with safe_open(os.path.join(source_path, file), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                new = _prune_key(adapter, key, kept)
+                if new is None:
+                    continue
+                tensor = f.get_tensor(key)
+                new_key, tensor = new(tensor)
+                out_tensors[new_key] = tensor.contiguous()
+        for key, tensor in out_tensors.items():
+            new_map[key] = file
+            total += tensor.numel() * tensor.element_size()
+        save_file(out_tensors, os.path.join(directory, file), metadata={"format": "pt", **metadata})
+        del out_tensors
+    if len(files) > 1 or os.path.exists(os.path.join(source_path, "model.safetensors.index.json")):
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
+    with open(os.path.join(source_path, "config.json")) as f:
+        config = json.load(f)
+    config[adapter.num_experts_key] = r
+    config[CONFIG_KEY] = _merged_record(config.get(CONFIG_KEY), pruning_record)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    _copy_tokenizer(directory, tokenizer, source_path)
+
+
+def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]]):
+    """A function tensor -> (new key, tensor) for a source key, or None to drop the key."""
+    parts = key.split(".")
+    if not key.startswith("model.layers.") or int(parts[2]) not in kept:
+        return lambda t: (key, t)
+    prefix = ".".join(parts[:3]) + "."
+    rel = key[len(prefix) :]
+    keep = sorted(kept[int(parts[2])])
+    hit = adapter._hub_expert_key(rel)
+    if hit is not None and hit[0] not in keep:
+        return None
+
+    def convert(tensor: torch.Tensor):
+        new_rel, new_tensor = adapter.prune_checkpoint_tensor(rel, tensor, keep)
+        return prefix + new_rel, new_tensor
+
+    return convert
+
+
+def _copy_tokenizer(directory: str, tokenizer, source_path: str | None) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+        return
+    if source_path is None:
+        return
+    for name in TOKENIZER_FILES:
+        src = os.path.join(source_path, name)
+        if os.path.exists(src) and not os.path.exists(os.path.join(directory, name)):
+            shutil.copy2(src, os.path.join(directory, name))

@@ -1,0 +1,400 @@
+"""``moe_fast.prune``: expert pruning end to end (calibration, streaming search, export).
+
+Streams the calibration hidden states through the model one decoder layer at a time (DESIGN.md
+sections 3 to 5). Per MoE layer it runs each token's rank-bounded experts once, keeps their Gram
+entries, scores the candidate keep-sets with ``ops.subset_loss`` and keeps the best one. With an
+output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json`` so
+that ``resume=True`` continues after an interruption (finished layers are replayed with a plain
+forward, no search), and the checkpoint is written there and moved to ``out`` in whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moe_fast.calibration import calibration_fingerprint, load_calibration
+from moe_fast.pruning.expert_outputs import LayerStats, PrunedForward, StatsForward
+from moe_fast.pruning.search import choose_search, make_scorer, run_search
+from moe_fast.pruning.source import CheckpointSource, LayerSource, LoadedSource
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".moe_fast_partial"
+REPORT_NAME = "moe_fast_report.json"
+
+
+@dataclass
+class LayerResult:
+    kept: list[int]
+    dropped: list[int]
+    loss: dict[str, float]  # "<dropped ids comma-joined>" -> objective value
+    search: str = "exhaustive"
+
+
+@dataclass
+class PruneReport:
+    layers: dict[int, LayerResult] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> dict[int, list[int]]:
+        return {i: r.kept for i, r in self.layers.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": {str(i): {"kept": r.kept, "dropped": r.dropped, "loss": r.loss, "search": r.search} for i, r in sorted(self.layers.items())},
+            "timings": self.timings,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "settings": self.settings,
+        }
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def table(self) -> str:
+        """Readable per-layer summary: kept, dropped, best loss and the runner-up."""
+        lines = [f"{'layer':>5}  {'kept':<28} {'dropped':<16} {'loss':>14} {'runner-up':>14} {'evaluated':>9}"]
+        for i, r in sorted(self.layers.items()):
+            values = sorted(r.loss.values())
+            best = values[0] if values else float("nan")
+            second = values[1] if len(values) > 1 else float("nan")
+            lines.append(
+                f"{i:>5}  {','.join(map(str, r.kept)):<28} {','.join(map(str, r.dropped)):<16} {best:>14.6g} {second:>14.6g} {len(values):>9}"
+            )
+        t = self.timings
+        lines.append("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in t.items()))
+        lines.append(f"peak memory: {self.peak_memory_bytes / 2**20:.1f} MiB ({self.settings.get('peak_memory_kind', '')})")
+        return "\n".join(lines)
+
+
+class PruneResult(NamedTuple):
+    model: nn.Module | None
+    report: PruneReport
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak device memory: CUDA max allocated, or the process's max resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
+
+
+def _key(dropped) -> str:
+    return ",".join(str(e) for e in dropped)
+
+
+def _load_tokenizer(path: str | None, model: nn.Module | None):
+    source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or not os.path.isdir(source):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # no tokenizer files: token-id calibration still works
+        log.debug("no tokenizer at %s: %s", source, err)
+        return None
+
+
+def _check_out(out: str | None) -> None:
+    if out is not None and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"output directory {out} exists and is not empty")
+
+
+def prune(
+    model_or_path: nn.Module | str | os.PathLike,
+    calibration: str | torch.Tensor,
+    keep: int,
+    *,
+    out: str | os.PathLike | None = None,
+    mode: str = "layerwise",
+    objective: str = "paper",
+    search: str = "auto",
+    beam_width: int = 4,
+    n_samples: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    seed: int = 42,
+    device: str | None = None,
+    dtype: str = "auto",
+    resume: bool = False,
+    tokenizer=None,
+    chunk_tokens: int = 4096,
+    return_model: bool = True,
+    progress: bool = True,
+) -> PruneResult:
+    """Prunes every MoE layer to ``keep`` experts; returns ``(model, report)``.
+
+    Args:
+        model_or_path: a loaded transformers model (pruned in place) or a checkpoint directory
+            (streamed one layer at a time; the returned model is loaded from ``out``, or None with
+            ``return_model=False``).
+        calibration: a spec for :func:`moe_fast.calibration.load_calibration` or ids [n, L].
+        keep: R, experts kept per layer (top-k <= R < E).
+        out: directory for the pruned checkpoint and ``moe_fast_report.json``; must not exist or be empty.
+        mode: ``layerwise`` (inputs from the unpruned model) or ``progressive`` (from the model
+            pruned so far; target still the unpruned model's block output).
+        objective: ``paper`` (sum over batches of the Frobenius norm) or ``mse``.
+        search: ``exhaustive``, ``greedy``, ``beam`` or ``auto`` (exhaustive when C(E, R) <= 5000).
+        n_samples, seq_len: calibration size (None: 128 x 2048 for text, the whole tensor for ids).
+        batch_size: sequences per calibration batch: one group of the paper's objective.
+        chunk_tokens: tokens whose expert outputs are held at once (bounds memory).
+    """
+    t_start = time.perf_counter()
+    if mode not in ("layerwise", "progressive"):
+        raise ValueError(f"mode must be layerwise or progressive; got {mode!r}")
+    if objective not in ("paper", "mse"):
+        raise ValueError(f"objective must be paper or mse; got {objective!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = None if out is None else os.fspath(out)
+    _check_out(out)
+    is_path = not isinstance(model_or_path, nn.Module)
+    if is_path:
+        source: LayerSource = CheckpointSource(os.fspath(model_or_path), device=device, dtype=dtype)
+    else:
+        source = LoadedSource(model_or_path, device=device)
+    adapter = source.adapter
+    E, k = adapter.num_experts, adapter.top_k
+    if not k <= keep < E:
+        raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {keep}")
+    method = choose_search(search, E, keep)
+    num_drop = E - keep
+    rank = k + num_drop
+
+    if tokenizer is None and not isinstance(calibration, torch.Tensor) and not str(calibration).lower().endswith(".pt"):
+        tokenizer = _load_tokenizer(source.path, None if is_path else model_or_path)
+    ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
+    n, L = ids.shape
+    num_batches = math.ceil(n / batch_size)
+    calib_summary = {
+        "spec": calibration if isinstance(calibration, str) else "tensor",
+        "n_samples": n, "seq_len": L, "batch_size": batch_size, "seed": seed,
+        "fingerprint": calibration_fingerprint(ids),
+    }
+    settings = {
+        "keep": keep, "num_experts": E, "top_k": k, "mode": mode, "objective": objective, "search": method,
+        "beam_width": beam_width if method == "beam" else None, "rank_bound": rank,
+        "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
+        "calibration": calib_summary,
+    }
+
+    partial = None if out is None else out.rstrip("/") + PARTIAL_SUFFIX
+    report = PruneReport(settings=settings)
+    if partial is not None:
+        report.layers = _resume_state(partial, settings, resume)
+        os.makedirs(partial, exist_ok=True)
+
+    timings = {"calibration": time.perf_counter() - t_start, "forward": 0.0, "expert_outputs": 0.0, "search": 0.0}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        hidden = torch.cat([source.embed(ids[i : i + batch_size]) for i in range(0, n, batch_size)]).to(source.dtype)
+        pruned = hidden.clone() if mode == "progressive" else None
+        kw_cache: dict[int, dict] = {}
+
+        def kw(sl: slice) -> dict:
+            rows = (sl.stop - sl.start) if isinstance(sl, slice) else int(sl)
+            if rows not in kw_cache:
+                kw_cache[rows] = source.layer_kwargs(hidden[:rows])
+            return kw_cache[rows]
+
+        timings["forward"] += time.perf_counter() - t0
+        bar = tqdm(range(source.num_layers), desc="layers", disable=not progress)
+        for index in bar:
+            with source.layer(index) as layer:
+                block = adapter.moe_block(layer)
+                if block is None:  # a dense layer: both streams go through it unchanged
+                    t0 = time.perf_counter()
+                    _forward_layer(layer, hidden, kw, batch_size)
+                    if pruned is not None:
+                        _forward_layer(layer, pruned, kw, batch_size)
+                    timings["forward"] += time.perf_counter() - t0
+                    continue
+                done = report.layers.get(index)
+                if done is not None:  # resumed: replay without search
+                    t0 = time.perf_counter()
+                    _forward_layer(layer, hidden, kw, batch_size)
+                    if pruned is not None:
+                        with _patched(block, PrunedForward(adapter, block, done.kept, chunk_tokens)):
+                            _forward_layer(layer, pruned, kw, batch_size)
+                    timings["forward"] += time.perf_counter() - t0
+                    continue
+                t0 = time.perf_counter()
+                stats = LayerStats(rank=rank)
+                recorder = StatsForward(adapter, block, rank, stats, chunk_tokens)
+                for b, lo in enumerate(range(0, n, batch_size)):
+                    recorder.group_id = b
+                    sl = slice(lo, min(n, lo + batch_size))
+                    if pruned is None:
+                        with _patched(block, recorder):
+                            hidden[sl] = _layer_out(layer(hidden[sl], **kw(sl)))
+                    else:
+                        target, hidden[sl] = _block_output(layer, block, hidden[sl], kw(sl))
+                        recorder.target = target.reshape(-1, target.shape[-1])
+                        _block_input_stats(layer, block, recorder, pruned[sl], kw(sl))
+                        recorder.target = None
+                        del target
+                timings["expert_outputs"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                tensors = stats.finish()
+                del stats, recorder
+                score = make_scorer(tensors, E, k, adapter.renormalize, objective, num_batches, progress=progress, desc=f"layer {index}")
+                dropped, losses = run_search(method, score, E, num_drop, beam_width)
+                del tensors
+                timings["search"] += time.perf_counter() - t0
+                kept = [e for e in range(E) if e not in dropped]
+                report.layers[index] = LayerResult(kept, list(dropped), {_key(d): v for d, v in losses.items()}, method)
+                log.info("layer %d: keep %s, drop %s (loss %.6g)", index, kept, list(dropped), losses[dropped] if dropped else 0.0)
+                if partial is not None:
+                    _save_progress(partial, settings, report)
+                if pruned is not None:
+                    t0 = time.perf_counter()
+                    with _patched(block, PrunedForward(adapter, block, kept, chunk_tokens)):
+                        _forward_layer(layer, pruned, kw, batch_size)
+                    timings["forward"] += time.perf_counter() - t0
+        bar.close()
+        del hidden, pruned
+
+    report.peak_memory_bytes, settings["peak_memory_kind"] = peak_memory(source.device)
+    record = {
+        "kept_experts": {str(i): r.kept for i, r in sorted(report.layers.items())},
+        "objective": objective, "mode": mode, "search": method, "calibration": calib_summary,
+    }
+    t0 = time.perf_counter()
+    model = None
+    if not is_path:
+        from moe_fast.export import prune_loaded_model
+
+        model = prune_loaded_model(model_or_path, adapter, report.kept, record)
+    if out is not None:
+        from moe_fast import export
+
+        staging = os.path.join(partial, "export")
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_path:
+            export.export_checkpoint(source.path, staging, adapter, report.kept, record, tokenizer)
+        else:
+            export.save_loaded(model, staging, tokenizer)
+        timings["export"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        report.timings = timings
+        report.save(os.path.join(staging, REPORT_NAME))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(staging, out)
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        timings["total"] = time.perf_counter() - t_start
+        report.timings = timings
+    if is_path and return_model:
+        from transformers import AutoModelForCausalLM
+
+        if out is not None:
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=source.dtype)
+        else:
+            from moe_fast.export import prune_loaded_model
+
+            full = AutoModelForCausalLM.from_pretrained(source.path, dtype=source.dtype)
+            model = prune_loaded_model(full, adapter, report.kept, record)
+    return PruneResult(model, report)
+
+
+class _patched:
+    """Temporarily replaces a module's forward (instance attribute)."""
+
+    def __init__(self, module: nn.Module, fn) -> None:
+        self.module, self.fn = module, fn
+
+    def __enter__(self):
+        self.module.forward = self.fn
+
+    def __exit__(self, *exc):
+        del self.module.forward
+
+
+class _Captured(Exception):
+    pass
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _forward_layer(layer: nn.Module, hidden: torch.Tensor, kw, batch_size: int) -> None:
+    """hidden <- layer(hidden), in place, one calibration batch at a time."""
+    for lo in range(0, hidden.shape[0], batch_size):
+        sl = slice(lo, min(hidden.shape[0], lo + batch_size))
+        hidden[sl] = _layer_out(layer(hidden[sl], **kw(sl)))
+
+
+def _block_output(layer: nn.Module, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the unpruned block's output inside ``layer``, the layer's output) on ``hidden``."""
+    captured = {}
+
+    def hook(module, args, output):
+        captured["z"] = output[0] if isinstance(output, tuple) else output
+
+    handle = block.register_forward_hook(hook)
+    try:
+        out = _layer_out(layer(hidden, **kwargs))
+    finally:
+        handle.remove()
+    return captured["z"], out
+
+
+def _block_input_stats(layer: nn.Module, block: nn.Module, recorder: StatsForward, hidden: torch.Tensor, kwargs: dict) -> None:
+    """Runs ``layer`` on ``hidden`` up to its block, records the block's stats, stops there."""
+
+    def stop(*args, **kw):
+        recorder(*args, **kw)
+        raise _Captured
+
+    with _patched(block, stop):
+        try:
+            layer(hidden, **kwargs)
+        except _Captured:
+            pass
+
+
+def _resume_state(partial: str, settings: dict, resume: bool) -> dict[int, LayerResult]:
+    path = os.path.join(partial, "progress.json")
+    if not resume:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        return {}
+    if not os.path.exists(path):
+        log.info("resume: no saved progress in %s, starting from the first layer", partial)
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != json.loads(json.dumps(settings)):
+        raise ValueError(
+            f"resume: the saved progress in {partial} was made with other settings or calibration tokens; "
+            "run without --resume to start over"
+        )
+    layers = {int(i): LayerResult(**r) for i, r in saved["layers"].items()}
+    log.info("resume: %d layers already done", len(layers))
+    return layers
+
+
+def _save_progress(partial: str, settings: dict, report: PruneReport) -> None:
+    tmp = os.path.join(partial, "progress.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"settings": settings, "layers": {str(i): vars(r) for i, r in report.layers.items()}}, f)
+    os.replace(tmp, os.path.join(partial, "progress.json"))

@@ -1,0 +1,164 @@
+"""Decoder layers one at a time, from a loaded model or from a checkpoint directory.
+
+Pruning streams the calibration hidden states through the model layer by layer (DESIGN.md
+section 5). With a path only the embedding and one decoder layer are ever materialized: the
+model skeleton lives on the meta device and each layer's tensors are read from the safetensors
+shards when it is needed and dropped afterwards, so peak memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moe_fast.adapters import MoEAdapter, get_adapter
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    if name is None or name == "auto":
+        return default
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+class LayerSource:
+    """What the streaming pruner needs from a model; see the two implementations below."""
+
+    config = None
+    adapter: MoEAdapter
+    device: torch.device
+    dtype: torch.dtype
+    rotary: nn.Module
+    path: str | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer(self, index: int) -> contextlib.AbstractContextManager[nn.Module]:
+        raise NotImplementedError
+
+    def layer_kwargs(self, hidden: torch.Tensor) -> dict:
+        return self.adapter.layer_call_kwargs(self.config, self.rotary, hidden)
+
+
+class LoadedSource(LayerSource):
+    """A transformers model already in memory; a layer moves to ``device`` only while it is used."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
+        self.model = model
+        self.config = model.config
+        self.adapter = get_adapter(model)
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype
+        base = getattr(model, "model", model)
+        self.rotary = base.rotary_emb
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = self.model.get_input_embeddings()
+        dev = emb.weight.device
+        return emb(ids.to(dev)).to(self.device)
+
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        layer = self.adapter.decoder_layers(self.model)[index]
+        home = next(layer.parameters()).device
+        if home != self.device:
+            layer.to(self.device)
+        try:
+            yield layer
+        finally:
+            if home != self.device:
+                layer.to(home)
+
+
+class CheckpointSource(LayerSource):
+    """A checkpoint directory in the hub layout (safetensors, possibly sharded), read lazily."""
+
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto") -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.path = str(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"model directory {self.path!r} does not exist")
+        self.config = AutoConfig.from_pretrained(self.path)
+        self.adapter = get_adapter(self.config)
+        self.device = torch.device(device or "cpu")
+        stored = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = _DTYPES.get(stored, torch.float32)
+        self.dtype = parse_dtype(dtype, stored if isinstance(stored, torch.dtype) else torch.float32)
+        self.weight_map = checkpoint_weight_map(self.path)
+        self._handles: dict[str, object] = {}
+        self.layer_keys: dict[int, list[str]] = {}
+        for key in self.weight_map:
+            if key.startswith("model.layers."):
+                self.layer_keys.setdefault(int(key.split(".")[2]), []).append(key)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config)
+        self.config = self.skeleton.config
+        self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
+        self._embed = self.skeleton.get_input_embeddings()
+        name = "model.embed_tokens.weight"
+        if name not in self.weight_map:
+            raise ValueError(f"{self.path}: checkpoint has no {name}")
+        self._embed.load_state_dict({"weight": self.tensor(name)}, assign=True)
+        self._embed.to(self.device, self.dtype)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(os.path.join(self.path, file), framework="pt", device="cpu")
+        return self._handles[file].get_tensor(key)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(ids.to(self.device))
+
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        prefix = f"model.layers.{index}."
+        tensors = {key[len(prefix) :]: self.tensor(key) for key in self.layer_keys.get(index, [])}
+        state = self.adapter.layer_state_from_checkpoint(tensors)
+        del tensors
+        module = self.adapter.decoder_layers(self.skeleton)[index]
+        module.load_state_dict(state, assign=True, strict=True)
+        del state
+        module.to(self.device, self.dtype)
+        try:
+            yield module
+        finally:
+            module.to("meta")
+
+
+def checkpoint_weight_map(path: str) -> dict[str, str]:
+    """key -> safetensors file name of a checkpoint directory (sharded or single file)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return dict(json.load(f)["weight_map"])
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt", device="cpu") as f:
+            return {key: "model.safetensors" for key in f.keys()}
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are supported)")
