@@ -21,11 +21,12 @@ from torch import nn
 from moe_fast import experts as fast_experts
 from moe_fast import ops
 from moe_fast.adapters import get_adapter
-from moe_fast.skipping import BetaSpec, normalize_betas
+from moe_fast.skipping import BetaSpec, SkipCalibration, normalize_betas
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = "moe_fast"  # config.json entry remembering the patch (see moe_fast.saving)
+CONFIG_KEY = "moe_fast"  # config.json entry shared with pruning ({"pruning": ..., "skipping": ...})
+RECORD_KEY = "skipping"  # our part of it: {"betas": per MoE layer or None, "layers": [...], ...}
 
 
 @dataclass
@@ -136,11 +137,23 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
         )
         ref.router.forward = types.MethodType(_fused_router_forward, ref.router)
     _set_experts_implementation(model, blocks, fast_experts.NAME)
-    record = {"betas": [per_layer[ref.layer] for ref in blocks], "layers": [ref.layer for ref in blocks]}
-    model.config.moe_fast = record if any(b is not None for b in record["betas"]) else {"betas": None}
-    skipping = sum(b is not None for b in record["betas"])
+    _record(model, betas, [per_layer[ref.layer] for ref in blocks], [ref.layer for ref in blocks])
+    skipping = sum(per_layer[ref.layer] is not None for ref in blocks)
     log.info("moe_fast: patched %d MoE blocks (%s), skipping on %d", len(blocks), adapter.family, skipping)
     return model
+
+
+def _record(model: nn.Module, betas: BetaSpec, per_layer: list, layers: list[int]) -> None:
+    """Writes config.moe_fast["skipping"], keeping the rest of config.moe_fast (pruning's record)."""
+    skipping: dict[str, Any] = {"betas": per_layer if any(b is not None for b in per_layer) else None}
+    if skipping["betas"] is not None:
+        skipping["layers"] = layers
+    if isinstance(betas, SkipCalibration):
+        skipping.update(quantile=betas.quantile, calibration_tokens=betas.num_tokens, skip_rate=betas.skip_rate)
+    existing = getattr(model.config, CONFIG_KEY, None)
+    record = dict(existing) if isinstance(existing, dict) else {}
+    record[RECORD_KEY] = skipping
+    setattr(model.config, CONFIG_KEY, record)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -155,8 +168,13 @@ def unpatch(model: nn.Module) -> nn.Module:
         ref.router.__dict__.pop("_moe_fast", None)
         ref.experts.__dict__.pop("_moe_fast_plan", None)
     _set_experts_implementation(model, blocks, state.previous_experts_implementation)
-    if hasattr(model.config, CONFIG_KEY):
-        delattr(model.config, CONFIG_KEY)
+    record = getattr(model.config, CONFIG_KEY, None)
+    if isinstance(record, dict):
+        record = {key: value for key, value in record.items() if key != RECORD_KEY}
+        if record:
+            setattr(model.config, CONFIG_KEY, record)
+        else:
+            delattr(model.config, CONFIG_KEY)
     del model._moe_fast_patch
     return model
 

@@ -1,8 +1,9 @@
 """Saving a patched model so that it remembers its skipping, and loading it back patched.
 
 The weights are saved untouched in the hub layout (patching changes no weight); the betas go to
-config.json under ``"moe_fast"``, which stock transformers ignores, so the directory still loads
-anywhere. ``moe_fast.from_pretrained`` loads it and patches it again.
+config.json under ``"moe_fast": {"skipping": {"betas": ..., "layers": ...}}`` (next to pruning's
+``"pruning"`` record), which stock transformers ignores, so the directory still loads anywhere.
+``moe_fast.from_pretrained`` loads it and patches it again.
 """
 
 from __future__ import annotations
@@ -20,16 +21,25 @@ from moe_fast import patching
 log = logging.getLogger(__name__)
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False, **kwargs) -> Path:
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+    **kwargs,
+) -> Path:
     """``save_pretrained`` into a temporary directory next to ``directory``, then moved in whole.
 
     A patched model's betas are in ``config.json`` under ``"moe_fast"``. ``kwargs`` go to
-    ``save_pretrained``. Refuses to replace an existing non-empty directory unless ``overwrite``.
+    ``save_pretrained``; ``extra_files`` ({name: text}) are written alongside. Refuses to replace
+    an existing non-empty directory unless ``overwrite``.
     """
     out = Path(directory)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"moe_fast.save: {out} exists and is not empty (pass overwrite=True)")
-    if patching.is_patched(model) and not hasattr(model.config, patching.CONFIG_KEY):
+    record = getattr(model.config, patching.CONFIG_KEY, None)
+    if patching.is_patched(model) and not (isinstance(record, dict) and patching.RECORD_KEY in record):
         raise ValueError("moe_fast.save: patched model lost its config.moe_fast record; call moe_fast.patch again")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -37,6 +47,8 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwri
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -48,7 +60,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwri
 
 
 def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Module:
-    """Loads a causal LM and, when its config has a ``"moe_fast"`` entry, patches it with those betas.
+    """Loads a causal LM and, when its config has a ``"moe_fast": {"skipping": ...}`` entry, patches it.
 
     ``model_class`` defaults to ``transformers.AutoModelForCausalLM``; ``kwargs`` go to its
     ``from_pretrained`` (dtype, device_map, ...).
@@ -57,14 +69,18 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.M
         from transformers import AutoModelForCausalLM as model_class
     model = model_class.from_pretrained(path, **kwargs)
     record = getattr(model.config, patching.CONFIG_KEY, None)
-    if record is not None:
-        if not isinstance(record, dict) or "betas" not in record:
-            raise ValueError(f"moe_fast.from_pretrained: malformed 'moe_fast' entry in {path}/config.json: {record!r}")
-        betas = record["betas"]
-        layers = record.get("layers")
+    if isinstance(record, dict) and patching.RECORD_KEY in record:
+        skipping = record[patching.RECORD_KEY]
+        if not isinstance(skipping, dict) or "betas" not in skipping:
+            raise ValueError(f"moe_fast.from_pretrained: malformed 'moe_fast.skipping' entry in {path}/config.json: {skipping!r}")
+        betas = skipping["betas"]
+        layers = skipping.get("layers")
         if betas is not None and layers is not None:
             if len(layers) != len(betas):
-                raise ValueError(f"moe_fast.from_pretrained: 'moe_fast' entry has {len(betas)} betas for {len(layers)} layers")
+                raise ValueError(f"moe_fast.from_pretrained: 'moe_fast.skipping' has {len(betas)} betas for {len(layers)} layers")
             betas = {int(layer): b for layer, b in zip(layers, betas)}
         patching.patch(model, betas=betas)
+        # Keep what the record said about the calibration (quantile, skip rates).
+        record[patching.RECORD_KEY] = {**skipping, **getattr(model.config, patching.CONFIG_KEY)[patching.RECORD_KEY]}
+        setattr(model.config, patching.CONFIG_KEY, record)
     return model

@@ -37,6 +37,7 @@ def test_patch_is_idempotent_and_unpatch_restores():
     ids = _ids()
     router = model.model.layers[0].mlp.gate
     stock_forward = router.forward
+    model.config.moe_fast = {"pruning": {"kept_experts": "whatever"}}  # pruning's record survives
     with torch.no_grad():
         stock = model(ids).logits
         moe_fast.patch(model, betas=0.5)
@@ -53,7 +54,7 @@ def test_patch_is_idempotent_and_unpatch_restores():
     assert torch.equal(back, stock)
     assert router.forward.__func__ is stock_forward.__func__
     assert model.config._experts_implementation == "grouped_mm"
-    assert not hasattr(model.config, "moe_fast")
+    assert model.config.moe_fast == {"pruning": {"kept_experts": "whatever"}}
 
 
 def test_router_logits_and_aux_loss_unchanged():
@@ -167,8 +168,9 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         want = model(ids).logits
     out = moe_fast.save(model, tmp_path / "skip")
     config = json.loads((out / "config.json").read_text())
-    assert config["moe_fast"]["betas"] == cal.betas
-    assert config["moe_fast"]["layers"] == [0, 2]  # layer 1 is dense
+    assert config["moe_fast"]["skipping"]["betas"] == cal.betas
+    assert config["moe_fast"]["skipping"]["layers"] == [0, 2]  # layer 1 is dense
+    assert config["moe_fast"]["skipping"]["quantile"] == 0.5
     with pytest.raises(FileExistsError):
         moe_fast.save(model, out)
 
