@@ -57,6 +57,41 @@ inline double partition_sum(const scalar_t* row, int32_t num_experts, const uint
   return z;
 }
 
+// K = 2 without branches on the data: two running maxima updated with selects.
+template <typename scalar_t>
+inline int32_t select_top2(const scalar_t* row, int32_t num_experts, const uint8_t* keep, float* top_v,
+                           int32_t* top_i) {
+  float v0 = kNegInf, v1 = kNegInf;
+  int32_t i0 = -1, i1 = -1;
+  int32_t allowed = 0;
+  for (int32_t e = 0; e < num_experts; ++e) {
+    const bool ok = keep == nullptr || keep[e] != 0;
+    const float v = sanitize(to_float(row[e]));
+    // An unfilled slot (-1) takes any allowed expert, so -inf logits still fill both slots.
+    const bool gt0 = ok && (v > v0 || i0 < 0);
+    const bool gt1 = ok && !gt0 && (v > v1 || i1 < 0);
+    v1 = gt0 ? v0 : (gt1 ? v : v1);
+    i1 = gt0 ? i0 : (gt1 ? e : i1);
+    v0 = gt0 ? v : v0;
+    i0 = gt0 ? e : i0;
+    allowed += ok ? 1 : 0;
+  }
+  top_v[0] = v0;
+  top_v[1] = v1;
+  top_i[0] = i0 < 0 ? num_experts : i0;
+  top_i[1] = i1 < 0 ? num_experts : i1;
+  return allowed;
+}
+
+template <int K, typename scalar_t>
+inline int32_t select(const scalar_t* row, int32_t num_experts, const uint8_t* keep, float* top_v, int32_t* top_i) {
+  if constexpr (K == 2) {
+    return select_top2(row, num_experts, keep, top_v, top_i);
+  } else {
+    return select_topk<K>(row, num_experts, keep, top_v, top_i);
+  }
+}
+
 template <int K, typename scalar_t>
 void route_rows_k(const scalar_t* logits, const RouteArgs& a, int64_t t_begin, int64_t t_end,
                   float* weights, int32_t* ids) {
@@ -70,7 +105,7 @@ void route_rows_k(const scalar_t* logits, const RouteArgs& a, int64_t t_begin, i
       top_v[j] = kNegInf;
       top_i[j] = E;
     }
-    const int32_t allowed = select_topk<K>(row, E, a.keep, top_v, top_i);
+    const int32_t allowed = select<K>(row, E, a.keep, top_v, top_i);
     // A row with no finite allowed logit is taken as all-equal logits.
     const bool degenerate = top_v[0] == kNegInf;
     if (degenerate) {
