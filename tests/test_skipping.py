@@ -81,3 +81,33 @@ def test_bad_calibration_arguments():
     one = tiny_model("mixtral", num_experts_per_tok=1)
     with pytest.raises(ValueError, match="top-k is 1"):
         moe_fast.calibrate_skipping(one, ids)
+
+
+def test_cli_skip_writes_a_checkpoint_that_loads_with_skipping(tmp_path):
+    from moe_fast.cli import main
+    from test_patch_reference import reference_forward
+
+    model = tiny_model("olmoe")
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(3, VOCAB, (4, 12))
+    torch.save(ids, tmp_path / "ids.pt")
+    out = tmp_path / "skip"
+    assert main(["skip", str(tmp_path / "model"), "--calib", str(tmp_path / "ids.pt"), "--out", str(out),
+                 "--quantile", "0.4", "--no-progress"]) == 0
+    assert (out / "model.safetensors").exists() and (out / "moe_fast_skip.json").exists()
+    want = moe_fast.calibrate_skipping(model, ids, quantile=0.4, progress=False)
+    loaded = moe_fast.from_pretrained(out)
+    record = loaded.config.moe_fast["skipping"]
+    for got_b, want_b in zip(record["betas"], want.betas):
+        assert got_b == pytest.approx(want_b, rel=1e-6)
+    with torch.no_grad():
+        got = loaded(ids).logits
+        with reference_forward(model, dict(zip(want.layers, want.betas))):
+            ref = model(ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    # A second run into the same, non-empty directory is refused; --out MODEL rewrites config.json only.
+    assert main(["skip", str(out), "--calib", str(tmp_path / "ids.pt"), "--out", str(tmp_path / "model"),
+                 "--no-progress"]) == 2
+    assert main(["skip", str(out), "--calib", str(tmp_path / "ids.pt"), "--out", str(out), "--quantile", "0.6",
+                 "--no-progress"]) == 0
+    assert moe_fast.from_pretrained(out).config.moe_fast["skipping"]["quantile"] == 0.6
