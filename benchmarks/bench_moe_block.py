@@ -44,7 +44,9 @@ def timeit(fn, repeats: int, min_time: float = 0.0) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
 def median_beta(block, x: torch.Tensor) -> float:
+    """The calibrated beta at quantile 0.5 (DESIGN.md section 2) on this input."""
     logits = torch.nn.functional.linear(x, block.gate.weight).float()
     top = torch.topk(logits, 2, dim=-1).values
     return float(torch.exp(top[:, 1] - top[:, 0]).median())

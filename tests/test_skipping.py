@@ -111,3 +111,26 @@ def test_cli_skip_writes_a_checkpoint_that_loads_with_skipping(tmp_path):
     assert main(["skip", str(out), "--calib", str(tmp_path / "ids.pt"), "--out", str(out), "--quantile", "0.6",
                  "--no-progress"]) == 0
     assert moe_fast.from_pretrained(out).config.moe_fast["skipping"]["quantile"] == 0.6
+
+
+def test_skip_checkpoint_in_place_on_a_pruned_checkpoint(tmp_path):
+    """What ``moe-fast prune ... --skip`` runs after writing the pruned checkpoint."""
+    from moe_fast.commands.skip import skip_checkpoint
+    from test_patch_reference import reference_forward
+
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(3, VOCAB, (4, 12))
+    out = tmp_path / "pruned"
+    moe_fast.prune(model, ids, 6, out=out, batch_size=2, progress=False)
+    report = skip_checkpoint(out, ids, out, quantile=0.5, progress=False)
+    loaded = moe_fast.from_pretrained(out)
+    assert set(loaded.config.moe_fast) == {"pruning", "skipping"}
+    assert loaded.config.num_experts == 6
+    betas = dict(zip(report["layers"], report["betas"]))
+    with torch.no_grad():
+        got = loaded(ids).logits
+        moe_fast.unpatch(loaded)
+        assert set(loaded.config.moe_fast) == {"pruning"}
+        with reference_forward(loaded, betas):
+            ref = loaded(ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
