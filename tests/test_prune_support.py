@@ -176,3 +176,24 @@ def brute_force_beam(model, ids, keep: int, batch_size: int, width: int, objecti
             frontier = sorted(cands, key=lambda d: (vals[d], d))[:width]
         chosen[layer] = frontier[0]
     return chosen
+
+
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level fast tokenizer over the words w0..w{vocab-2} plus [UNK] (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab - 1)}
+    words["[UNK]"] = vocab - 1
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def save_checkpoint(model, path, tokenizer=None, shard: str | None = "40KB") -> str:
+    """Hub-layout checkpoint of a model (sharded by default), with a tokenizer when given."""
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return str(path)

@@ -129,32 +129,42 @@ class MoEAdapter:
             return None
         return int(num), rest
 
-    def layer_state_from_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def layer_state_from_checkpoint(self, tensors) -> dict[str, torch.Tensor]:
         """Module state of one decoder layer from its checkpoint tensors (keys relative to the layer).
 
-        Accepts the hub layout (per-expert projections, stacked here into gate_up_proj [E, 2I, H]
-        and down_proj [E, H, I]) and the fused module layout (taken as is).
+        ``tensors`` is a mapping, possibly lazy (read on ``[]``): per-expert projections of the hub
+        layout are copied one at a time into gate_up_proj [E, 2I, H] and down_proj [E, H, I], so
+        that the peak is one layer plus one expert. The fused module layout is taken as is.
         """
         gate_name, up_name, down_name = (f"{p}.weight" for p in self.hub_expert_proj)
         state: dict[str, torch.Tensor] = {}
-        per_expert: dict[str, dict[int, torch.Tensor]] = {gate_name: {}, up_name: {}, down_name: {}}
-        for key, value in tensors.items():
+        per_expert: dict[str, dict[int, str]] = {gate_name: {}, up_name: {}, down_name: {}}
+        for key in list(tensors.keys()):
             hit = self._hub_expert_key(key)
             if hit is not None and hit[1] in per_expert:
-                per_expert[hit[1]][hit[0]] = value
+                per_expert[hit[1]][hit[0]] = key
                 continue
+            name = key
             if key.startswith(f"{self.hub_block_attr}."):
-                key = f"{self.block_attr}." + key[len(self.hub_block_attr) + 1 :]
-            state[key] = value
+                name = f"{self.block_attr}." + key[len(self.hub_block_attr) + 1 :]
+            state[name] = tensors[key]
         if per_expert[gate_name]:
             n = len(per_expert[gate_name])
             for name in per_expert:
                 if sorted(per_expert[name]) != list(range(n)):
                     raise ValueError(f"checkpoint layer has experts {sorted(per_expert[name])} for {name}, expected 0..{n - 1}")
-            state[f"{self.block_attr}.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([per_expert[gate_name][e], per_expert[up_name][e]], dim=0) for e in range(n)]
-            )
-            state[f"{self.block_attr}.experts.down_proj"] = torch.stack([per_expert[down_name][e] for e in range(n)])
+            gate_up = down = None
+            for e in range(n):
+                g, u, d = (tensors[per_expert[name][e]] for name in (gate_name, up_name, down_name))
+                if gate_up is None:
+                    gate_up = g.new_empty(n, g.shape[0] + u.shape[0], g.shape[1])
+                    down = d.new_empty(n, *d.shape)
+                gate_up[e, : g.shape[0]] = g
+                gate_up[e, g.shape[0] :] = u
+                down[e] = d
+                del g, u, d
+            state[f"{self.block_attr}.experts.gate_up_proj"] = gate_up
+            state[f"{self.block_attr}.experts.down_proj"] = down
         return state
 
     def prune_checkpoint_tensor(self, rel_key: str, tensor: torch.Tensor, keep: list[int]) -> tuple[str, torch.Tensor] | None:

@@ -1,5 +1,5 @@
 """Expert pruning (Lu et al., ACL 2024) with streaming calibration and exact subset search."""
 
-from moe_fast.pruning.prune import LayerResult, PruneReport, PruneResult, prune
+from moe_fast.pruning.pipeline import LayerResult, PruneReport, PruneResult, prune
 
 __all__ = ["prune", "PruneReport", "PruneResult", "LayerResult"]

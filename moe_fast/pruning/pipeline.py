@@ -92,7 +92,20 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak device memory: CUDA max allocated, or the process's max resident set on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
+    return peak_rss_bytes(), "cpu_max_rss"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (reset by exec, unlike ru_maxrss, which a
+    child process inherits from the parent that forked it), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _key(dropped) -> str:
@@ -200,6 +213,7 @@ def prune(
     if partial is not None:
         report.layers = _resume_state(partial, settings, resume)
         os.makedirs(partial, exist_ok=True)
+        _save_progress(partial, settings, report)  # the settings, so that a resume can check them
 
     timings = {"calibration": time.perf_counter() - t_start, "forward": 0.0, "expert_outputs": 0.0, "search": 0.0}
     with torch.inference_mode():

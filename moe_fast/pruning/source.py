@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -121,8 +122,14 @@ class CheckpointSource(LayerSource):
             raise ValueError(f"{self.path}: checkpoint has no {name}")
         self._embed.load_state_dict({"weight": self.tensor(name)}, assign=True)
         self._embed.to(self.device, self.dtype)
+        self.close_files()
 
     def tensor(self, key: str) -> torch.Tensor:
+        """One tensor, read through a handle that is closed again at the end of the current layer.
+
+        Keeping shards open would leave their memory-mapped pages resident, so the process's
+        memory would grow with every layer read.
+        """
         from safetensors import safe_open
 
         file = self.weight_map[key]
@@ -130,15 +137,23 @@ class CheckpointSource(LayerSource):
             self._handles[file] = safe_open(os.path.join(self.path, file), framework="pt", device="cpu")
         return self._handles[file].get_tensor(key)
 
+    def close_files(self) -> None:
+        for handle in self._handles.values():
+            exit_fn = getattr(handle, "__exit__", None)
+            if exit_fn is not None:
+                exit_fn(None, None, None)
+        self._handles.clear()
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._embed(ids.to(self.device))
 
     @contextlib.contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
         prefix = f"model.layers.{index}."
-        tensors = {key[len(prefix) :]: self.tensor(key) for key in self.layer_keys.get(index, [])}
-        state = self.adapter.layer_state_from_checkpoint(tensors)
-        del tensors
+        try:
+            state = self.adapter.layer_state_from_checkpoint(_LazyTensors(self, prefix, self.layer_keys.get(index, [])))
+        finally:
+            self.close_files()
         module = self.adapter.decoder_layers(self.skeleton)[index]
         module.load_state_dict(state, assign=True, strict=True)
         del state
@@ -147,6 +162,23 @@ class CheckpointSource(LayerSource):
             yield module
         finally:
             module.to("meta")
+
+
+class _LazyTensors(Mapping):
+    """A layer's checkpoint tensors, keys relative to the layer, read from disk on access."""
+
+    def __init__(self, source: CheckpointSource, prefix: str, keys: list[str]) -> None:
+        self.source, self.prefix = source, prefix
+        self.keys_ = [k[len(prefix) :] for k in keys]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source.tensor(self.prefix + key)
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 def checkpoint_weight_map(path: str) -> dict[str, str]:

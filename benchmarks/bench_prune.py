@@ -1,0 +1,182 @@
+"""Expert pruning: the paper's brute-force enumeration vs moe_fast.prune, same model and tokens.
+
+Builds a Mixtral-shaped model from a config (default: hidden 1024, ffn 3584, 8 experts, top-2,
+4 layers; 32 samples x 512 tokens; float32; CPU), saves it as a sharded checkpoint, then runs in
+separate processes (so that each peak resident memory is its own):
+
+* paper: load the whole model, cache every layer's MoE-block input X and output Z for every
+  calibration batch on the host (one full forward per batch), then per layer and for every
+  candidate dropped set re-run the stock block with the dropped logits at -inf and sum the
+  per-batch Frobenius norms (float64); keep the argmin (ties: the first in enumeration order).
+* moe_fast: ``moe_fast.prune(path, ids, R, out=...)``, streaming one layer at a time and writing
+  the pruned checkpoint.
+
+Prints a table (time, peak RSS, ratios) and checks that both select the same experts.
+
+    python benchmarks/bench_prune.py                       # the full configuration
+    python benchmarks/bench_prune.py --layers 2 --n-samples 8 --seq-len 256   # a shorter run
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def build_checkpoint(args, path: str) -> None:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128, num_key_value_heads=max(1, args.hidden // 512), num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k, max_position_embeddings=max(4096, args.seq_len), tie_word_embeddings=False,
+    )
+    torch.manual_seed(args.seed)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # a spread of routing probabilities and expert outputs, as in trained models
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.3)
+    model.save_pretrained(path, max_shard_size="500MB")
+    ids = torch.randint(0, args.vocab, (args.n_samples, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
+    torch.save(ids, os.path.join(path, "calib_ids.pt"))
+
+
+def run_paper(path: str, keep: int, batch_size: int) -> dict:
+    """The paper's algorithm (Lu et al., Expert_Sparsity layerwise_pruning), stock transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.load(os.path.join(path, "calib_ids.pt"))
+    blocks = [layer.mlp for layer in model.model.layers]
+    cache = {i: [] for i in range(len(blocks))}  # per layer: (X, Z) per batch, on the host
+
+    def hook(i):
+        def fn(module, args, output):
+            cache[i].append((args[0].reshape(-1, args[0].shape[-1]).clone(), output.reshape(-1, output.shape[-1]).clone()))
+        return fn
+
+    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    with torch.inference_mode():
+        for lo in range(0, ids.shape[0], batch_size):
+            model(ids[lo : lo + batch_size])
+    for h in handles:
+        h.remove()
+    E = model.config.num_local_experts
+    chosen = {}
+    with torch.inference_mode():
+        for i, block in enumerate(blocks):
+            losses = {}
+            for dropped in itertools.combinations(range(E), E - keep):
+                loss = 0.0
+                for x, z in cache[i]:
+                    logits = torch.nn.functional.linear(x, block.gate.weight).float()
+                    logits[:, list(dropped)] = -math.inf
+                    top, idx = torch.topk(torch.softmax(logits, dim=-1), block.gate.top_k, dim=-1)
+                    top = top / top.sum(-1, keepdim=True)
+                    out = block.experts(x, idx, top)
+                    loss += torch.linalg.norm(z.double() - out.double()).item()
+                losses[dropped] = loss
+            chosen[i] = list(min(losses, key=losses.get))
+    return {"seconds": time.perf_counter() - t0, "dropped": chosen, "peak_rss": _rss()}
+
+
+def run_moe_fast(path: str, keep: int, batch_size: int) -> dict:
+    import moe_fast
+
+    out = tempfile.mkdtemp(prefix="bench_prune_out_")
+    os.rmdir(out)
+    t0 = time.perf_counter()
+    _, report = moe_fast.prune(path, os.path.join(path, "calib_ids.pt"), keep, out=out, batch_size=batch_size,
+                               search="exhaustive", return_model=False, progress=False)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "dropped": {i: r.dropped for i, r in report.layers.items()}, "peak_rss": _rss(),
+            "timings": report.timings}
+
+
+def _rss() -> int:
+    """Peak resident set of this process (VmHWM: ru_maxrss would include the parent's at fork)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(which: str, path: str, keep: int, batch_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--path", path, "--child-keep", str(keep), "--batch-size", str(batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{which} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=3584)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--keep", type=int, nargs="+", default=[6, 4])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", choices=["paper", "moe_fast"], help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--child-keep", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        fn = run_paper if args.child == "paper" else run_moe_fast
+        print(json.dumps(fn(args.path, args.child_keep, args.batch_size)))
+        return
+
+    import torch
+
+    print(f"config: hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, top-{args.top_k}, {args.layers} layers, "
+          f"vocab {args.vocab}; {args.n_samples} x {args.seq_len} tokens, batch {args.batch_size}; float32 CPU, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
+        ckpt = os.path.join(tmp, "model")
+        build_checkpoint(args, ckpt)
+        for keep in args.keep:
+            paper = _child("paper", ckpt, keep, args.batch_size)
+            fast = _child("moe_fast", ckpt, keep, args.batch_size)
+            same = {str(k): v for k, v in paper["dropped"].items()} == {str(k): v for k, v in fast["dropped"].items()}
+            rows.append({"keep": keep, "paper_s": paper["seconds"], "moe_fast_s": fast["seconds"],
+                         "speedup": paper["seconds"] / fast["seconds"], "paper_peak_rss": paper["peak_rss"],
+                         "moe_fast_peak_rss": fast["peak_rss"], "memory_ratio": paper["peak_rss"] / fast["peak_rss"],
+                         "same_selection": same, "dropped": fast["dropped"], "paper_dropped": paper["dropped"],
+                         "moe_fast_timings": fast["timings"]})
+            print(f"R={keep}: paper {paper['seconds']:.1f} s, moe_fast {fast['seconds']:.1f} s, same selection: {same}", flush=True)
+    print()
+    print(f"| R | C(E,R) | paper (s) | moe_fast (s) | speedup | paper peak RSS (MiB) | moe_fast peak RSS (MiB) | memory ratio | same experts |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['keep']} | {math.comb(args.experts, r['keep'])} | {r['paper_s']:.1f} | {r['moe_fast_s']:.1f} | {r['speedup']:.1f}x | "
+              f"{r['paper_peak_rss'] / 2**20:.0f} | {r['moe_fast_peak_rss'] / 2**20:.0f} | {r['memory_ratio']:.2f}x | {r['same_selection']} |")
+    for r in rows:
+        print(f"R={r['keep']} moe_fast phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["moe_fast_timings"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    if not all(r["same_selection"] for r in rows):
+        sys.exit("selections differ")
+
+
+if __name__ == "__main__":
+    main()

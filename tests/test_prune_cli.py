@@ -1,0 +1,128 @@
+"""``moe-fast prune``: the command, clear errors that write nothing, and --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import moe_fast
+import moe_fast.pruning.pipeline as prune_mod
+from moe_fast.cli import main
+from test_prune_support import one_thread, save_checkpoint, tiny_mixtral  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    src = save_checkpoint(tiny_mixtral(11, layers=4), tmp_path / "src")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    return src, str(tmp_path / "ids.pt")
+
+
+def test_cli_prune_writes_checkpoint_and_table(checkpoint, tmp_path, capsys) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+    rc = main(["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--batch-size", "4", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "layer" in text and "dropped" in text and "peak memory" in text
+    report = json.load(open(os.path.join(out, "moe_fast_report.json")))
+    assert sorted(report["layers"]) == ["0", "1", "2", "3"]
+    assert all(len(v["kept"]) == 6 and len(v["loss"]) == 28 for v in report["layers"].values())
+    assert json.load(open(os.path.join(out, "config.json")))["num_local_experts"] == 6
+
+
+def _nothing_written(tmp_path, out: str) -> None:
+    assert not os.path.exists(out)
+    assert not os.path.exists(out + prune_mod.PARTIAL_SUFFIX)
+
+
+@pytest.mark.parametrize("keep,match", [(8, "keep must satisfy"), (9, "keep must satisfy"), (1, "keep must satisfy")])
+def test_bad_keep_writes_nothing(checkpoint, tmp_path, keep, match) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=match):
+        moe_fast.prune(src, calib, keep, out=out, progress=False)
+    _nothing_written(tmp_path, out)
+
+
+def test_unsupported_model_writes_nothing(tmp_path, capsys) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    src = save_checkpoint(dense, tmp_path / "llama", shard=None)
+    torch.save(torch.zeros(2, 4, dtype=torch.long), tmp_path / "ids.pt")
+    out = str(tmp_path / "out")
+    rc = main(["prune", src, "--keep", "2", "--calib", str(tmp_path / "ids.pt"), "--out", out, "--no-progress"])
+    assert rc == 2
+    assert "does not support model_type 'llama'" in capsys.readouterr().err
+    _nothing_written(tmp_path, out)
+
+
+def test_existing_nonempty_out_refused(checkpoint, tmp_path) -> None:
+    src, calib = checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        moe_fast.prune(src, calib, 6, out=str(out), progress=False)
+    assert os.listdir(out) == ["keep.txt"]
+    assert not os.path.exists(str(out) + prune_mod.PARTIAL_SUFFIX)
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "progressive"])
+def test_resume_continues_after_interruption(checkpoint, tmp_path, monkeypatch, mode) -> None:
+    src, calib = checkpoint
+    clean = moe_fast.prune(src, calib, 5, mode=mode, batch_size=4, return_model=False, progress=False, out=str(tmp_path / "clean")).report
+    out = str(tmp_path / "out")
+    real = prune_mod.run_search
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_mod, "run_search", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        moe_fast.prune(src, calib, 5, mode=mode, batch_size=4, out=out, return_model=False, progress=False)
+    assert not os.path.exists(out)
+    saved = json.load(open(os.path.join(out + prune_mod.PARTIAL_SUFFIX, "progress.json")))
+    assert sorted(saved["layers"]) == ["0", "1"]
+
+    searched = []
+
+    def counting(*args, **kwargs):
+        searched.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_mod, "run_search", counting)
+    _, report = moe_fast.prune(src, calib, 5, mode=mode, batch_size=4, out=out, resume=True, return_model=False, progress=False)
+    assert len(searched) == 2  # only layers 2 and 3 were searched again
+    assert report.kept == clean.kept
+    for i in (2, 3):
+        for key, v in clean.layers[i].loss.items():
+            assert report.layers[i].loss[key] == pytest.approx(v, rel=1e-6)
+    assert os.path.exists(os.path.join(out, "moe_fast_report.json"))
+    assert not os.path.exists(out + prune_mod.PARTIAL_SUFFIX)
+
+
+def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_mod, "run_search", boom)
+    with pytest.raises(KeyboardInterrupt):
+        moe_fast.prune(src, calib, 5, batch_size=4, out=out, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="other settings"):
+        moe_fast.prune(src, calib, 6, batch_size=4, out=out, resume=True, progress=False)
