@@ -65,8 +65,8 @@ SMALL_GROUP_ROWS = 4
 def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(torch.nn.functional, "grouped_mm"):
         return False
-    if weight.device.type == "cuda":
-        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    if weight.device.type == "cuda":  # the CUDA kernel is bf16 only
+        return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
     return weight.device.type == "cpu"
 
 
