@@ -40,22 +40,17 @@ def make_model(args, dtype: torch.dtype) -> MixtralForCausalLM:
     return model.to(dtype)
 
 
-def tokens_per_s(model, prompts: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    def run():
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
-            )
-        assert out.shape[1] == prompts.shape[1] + new_tokens
-
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return prompts.numel() // prompts.shape[1] * new_tokens / statistics.median(times)
+def generate_once(model, prompts: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for one greedy generate() of exactly ``new_tokens`` tokens."""
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
+        )
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    return elapsed
 
 
 def variants(args, dtype: torch.dtype, calib: torch.Tensor):
@@ -100,12 +95,19 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
-        for name, model, cal in variants(args, dtype, calib):
-            for batch in args.batch:
-                prompts = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(2))
-                tps = tokens_per_s(model, prompts, args.new_tokens, args.repeats)
-                base = next((r["tokens_per_s"] for r in rows if r["dtype"] == dtype_name and r["batch"] == batch
-                             and r["variant"] == "stock"), tps)
+        models = list(variants(args, dtype, calib))
+        for batch in args.batch:
+            prompts = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(2))
+            times: dict[str, list[float]] = {name: [] for name, _, _ in models}
+            for _, model, _ in models:  # warm-up
+                generate_once(model, prompts, args.new_tokens)
+            for _ in range(args.repeats):  # in turns, so that load drift hits every variant alike
+                for name, model, _ in models:
+                    times[name].append(generate_once(model, prompts, args.new_tokens))
+            base = None
+            for name, _, cal in models:
+                tps = batch * args.new_tokens / statistics.median(times[name])
+                base = base or tps
                 saved = None if cal is None else sum(cal.saved_fraction) / len(cal.saved_fraction)
                 rows.append(dict(dtype=dtype_name, batch=batch, variant=name, tokens_per_s=tps, speedup=tps / base,
                                  calls_saved=saved))

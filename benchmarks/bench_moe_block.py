@@ -34,14 +34,24 @@ def make_model(dtype: torch.dtype, hidden: int, ffn: int, experts: int, k: int) 
     return model.to(dtype)
 
 
-def timeit(fn, repeats: int, min_time: float = 0.0) -> float:
-    fn()  # warm-up
-    times = []
-    while len(times) < repeats or sum(times) < min_time:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def interleaved(paths: dict, repeats: int, min_time: float = 0.0) -> dict[str, float]:
+    """Median seconds per path; paths are timed in turns (round-robin) so load drift hits all alike.
+
+    ``paths`` maps a name to (setup, call): setup switches the model to that path, call runs it.
+    """
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for setup, call in paths.values():  # warm-up
+        setup()
+        call()
+    rounds = 0
+    while rounds < repeats or min(sum(t) for t in times.values()) < min_time:
+        for name, (setup, call) in paths.items():
+            setup()
+            t = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t)
+        rounds += 1
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -63,20 +73,26 @@ def run(args) -> list[dict]:
             reps = args.repeats if T > 64 else args.repeats * 20
             min_time = 0.0 if T > 64 else 0.5
             beta = median_beta(block, x.view(T, -1))
-            res = {}
 
             def call():
                 with torch.inference_mode():
                     block(x)
 
-            moe_fast.unpatch(model)
-            for impl in ("eager", "grouped_mm"):
-                model.set_experts_implementation(impl)
-                res[impl] = timeit(call, reps, min_time)
-            moe_fast.patch(model)
-            res["moe_fast"] = timeit(call, reps, min_time)
+            def use(impl):
+                def setup():
+                    moe_fast.unpatch(model)
+                    model.set_experts_implementation(impl)
+
+                return setup
+
+            paths = {
+                "eager": (use("eager"), call),
+                "grouped_mm": (use("grouped_mm"), call),
+                "moe_fast": (lambda: moe_fast.patch(model), call),
+                "moe_fast skip": (lambda: moe_fast.patch(model, betas=[beta]), call),
+            }
+            res = interleaved(paths, reps, min_time)
             moe_fast.patch(model, betas=[beta])
-            res["moe_fast skip"] = timeit(call, reps, min_time)
             with torch.inference_mode():
                 _, _, idx = block.gate(x.view(T, -1))
             skip_rate = float((idx[:, 1:] == args.experts).float().mean())
