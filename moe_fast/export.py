@@ -102,13 +102,12 @@ def export_checkpoint(
     if len(files) > 1 or os.path.exists(os.path.join(source_path, "model.safetensors.index.json")):
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
-    with open(os.path.join(source_path, "config.json")) as f:
-        config = json.load(f)
-    config[adapter.num_experts_key] = r
-    config[CONFIG_KEY] = _merged_record(config.get(CONFIG_KEY), pruning_record)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source_path)  # saved back by transformers: its own key names
+    adapter.set_num_experts(config, r)
+    setattr(config, CONFIG_KEY, _merged_record(getattr(config, CONFIG_KEY, None), pruning_record))
+    config.save_pretrained(directory)
     _copy_tokenizer(directory, tokenizer, source_path)
 
 

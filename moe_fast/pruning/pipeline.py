@@ -168,6 +168,9 @@ def prune(
         n_samples, seq_len: calibration size (None: 128 x 2048 for text, the whole tensor for ids).
         batch_size: sequences per calibration batch: one group of the paper's objective.
         chunk_tokens: tokens whose expert outputs are held at once (bounds memory).
+        device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
+            checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
+            there while it is processed and back afterwards.
     """
     t_start = time.perf_counter()
     if mode not in ("layerwise", "progressive"):
