@@ -1,0 +1,232 @@
+"""Baseline expert-selection criteria to compare reconstruction-loss pruning against.
+
+* ``random``: R experts per layer drawn uniformly (the paper's random baseline);
+* ``frequency``: the R experts most often in a token's top-k on calibration data (the paper's
+  frequency baseline);
+* ``saliency``: router-weighted activation saliency: per expert, the mean over the tokens
+  routed to it of (routing weight x ||expert output||_2); keep the R largest.
+
+Ties go to the lower expert index. All statistics come from the unpruned model on the
+calibration tokens (layer-wise inputs). A selection ``{layer: kept experts}`` is applied with
+the pruning code's exporter (:mod:`moe_fast.export`), so the result is the same kind of
+checkpoint as ``moe-fast prune`` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("random", "frequency", "saliency")
+
+
+# ------------------------------------------------------------------------------ per layer
+def _check(num_experts: int, keep: int) -> None:
+    if not 1 <= keep <= num_experts:
+        raise ValueError(f"keep must be in [1, {num_experts}], got {keep}")
+
+
+def select_random(num_experts: int, keep: int, seed: int | random.Random) -> list[int]:
+    """``keep`` experts drawn uniformly without replacement, sorted."""
+    _check(num_experts, keep)
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    return sorted(rng.sample(range(num_experts), keep))
+
+
+def top_scores(scores: torch.Tensor | list[float], keep: int) -> list[int]:
+    """Indices of the ``keep`` largest scores (ties: lower index first), sorted."""
+    values = [float(s) for s in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
+    _check(len(values), keep)
+    order = sorted(range(len(values)), key=lambda e: (-values[e], e))
+    return sorted(order[:keep])
+
+
+def select_frequency(counts: torch.Tensor | list[float], keep: int) -> list[int]:
+    """The ``keep`` experts routed most often (``counts[e]``: top-k appearances of expert e)."""
+    return top_scores(counts, keep)
+
+
+def select_saliency(saliency: torch.Tensor | list[float], keep: int) -> list[int]:
+    """The ``keep`` experts of largest router-weighted activation saliency."""
+    return top_scores(saliency, keep)
+
+
+# ------------------------------------------------------------------------------ statistics
+@dataclass
+class RoutingStats:
+    """Per MoE layer statistics of the unpruned model on calibration tokens."""
+
+    layers: list[int]
+    counts: list[list[float]]  # [layer][expert]: top-k appearances
+    saliency: list[list[float]]  # [layer][expert]: mean over routed tokens of w * ||y_e||
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "counts": self.counts, "saliency": self.saliency, "tokens": self.tokens}
+
+
+def _expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Output of expert ``e`` on tokens ``x`` [n, H] from the 3-D weights (DESIGN.md section 6)."""
+    gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, progress: bool = True) -> RoutingStats:
+    """Counts and saliency of every expert of every MoE layer on ``calibration`` ids [N, L].
+
+    Hooks the experts modules, so each layer sees the unpruned model's own inputs and routing.
+    """
+    from tqdm import tqdm
+
+    from moe_fast.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    blocks = adapter.moe_blocks(model)
+    E = adapter.num_experts
+    counts = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
+    sal_sum = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
+    routed = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
+
+    def make_hook(layer: int):
+        def hook(module, args, kwargs):
+            hidden, index, weights = (list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs])[:3]
+            for e in range(E):
+                tok, slot = torch.where(index == e)
+                if tok.numel() == 0:
+                    continue
+                y = _expert_forward(module, e, hidden[tok])
+                norm = y.float().norm(dim=-1).double()
+                counts[layer][e] += tok.numel()
+                routed[layer][e] += tok.numel()
+                sal_sum[layer][e] += (weights[tok, slot].double() * norm).sum()
+
+        return hook
+
+    handles = [ref.experts.register_forward_pre_hook(make_hook(ref.layer), with_kwargs=True) for ref in blocks]
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for i in tqdm(range(0, calibration.shape[0], batch_size), desc="routing statistics", disable=not progress):
+            model(input_ids=calibration[i : i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [ref.layer for ref in blocks]
+    saliency = {l: torch.where(routed[l] > 0, sal_sum[l] / routed[l].clamp_min(1), torch.zeros_like(sal_sum[l])) for l in layers}
+    return RoutingStats(layers, [counts[l].tolist() for l in layers], [saliency[l].tolist() for l in layers], int(calibration.numel()))
+
+
+def select(criterion: str, num_experts: int, keep: int, layers: list[int], stats: RoutingStats | None = None, seed: int = 0) -> dict[int, list[int]]:
+    """{layer: kept experts} for a criterion; ``stats`` is needed for frequency and saliency."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if criterion == "random":
+        rng = random.Random(seed)
+        return {layer: select_random(num_experts, keep, rng) for layer in layers}
+    if stats is None:
+        raise ValueError(f"criterion {criterion!r} needs routing statistics from calibration data")
+    table = stats.counts if criterion == "frequency" else stats.saliency
+    pick = select_frequency if criterion == "frequency" else select_saliency
+    return {layer: pick(row, keep) for layer, row in zip(stats.layers, table)}
+
+
+# ------------------------------------------------------------------------------ applying
+def apply_selection(
+    model_path: str,
+    kept: dict[int, list[int]],
+    out: str,
+    record: dict,
+    tokenizer=None,
+) -> str:
+    """Writes the checkpoint at ``model_path`` with only ``kept`` experts into ``out`` (moved in whole)."""
+    from moe_fast.adapters import get_adapter
+    from moe_fast.export import export_checkpoint
+    from transformers import AutoConfig
+
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"output directory {out!r} exists and is not empty")
+    adapter = get_adapter(AutoConfig.from_pretrained(model_path))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    try:
+        export_checkpoint(model_path, tmp, adapter, {int(k): sorted(v) for k, v in kept.items()}, record, tokenizer)
+        if os.path.exists(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def prune_baseline(
+    model_path: str,
+    calibration,
+    keep: int,
+    criterion: str,
+    out: str | None = None,
+    *,
+    seed: int = 42,
+    n_samples: int | None = 128,
+    seq_len: int | None = 2048,
+    batch_size: int = 8,
+    device: str = "cpu",
+    stats: RoutingStats | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, list[int]], dict]:
+    """Selects ``keep`` experts per layer by ``criterion`` and (with ``out``) writes the checkpoint.
+
+    Returns (kept, record); ``record`` is what goes to ``config.json`` under
+    ``moe_fast.pruning`` (criterion, keep, seed, kept, and the statistics used). Pass ``stats``
+    to reuse routing statistics across several calls on the same model and calibration.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from moe_fast.adapters import get_adapter
+
+    config = AutoConfig.from_pretrained(model_path)
+    adapter = get_adapter(config)
+    E = adapter.num_experts
+    if not adapter.top_k <= keep < E:
+        raise ValueError(f"keep must satisfy top-k ({adapter.top_k}) <= keep < experts ({E}), got {keep}")
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as err:  # a .pt calibration needs no tokenizer
+        log.debug("no tokenizer at %s: %s", model_path, err)
+    num_layers = int(config.num_hidden_layers)
+    if criterion != "random" and stats is None:
+        from moe_fast.calibration import load_calibration
+
+        ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        stats = routing_stats(model, ids, batch_size, progress)
+        del model
+    layers = stats.layers if stats is not None else _moe_layers(adapter, num_layers)
+    kept = select(criterion, E, keep, layers, stats, seed)
+    record = {"criterion": criterion, "keep": keep, "seed": seed, "kept": {str(k): v for k, v in kept.items()}}
+    if criterion != "random":
+        record["calibration"] = calibration if isinstance(calibration, str) else "tensor"
+        record["statistics"] = stats.to_dict()
+    if out is not None:
+        apply_selection(model_path, kept, out, record, tokenizer)
+    return kept, record
+
+
+def _moe_layers(adapter, num_layers: int) -> list[int]:
+    """Indices of the decoder layers with an MoE block, from the config (no weights loaded)."""
+    config = adapter.config
+    sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
+    only_dense = set(getattr(config, "mlp_only_layers", []) or [])
+    return [i for i in range(num_layers) if i not in only_dense and (i + 1) % sparse_step == 0]
