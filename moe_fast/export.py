@@ -80,28 +80,40 @@ def export_checkpoint(
     r = counts.pop()
     os.makedirs(directory, exist_ok=True)
     weight_map = checkpoint_weight_map(source_path)
-    files = sorted(set(weight_map.values()))
+    # One output shard per decoder layer (plus one for the rest), read and written one at a
+    # time: the export holds one layer in memory, whatever the source shard sizes.
+    units: dict[str, list[str]] = {}
+    for key in weight_map:
+        parts = key.split(".")
+        unit = f"layer{int(parts[2]):06d}" if key.startswith("model.layers.") else "other"
+        units.setdefault(unit, []).append(key)
+    order = sorted(units)
     new_map: dict[str, str] = {}
     total = 0
-    for file in files:
+    for number, unit in enumerate(order, start=1):
+        name = f"model-{number:05d}-of-{len(order):05d}.safetensors"
         out_tensors: dict[str, torch.Tensor] = {}
-        with safe_open(os.path.join(source_path, file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            for key in f.keys():
-                new = _prune_key(adapter, key, kept)
-                if new is None:
+        handles: dict[str, object] = {}
+        try:
+            for key in sorted(units[unit]):
+                convert = _prune_key(adapter, key, kept)
+                if convert is None:
                     continue
-                tensor = f.get_tensor(key)
-                new_key, tensor = new(tensor)
+                file = weight_map[key]
+                if file not in handles:
+                    handles[file] = safe_open(os.path.join(source_path, file), framework="pt", device="cpu").__enter__()
+                new_key, tensor = convert(handles[file].get_tensor(key))
                 out_tensors[new_key] = tensor.contiguous()
+        finally:
+            for handle in handles.values():
+                handle.__exit__(None, None, None)
         for key, tensor in out_tensors.items():
-            new_map[key] = file
+            new_map[key] = name
             total += tensor.numel() * tensor.element_size()
-        save_file(out_tensors, os.path.join(directory, file), metadata={"format": "pt", **metadata})
+        save_file(out_tensors, os.path.join(directory, name), metadata={"format": "pt"})
         del out_tensors
-    if len(files) > 1 or os.path.exists(os.path.join(source_path, "model.safetensors.index.json")):
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source_path)  # saved back by transformers: its own key names

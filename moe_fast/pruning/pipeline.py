@@ -311,6 +311,7 @@ def prune(
         timings["export"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
+        report.peak_memory_bytes, settings["peak_memory_kind"] = peak_memory(source.device)  # export included
         report.save(os.path.join(staging, REPORT_NAME))
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
@@ -339,10 +340,14 @@ class _patched:
         self.module, self.fn = module, fn
 
     def __enter__(self):
+        self.previous = self.module.__dict__.get("forward")  # an instance-level forward set by others
         self.module.forward = self.fn
 
     def __exit__(self, *exc):
-        del self.module.forward
+        if self.previous is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous
 
 
 class _Captured(Exception):
