@@ -9,6 +9,7 @@ Variants (same prompts, greedy, KV cache, exactly --new-tokens tokens each):
 Random weights make the pruning choice meaningless but not the cost. Prints a table of medians.
 
     python benchmarks/bench_generate.py [--dtype float32 bfloat16] [--batch 1 4] [--json out.json]
+    python benchmarks/bench_generate.py --threads 1 --clock cpu    # on a busy shared machine
 """
 
 from __future__ import annotations
@@ -40,15 +41,18 @@ def make_model(args, dtype: torch.dtype) -> MixtralForCausalLM:
     return model.to(dtype)
 
 
+CLOCK = time.perf_counter
+
+
 def generate_once(model, prompts: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for one greedy generate() of exactly ``new_tokens`` tokens."""
-    t = time.perf_counter()
+    """Seconds (of CLOCK) for one greedy generate() of exactly ``new_tokens`` tokens."""
+    t = CLOCK()
     with torch.inference_mode():
         out = model.generate(
             input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
         )
-    elapsed = time.perf_counter() - t
+    elapsed = CLOCK() - t
     assert out.shape[1] == prompts.shape[1] + new_tokens
     return elapsed
 
@@ -82,12 +86,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.process_time
 
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(3, args.vocab, (8, 128), generator=gen)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Mixtral hidden {args.hidden}, ffn {args.ffn}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; Mixtral hidden {args.hidden}, ffn {args.ffn}, "
           f"{args.layers} layers, 8 experts top-2; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
     head = f"{'dtype':9} {'batch':>5}  {'variant':16} {'tokens/s':>9} {'x stock':>8} {'calls saved':>11}"
     print(head)
