@@ -58,20 +58,19 @@ def generate_once(model, prompts: torch.Tensor, new_tokens: int) -> float:
 
 
 def variants(args, dtype: torch.dtype, calib: torch.Tensor):
+    """(name, model, calibration or None); every variant is its own model."""
     base = make_model(args, dtype)
-    yield "stock", base, None
-    model = copy.deepcopy(base)
-    moe_fast.patch(model)
-    yield "moe_fast", model, None
-    cal = moe_fast.calibrate_skipping(model, calib, progress=False)
-    moe_fast.patch(model, betas=cal)
-    yield "skip", model, cal
     pruned, _ = moe_fast.prune(copy.deepcopy(base).float(), calib, 6, batch_size=4, progress=False)
     pruned = pruned.to(dtype)
-    yield "pruned 6", pruned, None
-    cal = moe_fast.calibrate_skipping(pruned, calib, progress=False)
-    moe_fast.patch(pruned, betas=cal)
-    yield "pruned 6 + skip", pruned, cal
+    cal = moe_fast.calibrate_skipping(base, calib, progress=False)
+    cal_pruned = moe_fast.calibrate_skipping(pruned, calib, progress=False)
+    return [
+        ("stock", base, None),
+        ("moe_fast", moe_fast.patch(copy.deepcopy(base)), None),
+        ("skip", moe_fast.patch(copy.deepcopy(base), betas=cal), cal),
+        ("pruned 6", pruned, None),
+        ("pruned 6 + skip", moe_fast.patch(copy.deepcopy(pruned), betas=cal_pruned), cal_pruned),
+    ]
 
 
 def main() -> None:
@@ -107,7 +106,7 @@ def main() -> None:
     rows = []
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
-        models = list(variants(args, dtype, calib))
+        models = variants(args, dtype, calib)
         for batch in args.batch:
             prompts = torch.randint(3, args.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(2))
             times: dict[str, list[float]] = {name: [] for name, _, _ in models}
