@@ -1,0 +1,261 @@
+"""Trains the small Mixtral that ships with moe_fast (``builtin:small-mixtral``), on the CPU.
+
+Why it exists: the demo and the tests need a real MoE trained on real text whose experts have
+specialised, on a machine with no GPU and no network. This script makes that model from the
+built-in corpora (:mod:`moe_fast.data.builtin`, training splits only) with a byte-level BPE
+tokenizer it trains itself. Seeded: the same Python, torch and thread count give the same
+checkpoint.
+
+The shipped checkpoint was made with exactly:
+
+    python -m moe_fast.models.train_small --out moe_fast/models/small_mixtral
+
+(defaults below: vocab 4096, 4 layers, hidden 256, 8 experts of intermediate 256, top-2,
+sequences of 256 tokens, 900 steps of batches of 8 (half prose, half code), seed 0, 2 threads; weights
+saved in float16, about 16 MB). It writes the model, the tokenizer and ``training_info.json``
+(loss curve, wall time, held-out losses, and the routing distributions on prose and on code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+log = logging.getLogger("moe_fast.train_small")
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_chunks(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None, pad_token=EOS, model_max_length=1 << 30
+    )
+
+
+def _chunks(texts: list[str], size: int = 1 << 16):
+    """Texts cut at line ends into pieces of about ``size`` characters (for fast batch encoding)."""
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = text.find("\n", start + size)
+            end = len(text) if end < 0 else end + 1
+            yield text[start:end]
+            start = end
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a long text, encoded in line-aligned chunks, as one int64 tensor."""
+    pieces = list(_chunks([text]))
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    return torch.tensor([i for chunk in ids for i in chunk], dtype=torch.long)
+
+
+def make_config(vocab_size: int, args: argparse.Namespace, eos_id: int):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        router_aux_loss_coef=args.aux_loss,
+        output_router_logits=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        rope_theta=10000.0,
+    )
+
+
+def sample_batch(streams: list[torch.Tensor], batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random windows of ``seq_len + 1`` tokens, an equal share from each stream."""
+    rows = []
+    for i in range(batch):
+        ids = streams[i % len(streams)]
+        start = int(torch.randint(0, len(ids) - seq_len - 1, (1,), generator=gen))
+        rows.append(ids[start : start + seq_len + 1])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def heldout_loss(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> float:
+    """Mean next-token loss over the first non-overlapping windows of ``ids``."""
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    x = ids[: n * seq_len].view(n, seq_len)
+    losses = [model(input_ids=x[i : i + 8], labels=x[i : i + 8]).loss.item() for i in range(0, n, 8)]
+    return float(sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def routing_distribution(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> list[list[float]]:
+    """Per layer, the fraction of top-k routing slots that went to each expert."""
+    cfg = model.config
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    x = ids[: n * seq_len].view(n, seq_len)
+    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts)
+    for i in range(0, n, 8):
+        out = model(input_ids=x[i : i + 8], output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            top = logits.float().topk(cfg.num_experts_per_tok, dim=-1).indices
+            counts[layer] += torch.bincount(top.reshape(-1), minlength=cfg.num_local_experts).float()
+    return (counts / counts.sum(-1, keepdim=True)).tolist()
+
+
+def total_variation(p: list[list[float]], q: list[list[float]]) -> list[float]:
+    return [0.5 * sum(abs(a - b) for a, b in zip(pl, ql)) for pl, ql in zip(p, q)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory (replaced)")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--aux-loss", type=float, default=0.01, help="router load-balancing loss weight")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="saved weights")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+    from transformers import MixtralForCausalLM
+
+    from moe_fast.data.builtin import get_corpus
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+
+    prose, code = get_corpus("python-prose"), get_corpus("python-code")
+    tokenizer = train_tokenizer([prose.train, code.train], args.vocab)
+    streams = [encode(tokenizer, prose.train), encode(tokenizer, code.train)]
+    calib = {"prose": encode(tokenizer, prose.calib), "code": encode(tokenizer, code.calib)}
+    log.info("tokenizer: %d tokens; train tokens prose %d, code %d", len(tokenizer), *map(len, streams))
+
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    config = make_config(len(tokenizer), args, eos_id)
+    model = MixtralForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters", n_params / 1e6)
+
+    model.eval()
+    routing_init = {k: routing_distribution(model, v, args.seq_len, 8) for k, v in calib.items()}
+    tv_init = total_variation(routing_init["prose"], routing_init["code"])
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    curve = []
+    model.train()
+    t_train = time.perf_counter()
+    bar = tqdm(range(args.steps), desc="train small-mixtral", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batch = sample_batch(streams, args.batch, args.seq_len, gen)
+        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(round(out.loss.item(), 4))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(curve[-10:]) / len(curve[-10:]):.3f}")
+    train_s = time.perf_counter() - t_train
+
+    model.eval()
+    model.config.output_router_logits = False
+    heldout = {k: heldout_loss(model, v, args.seq_len, 32) for k, v in calib.items()}
+    routing = {k: routing_distribution(model, v, args.seq_len, 32) for k, v in calib.items()}
+    tv = total_variation(routing["prose"], routing["code"])
+    log.info("held-out loss (calib split): %s", heldout)
+    log.info("routing total variation prose vs code per layer: %s (at init: %s)",
+             [round(t, 3) for t in tv], [round(t, 3) for t in tv_init])
+
+    info = {
+        "command": "python -m moe_fast.models.train_small " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "parameters": n_params,
+        "train_tokens": args.steps * args.batch * args.seq_len,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "loss_curve_every_10": [round(sum(curve[i : i + 10]) / len(curve[i : i + 10]), 4) for i in range(0, len(curve), 10)],
+        "heldout_loss_calib_split": heldout,
+        "routing_prose": routing["prose"],
+        "routing_code": routing["code"],
+        "routing_total_variation": tv,
+        "routing_total_variation_at_init": tv_init,
+    }
+    tmp = tempfile.mkdtemp(prefix=".small_mixtral.", dir=os.path.dirname(os.path.abspath(args.out)) or ".")
+    model.to(getattr(torch, args.dtype)).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "training_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    log.info("saved to %s in %.0f s (training %.0f s)", args.out, time.perf_counter() - t_start, train_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
