@@ -205,3 +205,16 @@ def test_blocks_found_by_adapter_match_the_model():
     for family in ["mixtral", "qwen2_moe"]:
         model = tiny_model(family)
         assert [r.layer for r in get_adapter(model).moe_blocks(model)] == [i for i, _ in moe_blocks(model)]
+
+
+def test_import_registers_experts_implementation_without_importing_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, moe_fast\n"
+        "assert 'transformers' not in sys.modules, 'import moe_fast pulled in transformers'\n"
+        "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
+        "assert 'moe_fast' in ALL_EXPERTS_FUNCTIONS\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
