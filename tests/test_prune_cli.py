@@ -37,6 +37,20 @@ def test_cli_prune_writes_checkpoint_and_table(checkpoint, tmp_path, capsys) -> 
     assert json.load(open(os.path.join(out, "config.json")))["num_local_experts"] == 6
 
 
+def test_cli_prune_with_skip_calibrates_the_pruned_model(checkpoint, tmp_path, capsys) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+    argv = ["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--batch-size", "4", "--no-progress", "--skip"]
+    assert main(argv) == 0
+    record = json.load(open(os.path.join(out, "config.json")))["moe_fast"]
+    assert len(record["pruning"]["kept_experts"]) == 4
+    betas = record["skipping"]["betas"]
+    assert len(betas) == 4 and all(0.0 <= float(b if not isinstance(b, list) else b[0]) <= 1.0 for b in betas)
+    model = moe_fast.from_pretrained(out)
+    assert model.config.num_local_experts == 6
+    assert "skip" in capsys.readouterr().out.lower()
+
+
 def _nothing_written(tmp_path, out: str) -> None:
     assert not os.path.exists(out)
     assert not os.path.exists(out + prune_mod.PARTIAL_SUFFIX)

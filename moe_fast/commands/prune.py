@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moe_fast.commands.skip import add_skip_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -30,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens whose expert outputs are held at once")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--skip", action="store_true", help="also calibrate dynamic skipping on the pruned model")
+    add_skip_arguments(p, prefix="skip-")
     p.set_defaults(func=run)
 
 
@@ -57,5 +61,22 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(report.table())
+    if args.skip:
+        from moe_fast.commands.skip import skip_checkpoint
+
+        skipped = skip_checkpoint(
+            args.out,
+            args.calib,
+            args.out,
+            quantile=args.skip_quantile,
+            batch_size=args.skip_batch_size,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            device=args.device or "cpu",
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+        print(skipped["table"])
     print(f"pruned checkpoint: {args.out}")
     return 0
