@@ -1,0 +1,123 @@
+"""Baseline criteria against brute-force references, and a shortened `moe-fast demo` run."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from moe_fast import baselines
+from moe_fast.models import SMALL_MIXTRAL_DIR
+
+
+def _tiny() -> MixtralForCausalLM:
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=200, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, max_position_embeddings=128,
+    )
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(10)
+    return model
+
+
+def test_selectors():
+    assert baselines.select_frequency([3, 9, 9, 1, 0, 5], 3) == [1, 2, 5]
+    assert baselines.select_frequency([1, 1, 1, 1], 2) == [0, 1]  # ties: lower index
+    assert baselines.select_saliency(torch.tensor([0.1, 0.5, 0.2, 0.9]), 2) == [1, 3]
+    picks = baselines.select_random(8, 4, 7)
+    assert picks == sorted(picks) and len(set(picks)) == 4 and picks == baselines.select_random(8, 4, 7)
+    assert len({tuple(baselines.select_random(8, 4, s)) for s in range(10)}) > 1
+    with pytest.raises(ValueError):
+        baselines.select_frequency([1, 2], 3)
+    with pytest.raises(ValueError, match="unknown criterion"):
+        baselines.select("magnitude", 8, 4, [0])
+
+
+def test_routing_stats_match_brute_force():
+    model = _tiny()
+    ids = torch.randint(0, 200, (3, 16))
+    stats = baselines.routing_stats(model, ids, batch_size=2, progress=False)
+    # independent reference: record each block's input, route it with the definition, run each expert
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(a[0].detach()))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for i in range(0, 3, 2):
+            model(input_ids=ids[i : i + 2])
+    for h in hooks:
+        h.remove()
+    for li, layer in enumerate(model.model.layers):
+        x = torch.cat([t.reshape(-1, 32) for t in inputs[li]])
+        p = torch.softmax(x @ layer.mlp.gate.weight.detach().T, -1)
+        top_w, top_i = p.topk(2, -1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        E = 6
+        counts, sal = [0.0] * E, [[] for _ in range(E)]
+        ex = layer.mlp.experts
+        for t in range(x.shape[0]):
+            for j in range(2):
+                e = int(top_i[t, j])
+                with torch.no_grad():
+                    g, u = (ex.gate_up_proj[e] @ x[t]).chunk(2)
+                    y = ex.down_proj[e] @ (torch.nn.functional.silu(g) * u)
+                counts[e] += 1
+                sal[e].append(float(top_w[t, j]) * float(y.norm()))
+        assert stats.counts[li] == pytest.approx(counts)
+        assert stats.saliency[li] == pytest.approx([statistics.fmean(s) if s else 0.0 for s in sal], rel=1e-4)
+    assert stats.tokens == 48
+
+
+def test_apply_selection_writes_a_pruned_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny()
+    src = str(tmp_path / "src")
+    model.save_pretrained(src)
+    kept = {0: [1, 3, 4, 5], 1: [0, 2, 3, 5]}
+    out = baselines.apply_selection(src, kept, str(tmp_path / "out"), {"criterion": "test"})
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert pruned.config.num_local_experts == 4
+    for li, keep in kept.items():
+        a, b = model.model.layers[li].mlp, pruned.model.layers[li].mlp
+        assert torch.equal(b.gate.weight, a.gate.weight[keep])
+        assert torch.equal(b.experts.down_proj, a.experts.down_proj[keep])
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SMALL_MIXTRAL_DIR, "config.json")), reason="small Mixtral not built")
+def test_quick_demo(tmp_path, capsys):
+    from moe_fast import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Method |" in printed and "Layer-wise" in printed
+    assert sorted(os.listdir(out)) == ["perplexity_vs_experts.png", "report.json", "report.md"]
+    with open(out / "perplexity_vs_experts.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    methods = {(r["method"], r["calib"], r["keep"]) for r in report["rows"]}
+    for expected in [("unpruned", "-", 8), ("layer-wise", "prose", 6), ("progressive", "prose", 6),
+                     ("layer-wise", "code", 4), ("layer-wise", "prose", 4), ("random", "-", 6),
+                     ("frequency", "prose", 6), ("saliency", "prose", 6), ("skipping", "prose", 8),
+                     ("layer-wise + skipping", "prose", 6)]:
+        assert expected in methods, expected
+    # the random row is the mean of its seeds' runs
+    runs = [v for v in report["variants"] if v["method"] == "random" and v["keep"] == 6]
+    row = next(r for r in report["rows"] if r["method"] == "random" and r["keep"] == 6)
+    assert len(runs) == row["n"] >= 2
+    assert row["ppl_code"] == pytest.approx(statistics.fmean(v["result"]["perplexity"]["code"] for v in runs))
+    # pruned checkpoints really have r experts, and skipping really skipped
+    for v in report["variants"]:
+        assert v["result"]["num_experts"] == v["keep"]
+        if v["skip"]:
+            assert 0.2 < v["result"]["skip_rate"] < 0.8
+    sizes = {r["keep"]: r["size_mib"] for r in report["rows"] if r["method"] == "layer-wise"}
+    assert sizes[4] < sizes[6] < next(r["size_mib"] for r in report["rows"] if r["method"] == "unpruned")
+    assert "| Method |" in (out / "report.md").read_text()
