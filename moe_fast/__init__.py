@@ -6,6 +6,17 @@ extension and are reachable as ``torch.ops.moe_fast.*`` or through :mod:`moe_fas
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# Run as the `moe-fast` command (or `python -m moe_fast`) and before torch loads: let idle
+# OpenMP threads sleep instead of spinning. On a machine whose cores are shared, spinning
+# threads slowed generation about tenfold. Library users keep their own setting.
+if "torch" not in _sys.modules and _sys.argv and (
+    _sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "moe-fast"
+):
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from moe_fast import _extension  # noqa: F401  (loads the kernels first)
 from moe_fast import ops, reference
 from moe_fast.experts import register_when_transformers_loads as _register_experts

@@ -51,6 +51,20 @@ def test_cli_prune_with_skip_calibrates_the_pruned_model(checkpoint, tmp_path, c
     assert "skip" in capsys.readouterr().out.lower()
 
 
+@pytest.mark.parametrize("criterion", ["random", "frequency"])
+def test_cli_prune_baseline_criterion(checkpoint, tmp_path, criterion) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+    argv = ["prune", src, "--keep", "5", "--calib", calib, "--out", out, "--criterion", criterion, "--no-progress"]
+    assert main(argv) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["num_local_experts"] == 5
+    record = config["moe_fast"]["pruning"]
+    assert record["criterion"] == criterion
+    kept = record["kept_experts"] if "kept_experts" in record else record["kept"]
+    assert len(kept) == 4 and all(len(v) == 5 for v in kept.values())
+
+
 def _nothing_written(tmp_path, out: str) -> None:
     assert not os.path.exists(out)
     assert not os.path.exists(out + prune_mod.PARTIAL_SUFFIX)

@@ -1,6 +1,7 @@
 // Op 1 on the CPU: fused routing with threshold skipping, and the dispatch plan.
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -19,28 +20,51 @@ inline float sanitize(float v) {
   return v;
 }
 
-// Top-K of one row among allowed experts: largest first, ties to the lower index.
+// Selection works on 64-bit keys that order like (logit, -index): the logit's bits made
+// monotone in the high half, the complemented index in the low half. Larger key = larger logit,
+// then lower index; a masked expert gets key 0, below every allowed one (-inf included). Keys
+// are compared with max/min only, so the loop has no data-dependent branches to mispredict.
+inline uint64_t select_key(float v, int32_t e) {
+  v = std::fmin(std::fmax(v, kNegInf), FLT_MAX) + 0.0f;  // NaN -> -inf, +inf -> max, -0 -> +0
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u ^= static_cast<uint32_t>(-static_cast<int32_t>(u >> 31)) | 0x80000000u;
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint32_t>(~e);
+}
+
+inline float key_value(uint64_t key) {
+  uint32_t u = static_cast<uint32_t>(key >> 32);
+  u ^= ((u >> 31) != 0u) ? 0x80000000u : 0xFFFFFFFFu;
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+inline int32_t key_index(uint64_t key, int32_t num_experts) {
+  return key == 0 ? num_experts : static_cast<int32_t>(~static_cast<uint32_t>(key));
+}
+
+// Top-K of one row among allowed experts, largest first, ties to the lower index.
 // Returns how many allowed experts there are.
 template <int K, typename scalar_t>
-inline int32_t select_topk(const scalar_t* row, int32_t num_experts, const uint8_t* keep,
-                           float* top_v, int32_t* top_i) {
-  int32_t count = 0;
+inline int32_t select_topk(const scalar_t* row, int32_t num_experts, const uint8_t* keep, float* top_v,
+                           int32_t* top_i) {
+  uint64_t top[K];
+  for (int j = 0; j < K; ++j) top[j] = 0;
   int32_t allowed = 0;
   for (int32_t e = 0; e < num_experts; ++e) {
-    if (keep != nullptr && keep[e] == 0) continue;
-    ++allowed;
-    const float v = sanitize(to_float(row[e]));
-    if (count == K && !(v > top_v[K - 1])) continue;
-    // Strict '>' keeps earlier (lower) indices ahead on ties.
-    int32_t p = count < K ? count : K - 1;
-    while (p > 0 && v > top_v[p - 1]) {
-      top_v[p] = top_v[p - 1];
-      top_i[p] = top_i[p - 1];
-      --p;
+    const uint64_t ok = keep == nullptr || keep[e] != 0 ? ~uint64_t{0} : 0;
+    allowed += static_cast<int32_t>(ok & 1u);
+    uint64_t key = select_key(to_float(row[e]), e) & ok;
+    for (int j = 0; j < K; ++j) {  // one pass of insertion, as max/min exchanges
+      const uint64_t hi = key > top[j] ? key : top[j];
+      key = key > top[j] ? top[j] : key;
+      top[j] = hi;
     }
-    top_v[p] = v;
-    top_i[p] = e;
-    if (count < K) ++count;
+  }
+  for (int j = 0; j < K; ++j) {
+    top_v[j] = top[j] == 0 ? kNegInf : key_value(top[j]);
+    top_i[j] = key_index(top[j], num_experts);
   }
   return allowed;
 }
@@ -57,55 +81,16 @@ inline double partition_sum(const scalar_t* row, int32_t num_experts, const uint
   return z;
 }
 
-// K = 2 without branches on the data: two running maxima updated with selects.
-template <typename scalar_t>
-inline int32_t select_top2(const scalar_t* row, int32_t num_experts, const uint8_t* keep, float* top_v,
-                           int32_t* top_i) {
-  float v0 = kNegInf, v1 = kNegInf;
-  int32_t i0 = -1, i1 = -1;
-  int32_t allowed = 0;
-  for (int32_t e = 0; e < num_experts; ++e) {
-    const bool ok = keep == nullptr || keep[e] != 0;
-    const float v = sanitize(to_float(row[e]));
-    // An unfilled slot (-1) takes any allowed expert, so -inf logits still fill both slots.
-    const bool gt0 = ok && (v > v0 || i0 < 0);
-    const bool gt1 = ok && !gt0 && (v > v1 || i1 < 0);
-    v1 = gt0 ? v0 : (gt1 ? v : v1);
-    i1 = gt0 ? i0 : (gt1 ? e : i1);
-    v0 = gt0 ? v : v0;
-    i0 = gt0 ? e : i0;
-    allowed += ok ? 1 : 0;
-  }
-  top_v[0] = v0;
-  top_v[1] = v1;
-  top_i[0] = i0 < 0 ? num_experts : i0;
-  top_i[1] = i1 < 0 ? num_experts : i1;
-  return allowed;
-}
-
-template <int K, typename scalar_t>
-inline int32_t select(const scalar_t* row, int32_t num_experts, const uint8_t* keep, float* top_v, int32_t* top_i) {
-  if constexpr (K == 2) {
-    return select_top2(row, num_experts, keep, top_v, top_i);
-  } else {
-    return select_topk<K>(row, num_experts, keep, top_v, top_i);
-  }
-}
-
 template <int K, typename scalar_t>
 void route_rows_k(const scalar_t* logits, const RouteArgs& a, int64_t t_begin, int64_t t_end,
                   float* weights, int32_t* ids) {
   const int32_t E = a.num_experts;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const scalar_t* row = logits + t * E;
-    // Preset so that a row with fewer than K allowed experts (the bindings reject it) stays defined.
+    // A row with fewer than K allowed experts (the bindings reject it) gets id E in the rest.
     float top_v[K];
     int32_t top_i[K];
-    for (int j = 0; j < K; ++j) {
-      top_v[j] = kNegInf;
-      top_i[j] = E;
-    }
-    const int32_t allowed = select<K>(row, E, a.keep, top_v, top_i);
+    const int32_t allowed = select_topk<K>(row, E, a.keep, top_v, top_i);
     // A row with no finite allowed logit is taken as all-equal logits.
     const bool degenerate = top_v[0] == kNegInf;
     if (degenerate) {
@@ -172,16 +157,21 @@ void route_rows(DType dtype, const void* logits, const RouteArgs& args, int64_t 
   }
 }
 
+// Both plan passes count into a local copy: the callers' per-range arrays sit side by side, and
+// threads incrementing them in place would fight over the same cache lines.
 void plan_histogram(const int32_t* ids, int64_t t_begin, int64_t t_end, int32_t top_k,
                     int32_t num_experts, int32_t* counts) {
-  (void)num_experts;
-  for (int64_t s = t_begin * top_k; s < t_end * top_k; ++s) ++counts[ids[s]];
+  int32_t local[kMaxExperts + 1] = {0};
+  for (int64_t s = t_begin * top_k; s < t_end * top_k; ++s) ++local[ids[s]];
+  for (int32_t b = 0; b <= num_experts; ++b) counts[b] += local[b];
 }
 
 void plan_scatter(const int32_t* ids, int64_t t_begin, int64_t t_end, int32_t top_k,
                   int32_t num_experts, int32_t* cursor, int32_t* perm) {
-  (void)num_experts;
-  for (int64_t s = t_begin * top_k; s < t_end * top_k; ++s) perm[cursor[ids[s]]++] = static_cast<int32_t>(s);
+  int32_t local[kMaxExperts + 1];
+  for (int32_t b = 0; b <= num_experts; ++b) local[b] = cursor[b];
+  for (int64_t s = t_begin * top_k; s < t_end * top_k; ++s) perm[local[ids[s]]++] = static_cast<int32_t>(s);
+  for (int32_t b = 0; b <= num_experts; ++b) cursor[b] = local[b];
 }
 
 void route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,

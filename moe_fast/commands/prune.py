@@ -32,12 +32,66 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens whose expert outputs are held at once")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--criterion",
+        choices=["reconstruction", "random", "frequency", "saliency"],
+        default="reconstruction",
+        help="how experts are chosen: the paper's reconstruction loss (default), or a baseline: random, "
+        "frequency (most often routed), saliency (mean routing weight x expert output norm)",
+    )
     p.add_argument("--skip", action="store_true", help="also calibrate dynamic skipping on the pruned model")
     add_skip_arguments(p, prefix="skip-")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.criterion != "reconstruction":
+        run_baseline(args)
+    else:
+        run_reconstruction(args)
+    if args.skip:
+        from moe_fast.commands.skip import skip_checkpoint
+
+        skipped = skip_checkpoint(
+            args.out,
+            args.calib,
+            args.out,
+            quantile=args.skip_quantile,
+            batch_size=args.skip_batch_size,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            device=args.device or "cpu",
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+        print(skipped["table"])
+    print(f"pruned checkpoint: {args.out}")
+    return 0
+
+
+def run_baseline(args: argparse.Namespace) -> None:
+    from moe_fast.baselines import prune_baseline
+
+    kept, _ = prune_baseline(
+        args.model,
+        args.calib,
+        args.keep,
+        args.criterion,
+        args.out,
+        seed=args.seed,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device or "cpu",
+        progress=not args.no_progress,
+    )
+    print(f"criterion {args.criterion}: kept experts per layer")
+    for layer, experts in sorted(kept.items()):
+        print(f"  layer {layer}: {experts}")
+
+
+def run_reconstruction(args: argparse.Namespace) -> None:
     from moe_fast.pruning import prune
 
     _, report = prune(
@@ -61,22 +115,3 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(report.table())
-    if args.skip:
-        from moe_fast.commands.skip import skip_checkpoint
-
-        skipped = skip_checkpoint(
-            args.out,
-            args.calib,
-            args.out,
-            quantile=args.skip_quantile,
-            batch_size=args.skip_batch_size,
-            n_samples=args.n_samples,
-            seq_len=args.seq_len,
-            seed=args.seed,
-            device=args.device or "cpu",
-            dtype=args.dtype,
-            progress=not args.no_progress,
-        )
-        print(skipped["table"])
-    print(f"pruned checkpoint: {args.out}")
-    return 0
