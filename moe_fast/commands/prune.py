@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from moe_fast.commands.skip import add_skip_arguments
 
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         run_baseline(args)
     else:
         run_reconstruction(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 wrote the checkpoint and reports
+        return 0
     if args.skip:
         from moe_fast.commands.skip import skip_checkpoint
 
@@ -92,26 +95,42 @@ def run_baseline(args: argparse.Namespace) -> None:
 
 
 def run_reconstruction(args: argparse.Namespace) -> None:
-    from moe_fast.pruning import prune
+    """Under torchrun (WORLD_SIZE > 1) the ranks share the calibration batches (NCCL/Gloo)."""
+    from moe_fast.pruning import distributed, prune
 
-    _, report = prune(
-        args.model,
-        args.calib,
-        args.keep,
-        out=args.out,
-        mode=args.mode,
-        objective=args.objective,
-        search=args.search,
-        beam_width=args.beam_width,
-        n_samples=args.n_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        resume=args.resume,
-        chunk_tokens=args.chunk_tokens,
-        return_model=False,
-        progress=not args.no_progress,
-    )
-    print(report.table())
+    device = distributed.init_from_env(args.device)
+    try:
+        report = _prune(args, prune, device)
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report.table())
+
+
+def _prune(args: argparse.Namespace, prune, device):
+    from moe_fast.pruning.distributed import RankFailed
+
+    try:
+        _, report = prune(
+            args.model,
+            args.calib,
+            args.keep,
+            out=args.out,
+            mode=args.mode,
+            objective=args.objective,
+            search=args.search,
+            beam_width=args.beam_width,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=device,
+            dtype=args.dtype,
+            resume=args.resume,
+            chunk_tokens=args.chunk_tokens,
+            return_model=False,
+            progress=not args.no_progress,
+        )
+    except RankFailed as err:
+        raise ValueError(str(err)) from err  # reported as a command error (exit status 2)
+    return report

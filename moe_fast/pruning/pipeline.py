@@ -10,6 +10,7 @@ forward, no search), and the checkpoint is written there and moved to ``out`` in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_fast.calibration import calibration_fingerprint, load_calibration
+from moe_fast.pruning import distributed
 from moe_fast.pruning.expert_outputs import LayerStats, PrunedForward, StatsForward
 from moe_fast.pruning.search import choose_search, make_scorer, run_search
 from moe_fast.pruning.source import CheckpointSource, LayerSource, LoadedSource
@@ -49,6 +51,7 @@ class PruneReport:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int = 0
     settings: dict = field(default_factory=dict)
+    world_size: int = 1  # ranks that shared the calibration tokens
 
     @property
     def kept(self) -> dict[int, list[int]]:
@@ -60,6 +63,7 @@ class PruneReport:
             "timings": self.timings,
             "peak_memory_bytes": self.peak_memory_bytes,
             "settings": self.settings,
+            "world_size": self.world_size,
         }
 
     def save(self, path: str) -> None:
@@ -179,31 +183,38 @@ def prune(
         raise ValueError(f"objective must be paper or mse; got {objective!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ctx = distributed.current(device)  # data-parallel calibration when a process group is up
+    lead = ctx.rank == 0  # writes progress, the checkpoint and the report
     out = None if out is None else os.fspath(out)
-    _check_out(out)
     is_path = not isinstance(model_or_path, nn.Module)
-    if is_path:
-        source: LayerSource = CheckpointSource(os.fspath(model_or_path), device=device, dtype=dtype)
-    else:
-        source = LoadedSource(model_or_path, device=device)
-    adapter = source.adapter
-    E, k = adapter.num_experts, adapter.top_k
-    if not k <= keep < E:
-        raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {keep}")
-    method = choose_search(search, E, keep)
-    num_drop = E - keep
-    rank = k + num_drop
+    with ctx.guard():
+        if lead:
+            _check_out(out)
+        if is_path:
+            source: LayerSource = CheckpointSource(os.fspath(model_or_path), device=device, dtype=dtype)
+        else:
+            source = LoadedSource(model_or_path, device=device)
+        adapter = source.adapter
+        E, k = adapter.num_experts, adapter.top_k
+        if not k <= keep < E:
+            raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {keep}")
+        method = choose_search(search, E, keep)
+        num_drop = E - keep
+        rank = k + num_drop
 
-    if tokenizer is None and not isinstance(calibration, torch.Tensor) and not str(calibration).lower().endswith(".pt"):
-        tokenizer = _load_tokenizer(source.path, None if is_path else model_or_path)
-    ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
-    n, L = ids.shape
-    num_batches = math.ceil(n / batch_size)
+        if tokenizer is None and not isinstance(calibration, torch.Tensor) and not str(calibration).lower().endswith(".pt"):
+            tokenizer = _load_tokenizer(source.path, None if is_path else model_or_path)
+        ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
+        n, L = ids.shape
+        num_batches = math.ceil(n / batch_size)
+        mine = ctx.batches(num_batches)  # global batch indices of this rank (all of them alone)
     calib_summary = {
         "spec": calibration if isinstance(calibration, str) else "tensor",
         "n_samples": n, "seq_len": L, "batch_size": batch_size, "seed": seed,
         "fingerprint": calibration_fingerprint(ids),
     }
+    if len(set(ctx.gather(calib_summary["fingerprint"]))) > 1:
+        raise ValueError("the ranks loaded different calibration tokens; give every rank the same --calib and seed")
     settings = {
         "keep": keep, "num_experts": E, "top_k": k, "mode": mode, "objective": objective, "search": method,
         "beam_width": beam_width if method == "beam" else None, "rank_bound": rank,
@@ -211,18 +222,32 @@ def prune(
         "calibration": calib_summary,
     }
 
-    partial = None if out is None else out.rstrip("/") + PARTIAL_SUFFIX
-    report = PruneReport(settings=settings)
-    if partial is not None:
-        report.layers = _resume_state(partial, settings, resume)
-        os.makedirs(partial, exist_ok=True)
-        _save_progress(partial, settings, report)  # the settings, so that a resume can check them
+    partial = None if out is None or not lead else out.rstrip("/") + PARTIAL_SUFFIX
+    report = PruneReport(settings=settings, world_size=ctx.world)
+    with ctx.guard():
+        if partial is not None:
+            report.layers = _resume_state(partial, settings, resume)
+            os.makedirs(partial, exist_ok=True)
+            _save_progress(partial, settings, report)  # the settings, so that a resume can check them
+    report.layers = ctx.broadcast(report.layers)
+
+    def reduce(compute):
+        with ctx.guard():
+            err = compute()
+        return ctx.sum(err)
 
     timings = {"calibration": time.perf_counter() - t_start, "forward": 0.0, "expert_outputs": 0.0, "search": 0.0}
     with torch.inference_mode():
         t0 = time.perf_counter()
-        hidden = torch.cat([source.embed(ids[i : i + batch_size]) for i in range(0, n, batch_size)]).to(source.dtype)
-        pruned = hidden.clone() if mode == "progressive" else None
+        with ctx.guard():
+            parts = [ids[b * batch_size : min(n, (b + 1) * batch_size)] for b in mine]
+            hidden = torch.cat([source.embed(p) for p in parts]).to(source.dtype)
+            pruned = hidden.clone() if mode == "progressive" else None
+        slices, pos = [], 0  # (global batch index, rows of this rank's hidden states)
+        for b, p in zip(mine, parts):
+            slices.append((b, slice(pos, pos + p.shape[0])))
+            pos += p.shape[0]
+        del parts
         kw_cache: dict[int, dict] = {}
 
         def kw(sl: slice) -> dict:
@@ -232,59 +257,65 @@ def prune(
             return kw_cache[rows]
 
         timings["forward"] += time.perf_counter() - t0
-        bar = tqdm(range(source.num_layers), desc="layers", disable=not progress)
+        bar = tqdm(range(source.num_layers), desc="layers", disable=not progress or not lead)
         for index in bar:
-            with source.layer(index) as layer:
+            stack = contextlib.ExitStack()
+            with ctx.guard():
+                layer = stack.enter_context(source.layer(index))
                 block = adapter.moe_block(layer)
-                if block is None:  # a dense layer: both streams go through it unchanged
-                    t0 = time.perf_counter()
-                    _forward_layer(layer, hidden, kw, batch_size)
-                    if pruned is not None:
-                        _forward_layer(layer, pruned, kw, batch_size)
-                    timings["forward"] += time.perf_counter() - t0
-                    continue
+            with stack:
                 done = report.layers.get(index)
-                if done is not None:  # resumed: replay without search
+                if block is None or done is not None:  # dense layer, or resumed: replay without search
                     t0 = time.perf_counter()
-                    _forward_layer(layer, hidden, kw, batch_size)
-                    if pruned is not None:
-                        with _patched(block, PrunedForward(adapter, block, done.kept, chunk_tokens)):
-                            _forward_layer(layer, pruned, kw, batch_size)
+                    with ctx.guard():
+                        _forward_layer(layer, hidden, kw, batch_size)
+                        if pruned is not None:
+                            if block is None:
+                                _forward_layer(layer, pruned, kw, batch_size)
+                            else:
+                                with _patched(block, PrunedForward(adapter, block, done.kept, chunk_tokens)):
+                                    _forward_layer(layer, pruned, kw, batch_size)
                     timings["forward"] += time.perf_counter() - t0
                     continue
                 t0 = time.perf_counter()
-                stats = LayerStats(rank=rank)
-                recorder = StatsForward(adapter, block, rank, stats, chunk_tokens)
-                for b, lo in enumerate(range(0, n, batch_size)):
-                    recorder.group_id = b
-                    sl = slice(lo, min(n, lo + batch_size))
-                    if pruned is None:
-                        with _patched(block, recorder):
-                            hidden[sl] = _layer_out(layer(hidden[sl], **kw(sl)))
-                    else:
-                        target, hidden[sl] = _block_output(layer, block, hidden[sl], kw(sl))
-                        recorder.target = target.reshape(-1, target.shape[-1])
-                        _block_input_stats(layer, block, recorder, pruned[sl], kw(sl))
-                        recorder.target = None
-                        del target
+                with ctx.guard():
+                    stats = LayerStats(rank=rank)
+                    recorder = StatsForward(adapter, block, rank, stats, chunk_tokens)
+                    for b, sl in slices:
+                        recorder.group_id = b  # global batch index: one term of the paper's sum
+                        if pruned is None:
+                            with _patched(block, recorder):
+                                hidden[sl] = _layer_out(layer(hidden[sl], **kw(sl)))
+                        else:
+                            target, hidden[sl] = _block_output(layer, block, hidden[sl], kw(sl))
+                            recorder.target = target.reshape(-1, target.shape[-1])
+                            _block_input_stats(layer, block, recorder, pruned[sl], kw(sl))
+                            recorder.target = None
+                            del target
+                    tensors = stats.finish()
+                    del stats, recorder
                 timings["expert_outputs"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                tensors = stats.finish()
-                del stats, recorder
-                score = make_scorer(tensors, E, k, adapter.renormalize, objective, num_batches, progress=progress, desc=f"layer {index}")
+                score = make_scorer(
+                    tensors, E, k, adapter.renormalize, objective, num_batches, progress=progress and lead,
+                    desc=f"layer {index}", reduce=reduce if ctx.active else None,
+                )
                 dropped, losses = run_search(method, score, E, num_drop, beam_width)
+                dropped = tuple(ctx.broadcast(tuple(dropped)))  # equal on every rank; rank 0's is the record
                 del tensors
                 timings["search"] += time.perf_counter() - t0
                 kept = [e for e in range(E) if e not in dropped]
                 report.layers[index] = LayerResult(kept, list(dropped), {_key(d): v for d, v in losses.items()}, method)
-                log.info("layer %d: keep %s, drop %s (loss %.6g)", index, kept, list(dropped), losses[dropped] if dropped else 0.0)
-                if partial is not None:
-                    _save_progress(partial, settings, report)
-                if pruned is not None:
-                    t0 = time.perf_counter()
-                    with _patched(block, PrunedForward(adapter, block, kept, chunk_tokens)):
-                        _forward_layer(layer, pruned, kw, batch_size)
-                    timings["forward"] += time.perf_counter() - t0
+                if lead:
+                    log.info("layer %d: keep %s, drop %s (loss %.6g)", index, kept, list(dropped), losses[dropped] if dropped else 0.0)
+                with ctx.guard():
+                    if partial is not None:
+                        _save_progress(partial, settings, report)
+                    if pruned is not None:
+                        t0 = time.perf_counter()
+                        with _patched(block, PrunedForward(adapter, block, kept, chunk_tokens)):
+                            _forward_layer(layer, pruned, kw, batch_size)
+                        timings["forward"] += time.perf_counter() - t0
         bar.close()
         del hidden, pruned
 
@@ -295,35 +326,36 @@ def prune(
     }
     t0 = time.perf_counter()
     model = None
-    if not is_path:
-        from moe_fast.export import prune_loaded_model
+    with ctx.guard():
+        if not is_path:
+            from moe_fast.export import prune_loaded_model
 
-        model = prune_loaded_model(model_or_path, adapter, report.kept, record)
-    if out is not None:
-        from moe_fast import export
+            model = prune_loaded_model(model_or_path, adapter, report.kept, record)
+        if out is not None and lead:
+            from moe_fast import export
 
-        staging = os.path.join(partial, "export")
-        shutil.rmtree(staging, ignore_errors=True)
-        if is_path:
-            export.export_checkpoint(source.path, staging, adapter, report.kept, record, tokenizer)
+            staging = os.path.join(partial, "export")
+            shutil.rmtree(staging, ignore_errors=True)
+            if is_path:
+                export.export_checkpoint(source.path, staging, adapter, report.kept, record, tokenizer)
+            else:
+                export.save_loaded(model, staging, tokenizer)
+            timings["export"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - t_start
+            report.timings = timings
+            report.peak_memory_bytes, settings["peak_memory_kind"] = peak_memory(source.device)  # export included
+            report.save(os.path.join(staging, REPORT_NAME))
+            if os.path.isdir(out):
+                os.rmdir(out)  # empty (checked above)
+            os.replace(staging, out)
+            shutil.rmtree(partial, ignore_errors=True)
         else:
-            export.save_loaded(model, staging, tokenizer)
-        timings["export"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        report.timings = timings
-        report.peak_memory_bytes, settings["peak_memory_kind"] = peak_memory(source.device)  # export included
-        report.save(os.path.join(staging, REPORT_NAME))
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(staging, out)
-        shutil.rmtree(partial, ignore_errors=True)
-    else:
-        timings["total"] = time.perf_counter() - t_start
-        report.timings = timings
+            timings["total"] = time.perf_counter() - t_start
+            report.timings = timings
     if is_path and return_model:
         from transformers import AutoModelForCausalLM
 
-        if out is not None:
+        if out is not None and lead:
             model = AutoModelForCausalLM.from_pretrained(out, dtype=source.dtype)
         else:
             from moe_fast.export import prune_loaded_model

@@ -46,8 +46,13 @@ def make_scorer(
     candidate_chunk: int = 512,
     progress: bool = False,
     desc: str = "candidates",
+    reduce: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
 ) -> Scorer:
-    """A function: dropped sets -> objective values (paper: sum_g sqrt(err_g); mse: sum_g err_g)."""
+    """A function: dropped sets -> objective values (paper: sum_g sqrt(err_g); mse: sum_g err_g).
+
+    ``reduce`` (data-parallel calibration) gets the function computing this rank's [C, G]
+    squared errors and returns their sum over ranks; the square roots come after the sum.
+    """
     if objective not in ("paper", "mse"):
         raise ValueError(f"objective must be paper or mse; got {objective!r}")
     device = stats["gram"].device
@@ -60,11 +65,15 @@ def make_scorer(
             keep = torch.ones(len(part), num_experts, dtype=torch.bool)
             for row, dropped in enumerate(part):
                 keep[row, list(dropped)] = False
-            err = ops.subset_loss(
-                stats["gram"], stats["ids"], stats["logits"], keep.to(device), stats["group"], num_groups,
-                top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],
-                target_sq=stats["target_sq"],
-            ).cpu()
+
+            def compute(keep=keep) -> torch.Tensor:
+                return ops.subset_loss(
+                    stats["gram"], stats["ids"], stats["logits"], keep.to(device), stats["group"], num_groups,
+                    top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],
+                    target_sq=stats["target_sq"],
+                )
+
+            err = (compute() if reduce is None else reduce(compute)).cpu()
             if objective == "paper":
                 val = err.clamp_min(0.0).sqrt().sum(1)
             else:

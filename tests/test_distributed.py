@@ -1,0 +1,103 @@
+"""Data-parallel calibration on torch.distributed (Gloo, 2 CPU processes).
+
+The selections of 2 ranks sharing the calibration batches must equal one process's selections
+on the same tokens, for both modes and both objectives and for beam search; a rank with bad input
+must stop the whole job with its error instead of leaving the other rank waiting.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import moe_fast
+from test_prune_support import one_thread  # noqa: F401
+from test_prune_support import save_checkpoint, tiny_mixtral
+
+BATCH = 4
+CASES = [("layerwise", "paper", "exhaustive"), ("progressive", "paper", "exhaustive"),
+         ("layerwise", "mse", "exhaustive"), ("progressive", "mse", "exhaustive"), ("layerwise", "paper", "beam")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ids(n: int = 14, length: int = 16) -> torch.Tensor:  # 4 batches, the last one partial
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(7))
+
+
+def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = {}
+        for mode, objective, search in CASES:
+            _, report = moe_fast.prune(tiny_mixtral(21, layers=3), _ids(), 4, mode=mode, objective=objective,
+                                       search=search, beam_width=2, batch_size=BATCH, progress=False)
+            assert report.world_size == world
+            out[f"{mode}/{objective}/{search}"] = {str(i): [r.dropped, r.loss] for i, r in report.layers.items()}
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_select_what_one_process_selects(tmp_path, one_thread) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank ends with the same selection (and losses)
+    model = tiny_mixtral(21, layers=3)
+    for mode, objective, search in CASES:
+        _, ref = moe_fast.prune(copy.deepcopy(model), _ids(), 4, mode=mode, objective=objective, search=search,
+                                beam_width=2, batch_size=BATCH, progress=False)
+        got = ranks[0][f"{mode}/{objective}/{search}"]
+        for i, r in ref.layers.items():
+            assert got[str(i)][0] == r.dropped, (mode, objective, search, i)
+            for key, value in r.loss.items():
+                assert got[str(i)][1][key] == pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+def _torchrun(args: list[str], tmp_path, timeout: float = 120) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(moe_fast.__file__)))  # the package under test
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "moe_fast.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_torchrun_cli_and_failing_rank(tmp_path) -> None:
+    model = tiny_mixtral(22, layers=2)
+    src = save_checkpoint(model, tmp_path / "src")
+    good = _ids(16)
+    torch.save(good, tmp_path / "good.pt")
+    proc = _torchrun(["prune", src, "--keep", "5", "--calib", str(tmp_path / "good.pt"), "--out", str(tmp_path / "out"),
+                      "--batch-size", str(BATCH), "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "moe_fast_report.json").read_text())
+    assert report["world_size"] == 2
+    _, ref = moe_fast.prune(copy.deepcopy(model), good, 5, batch_size=BATCH, progress=False)
+    assert {int(i): r["kept"] for i, r in report["layers"].items()} == ref.kept
+
+    bad = good.clone()
+    bad[5, 3] = 10_000  # in batch 1, which rank 1 holds: only that rank fails (token id out of range)
+    torch.save(bad, tmp_path / "bad.pt")
+    proc = _torchrun(["prune", src, "--keep", "5", "--calib", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "out2"),
+                      "--batch-size", str(BATCH), "--no-progress"], tmp_path, timeout=90)  # a hang would time out
+    assert proc.returncode != 0
+    assert "rank 1: IndexError" in proc.stderr, proc.stderr[-3000:]
+    assert "another rank failed" in proc.stderr  # rank 0 stopped with rank 1's error
+    assert not (tmp_path / "out2" / "moe_fast_report.json").exists()
