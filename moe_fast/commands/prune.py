@@ -18,8 +18,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", help="checkpoint directory (hub layout, safetensors)")
     p.add_argument("--keep", "-r", type=int, required=True, help="experts kept per MoE layer (R)")
-    p.add_argument("--calib", required=True, help="calibration: .txt, .json/.jsonl (text field), .pt ids, builtin:NAME or HF dataset")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--calib", default=None, help="calibration: .txt, .json/.jsonl (text field), .pt ids, builtin:NAME or HF dataset")
+    p.add_argument("--out", default=None, help="output directory (must not exist or be empty)")
+    p.add_argument(
+        "--plan", action="store_true",
+        help="print the memory and expert-FLOP budget per layer from MODEL's config.json (no weights read) and exit",
+    )
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    p.add_argument("--world-size", type=int, default=None, help="with --plan: ranks sharing the calibration (default: 1 or torchrun's)")
     p.add_argument("--mode", choices=["layerwise", "progressive"], default="layerwise")
     p.add_argument("--objective", choices=["paper", "mse"], default="paper")
     p.add_argument("--search", choices=["auto", "exhaustive", "greedy", "beam"], default="auto")
@@ -46,6 +52,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        return run_plan(args)
+    if args.calib is None or args.out is None:
+        raise ValueError("--calib and --out are required (except with --plan)")
     if args.criterion != "reconstruction":
         run_baseline(args)
     else:
@@ -134,3 +144,21 @@ def _prune(args: argparse.Namespace, prune, device):
     except RankFailed as err:
         raise ValueError(str(err)) from err  # reported as a command error (exit status 2)
     return report
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from moe_fast.pruning.plan import plan_json, plan_table, prune_plan
+
+    plan = prune_plan(
+        args.model,
+        args.keep,
+        n_samples=args.n_samples or 128,
+        seq_len=args.seq_len or 2048,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        dtype=args.dtype,
+        chunk_tokens=args.chunk_tokens,
+        world_size=args.world_size or int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    print(plan_json(plan) if args.json else plan_table(plan))
+    return 0

@@ -1,0 +1,138 @@
+"""``moe-fast prune --plan``: memory and expert-FLOP budget of a pruning run, from the config only.
+
+Lets a user size a run (for example Mixtral-8x22B on one card, or on N ranks) before any weight
+is read. Parameter counts come from the model built on the meta device (no memory); the rest
+follows DESIGN.md sections 4 and 5: streaming holds the embedding, one decoder layer, the
+calibration hidden states (two streams in progressive mode), the layer's per-token statistics
+and one chunk of rank-bounded expert outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from moe_fast.adapters import get_adapter
+from moe_fast.pruning.source import _DTYPES
+
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prune_plan(
+    model: str,
+    keep: int,
+    *,
+    n_samples: int = 128,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    mode: str = "layerwise",
+    dtype: str = "auto",
+    chunk_tokens: int = 4096,
+    world_size: int = 1,
+) -> dict:
+    """The budget of ``prune(model, ..., keep)`` per rank; ``model`` is a directory with config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"{model!r} has no config.json")
+    config = AutoConfig.from_pretrained(model)
+    adapter = get_adapter(config)
+    E, k = adapter.num_experts, adapter.top_k
+    if not k <= keep < E:
+        raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {keep}")
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored, torch.float32)
+    dt = _DTYPES[dtype] if dtype != "auto" else (stored if isinstance(stored, torch.dtype) else torch.float32)
+    nbytes = _BYTES[dt]
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    layers = adapter.decoder_layers(skeleton)
+    H = int(config.hidden_size)
+    m = k + (E - keep)  # rank bound: experts run and kept per token
+    batches = math.ceil(n_samples / batch_size)
+    if batches < world_size:
+        raise ValueError(f"{batches} calibration batches cannot be shared by {world_size} ranks")
+    tokens = math.ceil(batches / world_size) * batch_size * seq_len  # per rank (upper bound)
+    streams = 2 if mode == "progressive" else 1
+    hidden_bytes = streams * tokens * H * nbytes
+    target = m * 4 if mode == "layerwise" else m * 4 + 4
+    stats_per_token = (m * (m + 1) // 2) * 4 + m * 4 + E * 4 + 8 + target
+    embed_bytes = _numel(skeleton.get_input_embeddings()) * nbytes
+    rows = []
+    for i, layer in enumerate(layers):
+        block = adapter.moe_block(layer)
+        row = {"layer": i, "moe": block is not None, "weight_bytes": _numel(layer) * nbytes}
+        if block is not None:
+            expert_params = _numel(block.experts) / E
+            flops_expert = 2 * expert_params  # one expert MLP on one token
+            row.update({
+                "stats_bytes": tokens * stats_per_token,
+                "expert_outputs_chunk_bytes": min(chunk_tokens, tokens) * m * H * nbytes,
+                "expert_flops": tokens * m * flops_expert,
+                "paper_expert_flops": tokens * (1 + math.comb(E, keep)) * k * flops_expert,
+            })
+        else:
+            row.update({"stats_bytes": 0, "expert_outputs_chunk_bytes": 0, "expert_flops": 0, "paper_expert_flops": 0})
+        row["peak_bytes"] = embed_bytes + row["weight_bytes"] + hidden_bytes + row["stats_bytes"] + row["expert_outputs_chunk_bytes"]
+        rows.append(row)
+    model_bytes = _numel(skeleton) * nbytes
+    flops = sum(r["expert_flops"] for r in rows)
+    paper = sum(r["paper_expert_flops"] for r in rows)
+    return {
+        "model": model, "model_type": config.model_type, "dtype": str(dt).replace("torch.", ""),
+        "num_experts": E, "top_k": k, "keep": keep, "rank_bound": m, "mode": mode,
+        "n_samples": n_samples, "seq_len": seq_len, "batch_size": batch_size, "world_size": world_size,
+        "tokens_per_rank": tokens, "model_bytes": model_bytes, "embedding_bytes": embed_bytes,
+        "hidden_state_bytes": hidden_bytes, "peak_bytes": max(r["peak_bytes"] for r in rows),
+        "expert_flops": flops, "paper_expert_flops": paper,
+        "flop_ratio": paper / flops if flops else None, "layers": rows,
+    }
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def plan_table(plan: dict) -> str:
+    """Readable plan; consecutive layers with the same budget share one row."""
+    head = (
+        f"{plan['model_type']} {plan['dtype']}: E={plan['num_experts']} top-{plan['top_k']}, keep {plan['keep']} "
+        f"(rank bound M={plan['rank_bound']}), {plan['mode']}, {plan['n_samples']} x {plan['seq_len']} tokens "
+        f"on {plan['world_size']} rank(s): {plan['tokens_per_rank']} tokens per rank"
+    )
+    lines = [head, f"{'layers':>9} {'weights GiB':>12} {'hidden GiB':>11} {'stats GiB':>10} {'chunk GiB':>10} {'peak GiB':>9} {'expert TFLOP':>13} {'paper TFLOP':>12}"]
+    groups: list[list[dict]] = []
+    key = lambda r: tuple(v for k, v in r.items() if k != "layer")  # noqa: E731
+    for r in plan["layers"]:
+        if groups and key(groups[-1][-1]) == key(r):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    for g in groups:
+        r = g[0]
+        span = f"{g[0]['layer']}" if len(g) == 1 else f"{g[0]['layer']}-{g[-1]['layer']}"
+        lines.append(
+            f"{span:>9} {_gib(r['weight_bytes']):>12} {_gib(plan['hidden_state_bytes']):>11} {_gib(r['stats_bytes']):>10} "
+            f"{_gib(r['expert_outputs_chunk_bytes']):>10} {_gib(r['peak_bytes']):>9} {r['expert_flops'] / 1e12:>13.2f} "
+            f"{r['paper_expert_flops'] / 1e12:>12.2f}"
+        )
+    ratio = plan["flop_ratio"]
+    lines.append(
+        f"whole model {_gib(plan['model_bytes'])} GiB; streaming peak about {_gib(plan['peak_bytes'])} GiB per rank "
+        f"(embedding {_gib(plan['embedding_bytes'])} GiB included); expert FLOPs {plan['expert_flops'] / 1e12:.1f} T "
+        f"vs the paper's enumeration {plan['paper_expert_flops'] / 1e12:.1f} T"
+        + (f" ({ratio:.1f}x fewer)" if ratio else "")
+    )
+    return "\n".join(lines)
+
+
+def plan_json(plan: dict) -> str:
+    return json.dumps(plan, indent=2)
