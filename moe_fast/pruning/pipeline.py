@@ -6,6 +6,12 @@ entries, scores the candidate keep-sets with ``ops.subset_loss`` and keeps the b
 output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json`` so
 that ``resume=True`` continues after an interruption (finished layers are replayed with a plain
 forward, no search), and the checkpoint is written there and moved to ``out`` in whole.
+
+Under an initialized torch.distributed process group (``torchrun ... -m moe_fast.cli prune``)
+the ranks share the calibration batches (``moe_fast.pruning.distributed``): each streams the
+layers over its own batches, the per-candidate, per-batch squared errors are summed with
+all_reduce before the square roots, every rank selects the same experts, and rank 0 writes the
+progress, the checkpoint and the report.
 """
 
 from __future__ import annotations
