@@ -24,6 +24,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import moe_fast
+from timing import add_clock_arguments, clock_from_args
 
 
 def make_model(args, dtype: torch.dtype) -> MixtralForCausalLM:
@@ -39,6 +40,7 @@ def make_model(args, dtype: torch.dtype) -> MixtralForCausalLM:
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
     return model.to(dtype)
+
 
 
 CLOCK = time.perf_counter
@@ -85,16 +87,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
+    add_clock_arguments(ap)
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
     global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        CLOCK = time.process_time
+    CLOCK = clock_from_args(args)
 
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(3, args.vocab, (8, 128), generator=gen)

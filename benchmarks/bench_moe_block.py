@@ -19,6 +19,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import moe_fast
+from timing import add_clock_arguments, clock_from_args
 
 
 def make_model(dtype: torch.dtype, hidden: int, ffn: int, experts: int, k: int) -> MixtralForCausalLM:
@@ -32,6 +33,7 @@ def make_model(dtype: torch.dtype, hidden: int, ffn: int, experts: int, k: int) 
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     return model.to(dtype)
+
 
 
 CLOCK = time.perf_counter
@@ -129,16 +131,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 1, 8])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)")
+    add_clock_arguments(ap)
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
     global CLOCK
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        CLOCK = time.process_time
+    CLOCK = clock_from_args(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; speed-ups (x) are against the faster "
           "of transformers eager / grouped_mm")
     print(HEAD)

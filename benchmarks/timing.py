@@ -50,3 +50,21 @@ def machine_line() -> str:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     )
+
+
+def add_clock_arguments(parser) -> None:
+    """--threads and --clock, for scripts that time with `clock_from_args`."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time, steadier on a shared machine (use with --threads 1)",
+    )
+
+
+def clock_from_args(args) -> Callable[[], float]:
+    """Applies --threads and returns the clock --clock asks for."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return time.process_time if args.clock == "cpu" else time.perf_counter
