@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +156,8 @@ def apply_selection(
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"output directory {out!r} exists and is not empty")
     adapter = get_adapter(AutoConfig.from_pretrained(model_path))
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    try:
+    with staged_directory(out) as tmp:
         export_checkpoint(model_path, tmp, adapter, {int(k): sorted(v) for k, v in kept.items()}, record, tokenizer)
-        if os.path.exists(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

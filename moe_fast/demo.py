@@ -30,13 +30,14 @@ import shutil
 import statistics
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,6 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
     calib_ids = {
         spec: load_calibration(spec, tokenizer, s.n_samples, s.seq_len, s.seed) for spec in (PROSE, CODE)
     }
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    ckpt = os.path.join(stage, "checkpoints")
-    os.makedirs(ckpt)
     timings: dict[str, float] = {}
 
     variants: list[Variant] = [Variant("unpruned", 8, None, base)]
@@ -154,7 +150,9 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
         if keep not in s.keeps:
             plan.append(("layer-wise", "layerwise", keep, PROSE))
         plan.append(("layer-wise", "layerwise", keep, CODE))
-    try:
+    with staged_directory(out) as stage:
+        ckpt = os.path.join(stage, "checkpoints")
+        os.makedirs(ckpt)
         bar = tqdm(total=len(plan) + 3, desc="demo: pruning", disable=not progress)
         for method, mode, keep, calib in plan:
             path = os.path.join(ckpt, f"{mode}_r{keep}_{calib.split('-')[-1]}")
@@ -215,12 +213,6 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
                     v.path = os.path.join(os.path.abspath(out), "checkpoints", os.path.basename(v.path))
         else:
             shutil.rmtree(ckpt)
-        if os.path.exists(out):
-            os.rmdir(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     report["table"] = table
     return report
 

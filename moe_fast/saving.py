@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from moe_fast import patching
+from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +40,13 @@ def save(
     record = getattr(model.config, patching.CONFIG_KEY, None)
     if patching.is_patched(model) and not (isinstance(record, dict) and patching.RECORD_KEY in record):
         raise ValueError("moe_fast.save: patched model lost its config.moe_fast record; call moe_fast.patch again")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out, replace=True) as stage:
+        tmp = Path(stage)
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("moe_fast: saved to %s", out)
     return out
 

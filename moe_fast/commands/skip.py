@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +134,11 @@ def skip_checkpoint(
         _rewrite_config(out, record)
         _write_atomic(out / REPORT_NAME, report_text)
         return report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as stage:
+        tmp = Path(stage)
         shutil.copytree(model_path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(REPORT_NAME))
         _rewrite_config(tmp, record)
         (tmp / REPORT_NAME).write_text(report_text)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
