@@ -3,10 +3,14 @@
 * ``random``: R experts per layer drawn uniformly (the paper's random baseline);
 * ``frequency``: the R experts most often in a token's top-k on calibration data (the paper's
   frequency baseline);
-* ``saliency``: router-weighted activation saliency: per expert, the mean over the tokens
-  routed to it of (routing weight x ||expert output||_2); keep the R largest.
+* ``reap``: router-weighted expert activation norm (REAP): per expert, the mean over the tokens
+  routed to it of (its top-k routing weight, renormalized as the model does, x ||expert
+  output||_2); keep the R largest. ``saliency`` is an alias (the name this criterion had first);
+* ``ean``: expert activation norm: per expert, the mean over the tokens routed to it of
+  ||expert output||_2, no gate weight; keep the R largest.
 
-Ties go to the lower expert index. All statistics come from the unpruned model on the
+An expert no calibration token routes to scores 0 under ``reap`` and ``ean``. Ties go to the
+lower expert index. All statistics come from the unpruned model on the
 calibration tokens (layer-wise inputs). A selection ``{layer: kept experts}`` is applied with
 the pruning code's exporter (:mod:`moe_fast.export`), so the result is the same kind of
 checkpoint as ``moe-fast prune`` writes.
@@ -26,7 +30,16 @@ from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("random", "frequency", "saliency")
+CRITERIA = ("random", "frequency", "reap", "ean")
+ALIASES = {"saliency": "reap"}
+
+
+def canonical_criterion(name: str) -> str:
+    """The criterion's own name (``saliency`` -> ``reap``), or a ValueError naming the choices."""
+    name = ALIASES.get(name, name)
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA + tuple(ALIASES))}")
+    return name
 
 
 # ------------------------------------------------------------------------------ per layer
@@ -56,7 +69,7 @@ def select_frequency(counts: torch.Tensor | list[float], keep: int) -> list[int]
 
 
 def select_saliency(saliency: torch.Tensor | list[float], keep: int) -> list[int]:
-    """The ``keep`` experts of largest router-weighted activation saliency."""
+    """The ``keep`` experts of largest score (``reap`` or ``ean`` values per expert)."""
     return top_scores(saliency, keep)
 
 
@@ -67,11 +80,44 @@ class RoutingStats:
 
     layers: list[int]
     counts: list[list[float]]  # [layer][expert]: top-k appearances
-    saliency: list[list[float]]  # [layer][expert]: mean over routed tokens of w * ||y_e||
+    reap: list[list[float]]  # [layer][expert]: mean over routed tokens of w * ||y_e||
+    ean: list[list[float]]  # [layer][expert]: mean over routed tokens of ||y_e||
     tokens: int
 
+    @property
+    def saliency(self) -> list[list[float]]:
+        return self.reap
+
+    def table_for(self, criterion: str) -> list[list[float]]:
+        """Per layer, the per-expert scores a criterion keeps the largest of."""
+        return {"frequency": self.counts, "reap": self.reap, "ean": self.ean}[canonical_criterion(criterion)]
+
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "counts": self.counts, "saliency": self.saliency, "tokens": self.tokens}
+        return {"layers": self.layers, "counts": self.counts, "reap": self.reap, "ean": self.ean, "tokens": self.tokens}
+
+
+def scores_from_sums(counts: torch.Tensor, weighted_norms: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reap, ean) per expert from sums over routed tokens; 0 for an expert no token reached."""
+    routed = counts.clamp_min(1)
+    zero = torch.zeros_like(weighted_norms)
+    return torch.where(counts > 0, weighted_norms / routed, zero), torch.where(counts > 0, norms / routed, zero)
+
+
+def layer_scores_from_ranked(
+    ids: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts, reap, ean) of one layer from each token's routed experts.
+
+    ``ids`` [T, k] the top-k experts, ``weights`` [T, k] their routing weights, ``norms`` [T, k]
+    the L2 norms of their outputs. Why: the pruning search already computes these outputs (their
+    Gram diagonal holds the squared norms), so every criterion can come from one pass.
+    """
+    flat = ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts).double()
+    wn = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat, (weights.double() * norms.double()).reshape(-1))
+    n = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat, norms.double().reshape(-1))
+    reap, ean = scores_from_sums(counts, wn, n)
+    return counts, reap, ean
 
 
 def _expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +141,7 @@ def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int =
     E = adapter.num_experts
     counts = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
     sal_sum = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
-    routed = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
+    norm_sum = {ref.layer: torch.zeros(E, dtype=torch.float64) for ref in blocks}
 
     def make_hook(layer: int):
         def hook(module, args, kwargs):
@@ -107,8 +153,8 @@ def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int =
                 y = _expert_forward(module, e, hidden[tok])
                 norm = y.float().norm(dim=-1).double()
                 counts[layer][e] += tok.numel()
-                routed[layer][e] += tok.numel()
                 sal_sum[layer][e] += (weights[tok, slot].double() * norm).sum()
+                norm_sum[layer][e] += norm.sum()
 
         return hook
 
@@ -122,22 +168,22 @@ def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int =
         for h in handles:
             h.remove()
     layers = [ref.layer for ref in blocks]
-    saliency = {l: torch.where(routed[l] > 0, sal_sum[l] / routed[l].clamp_min(1), torch.zeros_like(sal_sum[l])) for l in layers}
-    return RoutingStats(layers, [counts[l].tolist() for l in layers], [saliency[l].tolist() for l in layers], int(calibration.numel()))
+    scores = {l: scores_from_sums(counts[l], sal_sum[l], norm_sum[l]) for l in layers}
+    return RoutingStats(
+        layers, [counts[l].tolist() for l in layers], [scores[l][0].tolist() for l in layers],
+        [scores[l][1].tolist() for l in layers], int(calibration.numel()),
+    )
 
 
 def select(criterion: str, num_experts: int, keep: int, layers: list[int], stats: RoutingStats | None = None, seed: int = 0) -> dict[int, list[int]]:
-    """{layer: kept experts} for a criterion; ``stats`` is needed for frequency and saliency."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    """{layer: kept experts} for a criterion; ``stats`` is needed for all but random."""
+    criterion = canonical_criterion(criterion)
     if criterion == "random":
         rng = random.Random(seed)
         return {layer: select_random(num_experts, keep, rng) for layer in layers}
     if stats is None:
         raise ValueError(f"criterion {criterion!r} needs routing statistics from calibration data")
-    table = stats.counts if criterion == "frequency" else stats.saliency
-    pick = select_frequency if criterion == "frequency" else select_saliency
-    return {layer: pick(row, keep) for layer, row in zip(stats.layers, table)}
+    return {layer: top_scores(row, keep) for layer, row in zip(stats.layers, stats.table_for(criterion))}
 
 
 # ------------------------------------------------------------------------------ applying
@@ -186,6 +232,7 @@ def prune_baseline(
 
     from moe_fast.adapters import get_adapter
 
+    criterion = canonical_criterion(criterion)
     config = AutoConfig.from_pretrained(model_path)
     adapter = get_adapter(config)
     E = adapter.num_experts

@@ -90,6 +90,28 @@ def test_apply_selection_writes_a_pruned_checkpoint(tmp_path):
         assert torch.equal(b.experts.down_proj, a.experts.down_proj[keep])
 
 
+def test_masked_scoring_equals_the_exported_checkpoint(tmp_path):
+    """The demo scores a selection on the masked model; the exported checkpoint must give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_fast.demo.scoring import masked
+
+    model = _tiny()
+    src = str(tmp_path / "src")
+    model.save_pretrained(src)
+    kept = {0: [0, 2, 3, 5], 1: [1, 2, 4, 5]}
+    out = baselines.apply_selection(src, kept, str(tmp_path / "out"), {"criterion": "test"})
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad(), masked(model, kept) as blocks:
+        got = model(input_ids=ids).logits
+        computed = sum(b.computed for b in blocks.values())
+    with torch.no_grad():
+        want = pruned(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert computed == 2 * 2 * ids.numel()  # two layers x top-2 x every token: nothing skipped without betas
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(SMALL_MIXTRAL_DIR, "config.json")), reason="small Mixtral not built")
 def test_quick_demo(tmp_path, capsys):
     from moe_fast import cli
@@ -105,19 +127,29 @@ def test_quick_demo(tmp_path, capsys):
     methods = {(r["method"], r["calib"], r["keep"]) for r in report["rows"]}
     for expected in [("unpruned", "-", 8), ("layer-wise", "prose", 6), ("progressive", "prose", 6),
                      ("layer-wise", "code", 4), ("layer-wise", "prose", 4), ("random", "-", 6),
-                     ("frequency", "prose", 6), ("saliency", "prose", 6), ("skipping", "prose", 8),
+                     ("frequency", "prose", 6), ("reap", "prose", 6), ("ean", "code", 4), ("skipping", "prose", 8),
                      ("layer-wise + skipping", "prose", 6)]:
         assert expected in methods, expected
-    # the random row is the mean of its seeds' runs
+    # a row is the mean of its seeds' runs, with their sample sd
     runs = [v for v in report["variants"] if v["method"] == "random" and v["keep"] == 6]
     row = next(r for r in report["rows"] if r["method"] == "random" and r["keep"] == 6)
     assert len(runs) == row["n"] >= 2
-    assert row["ppl_code"] == pytest.approx(statistics.fmean(v["result"]["perplexity"]["code"] for v in runs))
-    # pruned checkpoints really have r experts, and skipping really skipped
+    assert row["ppl_code"] == pytest.approx(statistics.fmean(v["ppl"]["code"] for v in runs))
+    assert row["kl_prose_sd"] == pytest.approx(statistics.stdev(v["kl"]["prose"] for v in runs))
+    seeded = next(r for r in report["rows"] if r["method"] == "reap" and r["keep"] == 4 and r["calib"] == "prose")
+    assert seeded["n"] == len(report["settings"]["calib_seeds"]) >= 2
+    unpruned = next(r for r in report["rows"] if r["method"] == "unpruned")
+    assert unpruned["kl_prose"] == pytest.approx(0.0, abs=1e-4)  # masked path == stock model
     for v in report["variants"]:
-        assert v["result"]["num_experts"] == v["keep"]
-        if v["skip"]:
-            assert 0.2 < v["result"]["skip_rate"] < 0.8
+        if v["kept"] is not None:
+            assert all(len(e) == v["keep"] for e in v["kept"].values())
+        if v["betas"] is not None:
+            assert 0.2 < v["skip_rate"] < 0.8 and v["expert_outputs_per_token"] < 2
+        else:
+            assert v["expert_outputs_per_token"] == pytest.approx(2.0)
     sizes = {r["keep"]: r["size_mib"] for r in report["rows"] if r["method"] == "layer-wise"}
-    assert sizes[4] < sizes[6] < next(r["size_mib"] for r in report["rows"] if r["method"] == "unpruned")
+    assert sizes[4] < sizes[6] < unpruned["size_mib"]
+    weights = sum(os.path.getsize(os.path.join(SMALL_MIXTRAL_DIR, f)) for f in os.listdir(SMALL_MIXTRAL_DIR)
+                  if f.endswith(".safetensors"))
+    assert unpruned["size_mib"] * 2**20 == pytest.approx(weights, rel=0.01)
     assert "| Method |" in (out / "report.md").read_text()

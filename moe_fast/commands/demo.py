@@ -1,4 +1,4 @@
-"""``moe-fast demo [--out DIR] [--quick]``: the paper's comparison on the shipped small Mixtral.
+"""``moe-fast demo [--out DIR] [--quick] [--model builtin:small-qwen3-moe]``: the paper's comparison on a shipped model.
 
 No GPU, no network: the model and the data come with the package. Prints the table and writes
 ``report.md``, ``report.json`` and a PNG plot to DIR (see :mod:`moe_fast.demo`).
@@ -15,16 +15,22 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="prune and skip the shipped small Mixtral on built-in data; print the paper-style table",
-        description="Runs unpruned, layer-wise and progressive pruning, task-specific pruning, dynamic skipping and "
-        "the random / frequency / saliency baselines on the shipped small Mixtral with built-in data, evaluates "
-        "each (perplexity on prose and code, tokens/s, size) and writes report.md, report.json and a plot.",
+        help="prune and skip a shipped small MoE on built-in data; print the paper-style table",
+        description="Compares the paper's reconstruction-loss pruning (layer-wise and progressive, or greedy and beam "
+        "search on wide models) with the frequency, REAP, EAN and random criteria at several r, task-agnostic (prose) "
+        "and task-specific (code) calibration on several calibration samples, dynamic skipping alone and with "
+        "pruning; evaluates each (perplexity and KL from the unpruned model on the prose and code test splits, expert "
+        "FLOPs per token, size) and writes report.md, report.json and a plot.",
     )
     p.add_argument("--out", default="moe_fast_demo", help="report directory (must not exist or be empty)")
     p.add_argument("--quick", action="store_true", help="a shortened run (a test of the pipeline, not results)")
-    p.add_argument("--model", default="builtin:small-mixtral", help="model to use (default: the shipped one)")
+    p.add_argument(
+        "--model", default="builtin:small-mixtral",
+        help="model to use: builtin:small-mixtral (default; 8 experts, top-2) or builtin:small-qwen3-moe "
+        "(fine-grained), or a checkpoint directory",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep every pruned checkpoint under DIR/checkpoints")
+    p.add_argument("--keep-checkpoints", action="store_true", help="also write the seed-0 pruned checkpoints under DIR/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 

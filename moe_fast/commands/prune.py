@@ -41,10 +41,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
         "--criterion",
-        choices=["reconstruction", "random", "frequency", "saliency"],
+        choices=["reconstruction", "random", "frequency", "reap", "ean", "saliency"],
         default="reconstruction",
-        help="how experts are chosen: the paper's reconstruction loss (default), or a baseline: random, "
-        "frequency (most often routed), saliency (mean routing weight x expert output norm)",
+        help="how experts are chosen: the paper's reconstruction loss (default), or: random, "
+        "frequency (most often routed), reap (mean over routed tokens of routing weight x expert output norm; "
+        "'saliency' is an alias), ean (mean over routed tokens of the expert output norm)",
     )
     p.add_argument("--skip", action="store_true", help="also calibrate dynamic skipping on the pruned model")
     add_skip_arguments(p, prefix="skip-")

@@ -81,6 +81,33 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 
 def make_config(vocab_size: int, args: argparse.Namespace, eos_id: int):
+    """A Mixtral or Qwen3-MoE config; ``router_aux_loss_coef`` records the per-layer loss weight."""
+    if args.arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            vocab_size=vocab_size,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            moe_intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            head_dim=args.hidden // args.heads,
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            router_aux_loss_coef=args.aux_loss,
+            output_router_logits=False,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+            rope_theta=10000.0,
+        )
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -95,7 +122,7 @@ def make_config(vocab_size: int, args: argparse.Namespace, eos_id: int):
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         router_aux_loss_coef=args.aux_loss,
-        output_router_logits=True,
+        output_router_logits=False,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
@@ -103,11 +130,27 @@ def make_config(vocab_size: int, args: argparse.Namespace, eos_id: int):
     )
 
 
-def sample_batch(streams: list[torch.Tensor], batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch`` random windows of ``seq_len + 1`` tokens, an equal share from each stream."""
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """transformers' load-balancing loss applied to each layer on its own, averaged over layers.
+
+    Why per layer: transformers concatenates every layer's router logits before taking the
+    loss, which balances the average over layers and lets a single layer send half its tokens
+    to one expert while another layer compensates. Mixtral's and Switch's loss is per layer.
+    """
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    losses = [load_balancing_loss_func((logits,), num_experts, top_k) for logits in router_logits]
+    return torch.stack(losses).mean()
+
+
+def sample_batch(
+    streams: list[torch.Tensor], batch: int, seq_len: int, gen: torch.Generator, first_share: float = 0.5
+) -> torch.Tensor:
+    """``batch`` random windows of ``seq_len + 1`` tokens: ``first_share`` of them from stream 0."""
     rows = []
+    n_first = round(batch * first_share)
     for i in range(batch):
-        ids = streams[i % len(streams)]
+        ids = streams[0 if i < n_first else 1]
         start = int(torch.randint(0, len(ids) - seq_len - 1, (1,), generator=gen))
         rows.append(ids[start : start + seq_len + 1])
     return torch.stack(rows)
@@ -122,19 +165,36 @@ def heldout_loss(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> fl
     return float(sum(losses) / len(losses))
 
 
+def num_experts(config) -> int:
+    return getattr(config, "num_local_experts", None) or config.num_experts
+
+
 @torch.no_grad()
 def routing_distribution(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> list[list[float]]:
     """Per layer, the fraction of top-k routing slots that went to each expert."""
     cfg = model.config
+    n_exp = num_experts(cfg)
     n = min(max_windows, (len(ids) - 1) // seq_len)
     x = ids[: n * seq_len].view(n, seq_len)
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts)
+    counts = torch.zeros(cfg.num_hidden_layers, n_exp)
     for i in range(0, n, 8):
         out = model(input_ids=x[i : i + 8], output_router_logits=True)
         for layer, logits in enumerate(out.router_logits):
             top = logits.float().topk(cfg.num_experts_per_tok, dim=-1).indices
-            counts[layer] += torch.bincount(top.reshape(-1), minlength=cfg.num_local_experts).float()
+            counts[layer] += torch.bincount(top.reshape(-1), minlength=n_exp).float()
     return (counts / counts.sum(-1, keepdim=True)).tolist()
+
+
+def loss_per_char(tokenizer, text: str, ids: torch.Tensor, seq_len: int, max_windows: int, loss: float) -> float:
+    """Mean token loss scaled to nats per character of the evaluated windows' text.
+
+    Why: a per-token loss depends on the tokenizer; per character, two models with different
+    tokenizers compare fairly.
+    """
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    targets = ids[1 : n * seq_len]
+    chars = len(tokenizer.decode(targets.tolist()))
+    return loss * len(targets) / max(1, chars)
 
 
 def total_variation(p: list[list[float]], q: list[list[float]]) -> list[float]:
@@ -144,18 +204,22 @@ def total_variation(p: list[list[float]], q: list[list[float]]) -> list[float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (replaced)")
+    p.add_argument("--arch", choices=["mixtral", "qwen3_moe"], default="mixtral")
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--aux-loss", type=float, default=0.01, help="router load-balancing loss weight")
+    p.add_argument("--aux-loss", type=float, default=0.02, help="per-layer router load-balancing loss weight")
+    p.add_argument("--prose-share", type=float, default=0.25, help="share of each batch drawn from prose")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation for training")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per split for loss and routing")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -166,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from moe_fast.data.builtin import get_corpus
 
@@ -181,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = train_tokenizer([prose.train, code.train], args.vocab)
     streams = [encode(tokenizer, prose.train), encode(tokenizer, code.train)]
     calib = {"prose": encode(tokenizer, prose.calib), "code": encode(tokenizer, code.calib)}
+    test_text = {"prose": prose.test, "code": code.test}
+    test = {k: encode(tokenizer, v) for k, v in test_text.items()}
     log.info("tokenizer: %d tokens; train tokens prose %d, code %d", len(tokenizer), *map(len, streams))
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     config = make_config(len(tokenizer), args, eos_id)
-    model = MixtralForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation=args.experts_impl)
+    n_exp = num_experts(config)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
 
@@ -207,30 +274,42 @@ def main(argv: list[str] | None = None) -> int:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     gen = torch.Generator().manual_seed(args.seed)
-    curve = []
+    curve: list[float] = []
+    balance_curve: list[float] = []
     model.train()
     t_train = time.perf_counter()
     bar = tqdm(range(args.steps), desc="train small-mixtral", mininterval=5)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        batch = sample_batch(streams, args.batch, args.seq_len, gen)
-        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
-        out.loss.backward()
+        batch = sample_batch(streams, args.batch, args.seq_len, gen, args.prose_share)
+        out = model(input_ids=batch[:, :-1], output_router_logits=True)
+        lm = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].reshape(-1))
+        balance = per_layer_balance_loss(out.router_logits, n_exp, args.top_k)
+        (lm + args.aux_loss * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        curve.append(round(out.loss.item(), 4))
+        curve.append(round(lm.item(), 4))
+        balance_curve.append(round(balance.item(), 4))
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(curve[-10:]) / len(curve[-10:]):.3f}")
+            bar.set_postfix(loss=f"{sum(curve[-10:]) / len(curve[-10:]):.3f}", balance=f"{balance_curve[-1]:.3f}")
     train_s = time.perf_counter() - t_train
 
     model.eval()
     model.config.output_router_logits = False
-    heldout = {k: heldout_loss(model, v, args.seq_len, 32) for k, v in calib.items()}
-    routing = {k: routing_distribution(model, v, args.seq_len, 32) for k, v in calib.items()}
+    heldout = {k: heldout_loss(model, v, args.seq_len, args.eval_windows) for k, v in calib.items()}
+    test_loss = {k: heldout_loss(model, v, args.seq_len, args.eval_windows) for k, v in test.items()}
+    test_loss_char = {
+        k: loss_per_char(tokenizer, test_text[k], test[k], args.seq_len, args.eval_windows, test_loss[k]) for k in test
+    }
+    routing = {k: routing_distribution(model, v, args.seq_len, args.eval_windows) for k, v in calib.items()}
+    routing_test = {k: routing_distribution(model, v, args.seq_len, args.eval_windows) for k, v in test.items()}
     tv = total_variation(routing["prose"], routing["code"])
-    log.info("held-out loss (calib split): %s", heldout)
+    log.info("held-out loss (calib split): %s; test split: %s; per character: %s", heldout, test_loss, test_loss_char)
+    log.info("routing on the test splits, min/max share per layer: %s", {
+        k: [(round(min(r), 3), round(max(r), 3)) for r in v] for k, v in routing_test.items()
+    })
     log.info("routing total variation prose vs code per layer: %s (at init: %s)",
              [round(t, 3) for t in tv], [round(t, 3) for t in tv_init])
 
@@ -244,9 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "loss_curve_every_10": [round(sum(curve[i : i + 10]) / len(curve[i : i + 10]), 4) for i in range(0, len(curve), 10)],
+        "balance_loss_every_10": [
+            round(sum(balance_curve[i : i + 10]) / len(balance_curve[i : i + 10]), 4) for i in range(0, len(curve), 10)
+        ],
         "heldout_loss_calib_split": heldout,
+        "test_loss_per_token": test_loss,
+        "test_loss_per_char": test_loss_char,
         "routing_prose": routing["prose"],
         "routing_code": routing["code"],
+        "routing_test_prose": routing_test["prose"],
+        "routing_test_code": routing_test["code"],
         "routing_total_variation": tv,
         "routing_total_variation_at_init": tv_init,
     }

@@ -1,0 +1,84 @@
+"""The expert-selection criteria (frequency, REAP, EAN) on hand-worked values, and their two
+implementations (hooks on a model vs one pass of the pruning statistics) against each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from moe_fast import baselines
+from moe_fast.demo.selection import criteria_scores, gram_diagonal, layerwise_statistics, one_pass_selections
+
+
+def test_layer_scores_hand_worked():
+    # 3 tokens, top-2 of 4 experts. Token 0: experts (1, 0) weights (0.75, 0.25), norms (2, 4);
+    # token 1: (1, 2) weights (0.5, 0.5), norms (6, 1); token 2: (2, 1) weights (0.9, 0.1), norms (3, 10).
+    ids = torch.tensor([[1, 0], [1, 2], [2, 1]])
+    w = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.9, 0.1]])
+    norms = torch.tensor([[2.0, 4.0], [6.0, 1.0], [3.0, 10.0]])
+    counts, reap, ean = baselines.layer_scores_from_ranked(ids, w, norms, 4)
+    assert counts.tolist() == [1, 3, 2, 0]
+    # expert 1: (0.75*2 + 0.5*6 + 0.1*10) / 3 = 5.5 / 3; expert 2: (0.5*1 + 0.9*3) / 2 = 1.6
+    assert reap.tolist() == pytest.approx([0.25 * 4, 5.5 / 3, 1.6, 0.0])
+    # EAN has no gate weight: expert 1: (2 + 6 + 10) / 3 = 6; expert 2: (1 + 3) / 2 = 2
+    assert ean.tolist() == pytest.approx([4.0, 6.0, 2.0, 0.0])
+    # the three criteria disagree here, as they should: frequency keeps 1, 2; REAP 1, 2; EAN 1, 0
+    assert baselines.top_scores(counts, 2) == [1, 2]
+    assert baselines.top_scores(reap, 2) == [1, 2]
+    assert baselines.top_scores(ean, 2) == [0, 1]
+    assert baselines.top_scores(torch.tensor([1.0, 2.0, 2.0, 0.0]), 1) == [1]  # ties: lower index
+
+
+def test_gram_diagonal_positions():
+    y = torch.randn(5, 4, 7)
+    gram = torch.bmm(y, y.transpose(1, 2))
+    rows, cols = torch.triu_indices(4, 4)
+    packed = gram[:, rows, cols]
+    assert torch.allclose(gram_diagonal(packed, 4, 3), (y[:, :3] ** 2).sum(-1))
+
+
+def test_criterion_names_and_alias():
+    assert baselines.canonical_criterion("saliency") == "reap"
+    assert baselines.canonical_criterion("ean") == "ean"
+    with pytest.raises(ValueError, match="unknown criterion 'magnitude'"):
+        baselines.canonical_criterion("magnitude")
+
+
+def _tiny(num_experts: int = 6) -> MixtralForCausalLM:
+    torch.manual_seed(1)
+    cfg = MixtralConfig(
+        vocab_size=120, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=num_experts, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(8)
+    return model
+
+
+def test_one_pass_scores_equal_the_hooked_statistics():
+    model = _tiny()
+    ids = torch.randint(0, 120, (4, 12))
+    hooked = baselines.routing_stats(model, ids, batch_size=2, progress=False)
+    stats = layerwise_statistics(model, ids, rank_bound=4, batch_size=2)
+    for li, layer in enumerate(hooked.layers):
+        scores = criteria_scores(stats[layer], 6, 2)
+        assert scores["frequency"] == hooked.counts[li]
+        assert scores["reap"] == pytest.approx(hooked.reap[li], rel=1e-4)
+        assert scores["ean"] == pytest.approx(hooked.ean[li], rel=1e-4)
+
+
+def test_one_pass_reconstruction_equals_prune():
+    """The demo's one-pass search picks what ``moe_fast.prune`` picks, at every r from one pass."""
+    from moe_fast.pruning import prune
+
+    model = _tiny()
+    ids = torch.randint(0, 120, (4, 12))
+    sels = one_pass_selections(model, ids, (4, 3), ("frequency",), ("exhaustive",), "prose", 0, batch_size=2)
+    for keep in (4, 3):
+        ours = next(s for s in sels if s.method == "layer-wise" and s.keep == keep).kept_dict
+        fresh = _tiny()
+        report = prune(fresh, ids, keep, batch_size=2, return_model=False, progress=False).report
+        assert ours == report.kept, keep
