@@ -82,3 +82,33 @@ def test_one_pass_reconstruction_equals_prune():
         fresh = _tiny()
         report = prune(fresh, ids, keep, batch_size=2, return_model=False, progress=False).report
         assert ours == report.kept, keep
+
+
+@pytest.mark.parametrize("criterion,recorded", [("ean", "ean"), ("reap", "reap"), ("saliency", "reap")])
+def test_cli_prune_by_criterion(tmp_path, criterion, recorded):
+    """``moe-fast prune --criterion reap|ean`` keeps the top experts of the statistics on its calibration."""
+    import json
+    import os
+
+    from moe_fast.cli import main
+    from moe_fast.calibration import load_calibration
+    from test_prune_support import save_checkpoint, tiny_mixtral
+
+    model = tiny_mixtral(3, layers=2)
+    src = save_checkpoint(model, tmp_path / "src")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    out = str(tmp_path / "out")
+    argv = ["prune", src, "--keep", "5", "--calib", str(tmp_path / "ids.pt"), "--out", out, "--criterion", criterion,
+            "--no-progress"]
+    assert main(argv) == 0
+    record = json.load(open(os.path.join(out, "config.json")))["moe_fast"]["pruning"]
+    assert record["criterion"] == recorded
+    kept = record["kept_experts"] if "kept_experts" in record else record["kept"]
+    stats = baselines.routing_stats(model.float().eval(), load_calibration(str(tmp_path / "ids.pt"), None, None, None, 42),
+                                    batch_size=8, progress=False)
+    table = stats.ean if recorded == "ean" else stats.reap
+    # the two criteria disagree on this model, so the check tells them apart
+    assert baselines.top_scores(stats.ean[0], 5) != baselines.top_scores(stats.reap[0], 5)
+    for li, layer in enumerate(stats.layers):
+        assert kept[str(layer)] == baselines.top_scores(table[li], 5)

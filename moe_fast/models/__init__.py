@@ -1,20 +1,24 @@
-"""The small Mixtral shipped with moe_fast, and model-name resolution for the CLI.
+"""The small MoEs shipped with moe_fast, and model-name resolution for the CLI.
 
-``builtin:small-mixtral`` names the checkpoint in ``moe_fast/models/small_mixtral/`` (trained
-by :mod:`moe_fast.models.train_small` on the built-in corpora; see its docstring for the
-command). Anything else is passed to transformers as a path or hub id.
+``builtin:small-mixtral`` names the checkpoint in ``moe_fast/models/small_mixtral/`` (8 experts,
+top-2) and ``builtin:small-qwen3-moe`` the one in ``moe_fast/models/small_qwen3_moe/`` (a
+fine-grained Qwen3-MoE), both trained by :mod:`moe_fast.models.train_small` on the built-in
+corpora (each directory's ``training_info.json`` holds the exact command). Anything else is
+passed to transformers as a path or hub id.
 """
 
 from __future__ import annotations
 
 import os
 
-SMALL_MIXTRAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_mixtral")
-BUILTIN_MODELS = {"small-mixtral": SMALL_MIXTRAL_DIR}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL_MIXTRAL_DIR = os.path.join(_HERE, "small_mixtral")
+SMALL_QWEN3_MOE_DIR = os.path.join(_HERE, "small_qwen3_moe")
+BUILTIN_MODELS = {"small-mixtral": SMALL_MIXTRAL_DIR, "small-qwen3-moe": SMALL_QWEN3_MOE_DIR}
 
 
 def resolve_model(spec: str) -> str:
-    """``builtin:small-mixtral`` -> its directory; other specs unchanged (a path or hub id)."""
+    """``builtin:NAME`` -> the shipped model's directory; other specs unchanged (a path or hub id)."""
     if spec.startswith("builtin:"):
         name = spec[len("builtin:"):]
         if name not in BUILTIN_MODELS:
@@ -29,4 +33,4 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-__all__ = ["SMALL_MIXTRAL_DIR", "BUILTIN_MODELS", "resolve_model"]
+__all__ = ["SMALL_MIXTRAL_DIR", "SMALL_QWEN3_MOE_DIR", "BUILTIN_MODELS", "resolve_model"]
