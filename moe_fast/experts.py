@@ -62,8 +62,30 @@ def build_plan(top_k_index: torch.Tensor, num_experts: int) -> Plan:
 SMALL_GROUP_ROWS = 4
 
 
+def _grouped_mm_strides_ok(t: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` takes this operand: one of its last two strides 1, the other a
+    multiple of 16 bytes (and, off the CPU, a 16-byte aligned start).
+
+    Why: expert sizes are the model's (e.g. moe_intermediate_size 12 in bf16 is a 24-byte row);
+    torch refuses those with "strides should be multiple of 16 bytes", the loop below does not.
+    """
+    if t.dim() < 2:
+        return False
+    align = max(1, 16 // t.element_size())
+    strides, sizes = t.stride(), t.shape
+    if strides[-2] == 1 and strides[-1] >= max(1, sizes[-2]):
+        lead = strides[-1]
+    elif strides[-1] == 1 and strides[-2] >= max(1, sizes[-1]):
+        lead = strides[-2]
+    else:
+        return False
+    return lead % align == 0 and (t.device.type == "cpu" or t.data_ptr() % 16 == 0)
+
+
 def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if not (_grouped_mm_strides_ok(x) and _grouped_mm_strides_ok(weight)):
         return False
     if weight.device.type == "cuda":  # the CUDA kernel is bf16 only
         return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)

@@ -51,14 +51,31 @@ def save(
     return out
 
 
-def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Module:
-    """Loads a causal LM and, when its config has a ``"moe_fast": {"skipping": ...}`` entry, patches it.
+_CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only", "subfolder")
 
-    ``model_class`` defaults to ``transformers.AutoModelForCausalLM``; ``kwargs`` go to its
-    ``from_pretrained`` (dtype, device_map, ...).
+
+def saved_model_class(path: str | os.PathLike, **kwargs):
+    """The transformers class a directory was saved from (``config.architectures``), else
+    ``AutoModelForCausalLM``: a saved classifier or question-answering model loads as itself."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS})
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Module:
+    """Loads a saved model and, when its config has a ``"moe_fast": {"skipping": ...}`` entry, patches it.
+
+    ``model_class`` defaults to the class it was saved from (:func:`saved_model_class`);
+    ``kwargs`` go to its ``from_pretrained`` (dtype, device_map, ...).
     """
     if model_class is None:
-        from transformers import AutoModelForCausalLM as model_class
+        model_class = saved_model_class(path, **kwargs)
     model = model_class.from_pretrained(path, **kwargs)
     record = getattr(model.config, patching.CONFIG_KEY, None)
     if isinstance(record, dict) and patching.RECORD_KEY in record:

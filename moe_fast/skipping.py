@@ -145,7 +145,7 @@ def calibrate_skipping(
     """Per-layer (per-slot) beta = quantile of ``w_j / w_0`` over the calibration tokens.
 
     Args:
-        model: a loaded transformers MoE causal LM of a supported family (patched or not; skipping
+        model: any loaded transformers model class of a supported family (patched or not; skipping
             is switched off while measuring, so every layer sees the unskipped model's inputs).
         calibration: token ids, LongTensor [N, L].
         quantile: q in (0, 1); about a fraction q of the tokens skip each slot on this data.
@@ -177,7 +177,7 @@ def calibrate_skipping(
 
     handles = [ref.router.register_forward_hook(make_hook(ref.layer)) for ref in blocks]
     saved = patching.suspend_skipping(model)
-    base = getattr(model, "model", model)
+    base = adapter.base_model(model)  # runs no head: every model class, same hidden states
     try:
         from tqdm.auto import tqdm
 

@@ -60,9 +60,27 @@ class MoEAdapter:
         setattr(config, self.num_experts_key, num_experts)
 
     # --- modules ------------------------------------------------------------------------------
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The bare decoder (embeddings, layers, rotary) of any model class of the family.
+
+        Head classes keep it under their ``base_model_prefix`` (``.model`` for most,
+        ``.transformer`` for Qwen3-MoE's question answering); transformers' ``base_model``
+        resolves that, and is the model itself for the bare class.
+        """
+        base = getattr(model, "base_model", None)
+        if not isinstance(base, nn.Module):
+            base = getattr(model, "model", model)
+        return base
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        base = getattr(model, "model", model)
-        return base.layers
+        base = self.base_model(model)
+        layers = getattr(base, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"moe_fast: found no decoder layers in {type(model).__name__} "
+                f"(looked for {type(base).__name__}.layers)"
+            )
+        return layers
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse MoE block, or None for a dense layer (Qwen's mlp_only_layers)."""

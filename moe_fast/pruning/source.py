@@ -69,8 +69,7 @@ class LoadedSource(LayerSource):
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
-        base = getattr(model, "model", model)
-        self.rotary = base.rotary_emb
+        self.rotary = self.adapter.base_model(model).rotary_emb
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.model.get_input_embeddings()
@@ -115,7 +114,7 @@ class CheckpointSource(LayerSource):
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config)
         self.config = self.skeleton.config
-        self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
+        self.rotary = type(self.adapter.base_model(self.skeleton).rotary_emb)(config=self.config).to(self.device)
         self._embed = self.skeleton.get_input_embeddings()
         name = "model.embed_tokens.weight"
         if name not in self.weight_map:
