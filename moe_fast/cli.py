@@ -1,7 +1,9 @@
 """``moe-fast`` command line: one subcommand per module in :mod:`moe_fast.commands`.
 
 Each command module defines ``register(subparsers)`` which adds its parser and sets
-``func(args) -> int`` as the parser default.
+``func(args) -> int`` as the parser default. Expected failures (bad input, a missing or
+unwritable path, a full disk, a busy output) end with one line naming the path and the cause,
+exit status 2; log lines are written through tqdm so that they do not break progress bars.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import moe_fast.commands
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moe-fast", description="Expert pruning and dynamic expert skipping for MoE LLMs."
+        prog="moe-fast",
+        description="Expert pruning and dynamic expert skipping for MoE LLMs.",
+        epilog=f"Built-in models (every command accepts them as MODEL): {moe_fast.commands.builtin_models_text()}. "
+        f"Built-in corpora (for --calib and --data): {moe_fast.commands.builtin_corpora_text()}.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,16 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(err: BaseException) -> str:
+    """One line for an expected failure: ``PATH: cause`` for file-system errors, else the message."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from moe_fast.models import quiet_loading
+    from moe_fast.staging import FolderBusy
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"moe-fast {args.command}: error: {err}", file=sys.stderr)
+        with logging_redirect_tqdm(), quiet_loading():
+            return int(args.func(args) or 0)
+    except (ValueError, OSError, FolderBusy) as err:
+        print(f"moe-fast {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

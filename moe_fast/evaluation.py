@@ -338,22 +338,26 @@ def is_skipping(model: nn.Module) -> bool:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", skip: bool = False):
-    """(model, tokenizer, path) for ``builtin:small-mixtral``, a directory or a hub id.
+    """(model, tokenizer, path) for a built-in model (``builtin:NAME``), a directory or a hub id.
 
     With ``skip`` the model is loaded through ``moe_fast.from_pretrained`` (patched with the betas
     recorded in its config); without, as a stock transformers model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moe_fast.models import resolve_model
+    from moe_fast.checkpoint_check import verify_checkpoint
+    from moe_fast.models import quiet_loading, resolve_model
 
     path = resolve_model(spec)
-    if skip:
-        from moe_fast.saving import from_pretrained
+    if os.path.isdir(path):
+        verify_checkpoint(path)  # a truncated or corrupt file: one clear error instead of a traceback
+    with quiet_loading():
+        if skip:
+            from moe_fast.saving import from_pretrained
 
-        model = from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = from_pretrained(path, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 
 import torch
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "moe_fast"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
+# Not the tokenizer's, but part of a checkpoint that pruning does not change: always copied.
+COMPANION_FILES = ("generation_config.json",)
 
 
 def _merged_record(existing, pruning: dict) -> dict:
@@ -110,7 +113,7 @@ def export_checkpoint(
         for key, tensor in out_tensors.items():
             new_map[key] = name
             total += tensor.numel() * tensor.element_size()
-        save_file(out_tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        _save_shard(save_file, out_tensors, os.path.join(directory, name))
         del out_tensors
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, f, indent=2)
@@ -142,13 +145,30 @@ def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]]):
     return convert
 
 
+def _save_shard(save_file, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """``save_file``, with safetensors' own error for a failed write turned into an OSError naming ``path``."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as err:  # SafetensorError("Error while serializing: I/O error: ... (os error 28)")
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number) if number else str(err), path) from err
+
+
 def _copy_tokenizer(directory: str, tokenizer, source_path: str | None) -> None:
+    """The tokenizer (saved, or its files copied) and the companion files such as generation_config.json."""
+    names = COMPANION_FILES
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-        return
+    else:
+        names = TOKENIZER_FILES + COMPANION_FILES
     if source_path is None:
         return
-    for name in TOKENIZER_FILES:
+    for name in names:
         src = os.path.join(source_path, name)
         if os.path.exists(src) and not os.path.exists(os.path.join(directory, name)):
             shutil.copy2(src, os.path.join(directory, name))

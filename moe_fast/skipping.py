@@ -200,5 +200,6 @@ def calibrate_skipping(
         betas.append(beta)
         rates.append([float((r[:, j] < beta[j]).mean()) for j in range(k - 1)])
     result = SkipCalibration(layers, betas, rates, float(quantile), int(n_tokens), k)
-    log.info("skipping calibrated on %d tokens (quantile %.2f):\n%s", n_tokens, quantile, result.table())
+    log.info("skipping calibrated on %d tokens (quantile %.2f)", n_tokens, quantile)
+    log.debug("%s", result.table())  # the commands print the table themselves
     return result

@@ -1,17 +1,24 @@
-"""Write an output directory somewhere else first, then move it in whole.
+"""Write an output directory somewhere else first, then move it in whole; lock a work folder.
 
 Nothing the user had is lost and no half-written directory is left behind: the work happens in
 a fresh directory beside the target, which replaces the target in one rename on success and is
-removed on any error.
+removed on any error. A work folder that outlives one run (``prune``'s partial folder, which
+``--resume`` continues) is held by :class:`FolderLock`, so two runs never write it at once.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from contextlib import contextmanager
 from typing import Iterator
+
+LOCK_NAME = ".lock"
 
 
 @contextmanager
@@ -19,12 +26,13 @@ def staged_directory(out: str | os.PathLike, replace: bool = False) -> Iterator[
     """Yields a fresh directory that becomes ``out`` when the block succeeds.
 
     ``out`` may be absent or empty; a non-empty ``out`` is replaced only with ``replace=True``
-    (callers check and refuse first, so that an error comes before any work).
+    (callers check and refuse first, so that an error comes before any work). The directory is
+    created like a plain ``mkdir`` (its mode follows the umask), not private like ``mkdtemp``'s.
     """
     out = os.path.abspath(os.fspath(out))
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    stage = _fresh_directory(parent, f".{os.path.basename(out)}.")
     try:
         yield stage
         if os.path.isdir(out):
@@ -36,3 +44,111 @@ def staged_directory(out: str | os.PathLike, replace: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _fresh_directory(parent: str, prefix: str) -> str:
+    """A new directory ``parent/prefix<random>``, mode 0o777 less the umask."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the folder's lock; ``holder`` describes it (pid, host, start)."""
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class FolderLock:
+    """An exclusive lock on a work folder, held from :meth:`acquire` to :meth:`release`.
+
+    The lock is ``flock`` on ``<folder>/.lock``: the kernel drops it when its process dies,
+    so a folder left by a killed run is taken over by the next one, while a second run next to
+    a live one fails at once with :class:`FolderBusy` naming the holder (pid, host, start time,
+    written into the lock file). The folder is created if needed.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = os.path.abspath(folder)
+        self.path = os.path.join(self.folder, LOCK_NAME)
+        self.fd: int | None = None
+        self.previous: dict | None = None  # the holder recorded by a run that died holding it
+
+    def acquire(self) -> "FolderLock":
+        while True:
+            os.makedirs(self.folder, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was just removed by a finishing holder
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = describe_holder(_read_holder(fd))
+                os.close(fd)
+                raise FolderBusy(f"{self.folder} is in use by another run ({holder})", holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file a finishing holder unlinked between our open and flock
+                break
+            os.close(fd)
+        self.fd = fd
+        self.previous = _read_holder(fd) or None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return self
+
+    def release(self, remove: bool = False) -> None:
+        """Unlocks; ``remove`` deletes the folder, else only the lock file (and the folder if empty)."""
+        if self.fd is None:
+            return
+        try:
+            if remove:
+                for name in os.listdir(self.folder):
+                    if name != LOCK_NAME:
+                        target = os.path.join(self.folder, name)
+                        if os.path.isdir(target) and not os.path.islink(target):
+                            shutil.rmtree(target, ignore_errors=True)
+                        else:
+                            os.unlink(target)
+            os.unlink(self.path)  # while still locked: a waiting run then sees a new file
+            try:
+                os.rmdir(self.folder)
+            except OSError:
+                pass  # not empty: progress kept for --resume
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(remove=exc_type is None)
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(holder: dict | None) -> str:
+    """"pid P on host H, started T" from what a lock holder wrote into the lock file."""
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"

@@ -97,3 +97,23 @@ def test_path_and_loaded_model_agree(tmp_path) -> None:
         for i in a.layers:
             for key, v in a.layers[i].loss.items():
                 assert b.layers[i].loss[key] == pytest.approx(v, rel=1e-5, abs=1e-9)
+
+
+def test_export_copies_generation_config_with_a_tokenizer(tmp_path) -> None:
+    """Text calibration loads the tokenizer, which the export saves; generation_config.json must still come along."""
+    from moe_fast.adapters import get_adapter
+    from moe_fast.export import export_checkpoint
+
+    model = tiny_mixtral(5, layers=2)
+    src = save_checkpoint(model, tmp_path / "src", tokenizer=tiny_tokenizer())
+    with open(os.path.join(src, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 17}, f)
+    out = str(tmp_path / "out")
+    kept = {0: [0, 1, 2, 3, 4, 5], 1: [1, 2, 3, 4, 5, 6]}
+    export_checkpoint(src, out, get_adapter(model.config), kept, {"kept_experts": kept}, tokenizer=tiny_tokenizer())
+    assert json.load(open(os.path.join(out, "generation_config.json"))) == json.load(
+        open(os.path.join(src, "generation_config.json"))
+    )
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.generation_config.max_new_tokens == 17 and loaded.config.num_local_experts == 6

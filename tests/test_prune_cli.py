@@ -154,3 +154,118 @@ def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch) -> Non
     monkeypatch.undo()
     with pytest.raises(ValueError, match="other settings"):
         moe_fast.prune(src, calib, 6, batch_size=4, out=out, resume=True, progress=False)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_permission_denied_on_the_parent_is_one_line(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    src, calib = checkpoint
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores the mode bits: let mkdir refuse the way the kernel would
+        real_mkdir = os.mkdir
+
+        def mkdir(path, mode=0o777, **kw):
+            if os.path.dirname(os.path.abspath(os.fspath(path))) == str(parent):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_mkdir(path, mode, **kw)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    out = str(parent / "out")
+    try:
+        rc = main(["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--no-progress"])
+    finally:
+        parent.chmod(0o755)
+    assert rc == 2
+    assert _one_error_line(capsys) == f"moe-fast prune: error: {out}{prune_mod.PARTIAL_SUFFIX}: Permission denied"
+    assert os.listdir(parent) == []
+
+
+def test_full_disk_is_one_line_and_resume_works_after(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+    real = safetensors.torch.save_file
+    writes = []
+
+    def disk_fills_up(tensors, path, metadata=None):  # what safetensors raises on ENOSPC, after a partial write
+        writes.append(path)
+        if len(writes) == 3:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
+    argv = ["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--batch-size", "4", "--no-progress"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert line == f"moe-fast prune: error: {writes[2]}: No space left on device"
+    assert not os.path.exists(out)
+    progress = json.load(open(os.path.join(out + prune_mod.PARTIAL_SUFFIX, "progress.json")))
+    assert sorted(progress["layers"]) == ["0", "1", "2", "3"]
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("resume searched again")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real)  # space freed
+    monkeypatch.setattr(prune_mod, "run_search", no_search)
+    assert main(argv + ["--resume"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["num_local_experts"] == 6
+    assert not os.path.exists(out + prune_mod.PARTIAL_SUFFIX)
+
+
+def test_full_disk_while_saving_progress_is_one_line(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+
+    def dump(*args, **kwargs):  # a plain file write on a full disk: OSError without a file name
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prune_mod.json, "dump", dump)
+    rc = main(["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--no-progress"])
+    assert rc == 2
+    tmp = os.path.join(out + prune_mod.PARTIAL_SUFFIX, "progress.json.tmp")
+    assert _one_error_line(capsys) == f"moe-fast prune: error: {tmp}: No space left on device"
+    assert not os.path.exists(out)
+
+
+def test_truncated_progress_json_is_one_line(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    src, calib = checkpoint
+    out = str(tmp_path / "out")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_mod, "run_search", boom)
+    with pytest.raises(KeyboardInterrupt):
+        moe_fast.prune(src, calib, 6, batch_size=4, out=out, progress=False)
+    monkeypatch.undo()
+    progress = os.path.join(out + prune_mod.PARTIAL_SUFFIX, "progress.json")
+    with open(progress, "r+") as f:
+        f.truncate(13)
+    rc = main(["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--batch-size", "4", "--resume", "--no-progress"])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"moe-fast prune: error: resume: {progress} is unreadable (JSONDecodeError: Expecting value")
+    assert "run without --resume" in line
+    assert os.path.getsize(progress) == 13 and not os.path.exists(out)
+
+
+def test_prune_help_documents_every_option() -> None:
+    from moe_fast.cli import build_parser
+
+    parser = build_parser()
+    prune = parser._subparsers._group_actions[0].choices["prune"]
+    undocumented = [a.option_strings or a.dest for a in prune._actions if not a.help]
+    assert undocumented == []
+    usage = prune.format_usage()
+    assert "--calib SPEC --out DIR" in usage and "[--calib" not in usage and "[--out" not in usage
+    assert "--plan" in usage

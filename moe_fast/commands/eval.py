@@ -1,8 +1,8 @@
 """``moe-fast eval MODEL --data SPEC [--data SPEC ...] [--skip] [--json PATH]``.
 
 Perplexity on held-out text, greedy tokens/s, peak memory, parameters, size on disk, and the
-skip rate when the model skips. MODEL is a checkpoint directory, a hub id, or
-``builtin:small-mixtral`` (the model shipped with moe_fast).
+skip rate when the model skips. MODEL is a checkpoint directory, a hub id, or a model shipped
+with moe_fast (``builtin:small-mixtral``, see ``moe_fast.models.BUILTIN_MODELS``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+
+from moe_fast.commands import builtin_corpora_text, model_help
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +23,14 @@ def register(subparsers) -> None:
         description="Evaluate a causal MoE LM: perplexity on held-out text (non-overlapping windows), tokens/s of "
         "greedy generation, peak memory, parameter count, size on disk, and the measured skip rate with --skip.",
     )
-    p.add_argument("model", help="checkpoint directory, hub id, or builtin:small-mixtral")
+    p.add_argument("model", metavar="MODEL", help=model_help() + "; or a hub id")
     p.add_argument(
         "--data",
         action="append",
         required=True,
-        help="held-out text: builtin:python-prose / builtin:python-code (test split; add :train or :calib for "
-        "another), or a .txt / .jsonl file; repeat for several",
+        metavar="SPEC",
+        help=f"held-out text: a built-in corpus ({builtin_corpora_text()}; its test split, add :train or :calib "
+        "for another), or a .txt / .jsonl file; repeat for several",
     )
     p.add_argument("--skip", action="store_true", help="dynamic skipping: load with the betas recorded in the "
                    "model's config (moe-fast skip writes them); with --beta, patch with that threshold instead")

@@ -5,37 +5,64 @@ from __future__ import annotations
 import argparse
 import os
 
+from moe_fast.commands import calib_help, model_help
 from moe_fast.commands.skip import add_skip_arguments
+
+USAGE = (
+    "moe-fast prune MODEL --keep R --calib SPEC --out DIR [options]\n"
+    "       moe-fast prune MODEL --keep R --plan [--json] [--n-samples N] [--seq-len L] [--mode M] [--world-size W]"
+)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "prune",
+        usage=USAGE,
         help="keep R experts per MoE layer, chosen on calibration text; write a plain checkpoint",
         description="Expert pruning (Lu et al., ACL 2024): in every MoE layer keep the R experts whose "
         "layer output on calibration tokens stays closest to the unpruned one, and write the result as "
         "a checkpoint that plain transformers loads.",
     )
-    p.add_argument("model", help="checkpoint directory (hub layout, safetensors)")
-    p.add_argument("--keep", "-r", type=int, required=True, help="experts kept per MoE layer (R)")
-    p.add_argument("--calib", default=None, help="calibration: .txt, .json/.jsonl (text field), .pt ids, builtin:NAME or HF dataset")
-    p.add_argument("--out", default=None, help="output directory (must not exist or be empty)")
+    p.add_argument("model", metavar="MODEL", help=model_help())
+    needed = p.add_argument_group("required (--calib and --out: unless --plan)")
+    needed.add_argument("--keep", "-r", metavar="R", type=int, required=True, help="experts kept per MoE layer (R)")
+    needed.add_argument("--calib", metavar="SPEC", default=None, help=calib_help())
+    needed.add_argument("--out", metavar="DIR", default=None, help="output directory (must not exist or be empty)")
     p.add_argument(
         "--plan", action="store_true",
         help="print the memory and expert-FLOP budget per layer from MODEL's config.json (no weights read) and exit",
     )
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument("--world-size", type=int, default=None, help="with --plan: ranks sharing the calibration (default: 1 or torchrun's)")
-    p.add_argument("--mode", choices=["layerwise", "progressive"], default="layerwise")
-    p.add_argument("--objective", choices=["paper", "mse"], default="paper")
-    p.add_argument("--search", choices=["auto", "exhaustive", "greedy", "beam"], default="auto")
-    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument(
+        "--mode", choices=["layerwise", "progressive"], default="layerwise",
+        help="layerwise (default): each layer's inputs come from the unpruned model; progressive: from the "
+        "model pruned so far (the target is still the unpruned block's output)",
+    )
+    p.add_argument(
+        "--objective", choices=["paper", "mse"], default="paper",
+        help="paper (default): sum over calibration batches of the Frobenius norm of the layer output's "
+        "change; mse: sum of squared errors over all tokens",
+    )
+    p.add_argument(
+        "--search", choices=["auto", "exhaustive", "greedy", "beam"], default="auto",
+        help="how the kept set is found: exhaustive (every one of the C(E, R) sets), greedy (drop the expert "
+        "that costs least, one at a time), beam (the same keeping the --beam-width best sets per step), auto "
+        "(default: exhaustive when C(E, R) <= 5000, else beam)",
+    )
+    p.add_argument("--beam-width", type=int, default=4, help="candidates kept per step with --search beam (default 4)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; a .pt is used whole)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch (one term of the paper's sum)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--seed", type=int, default=42,
+        help="seed for drawing the calibration sequences from text (and for --criterion random; default 42)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
+    p.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
+        help="precision of the computation (default auto: the checkpoint's dtype)",
+    )
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens whose expert outputs are held at once")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -53,10 +80,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe_fast.models import resolve_model
+
+    args.model = resolve_model(args.model)
     if args.plan:
         return run_plan(args)
     if args.calib is None or args.out is None:
         raise ValueError("--calib and --out are required (except with --plan)")
+    if os.path.isdir(args.model):
+        from moe_fast.checkpoint_check import verify_checkpoint
+
+        verify_checkpoint(args.model)  # a truncated or corrupt file: one clear error, nothing written
     if args.criterion != "reconstruction":
         run_baseline(args)
     else:
@@ -80,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         print(skipped["table"])
+        print(f"expert calls saved on the calibration data: {skipped['saved_fraction_mean']:.1%}")
     print(f"pruned checkpoint: {args.out}")
     return 0
 

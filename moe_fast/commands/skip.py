@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from moe_fast.commands import calib_help, model_help
 from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ def register(subparsers) -> None:
         "calibration tokens. Writes a copy of the checkpoint whose config.json records the betas; load it with "
         "moe_fast.from_pretrained(DIR).",
     )
-    p.add_argument("model", help="checkpoint directory (or hub name) of a supported MoE family")
-    p.add_argument("--calib", required=True, help="calibration: .txt, .json/.jsonl (text field), .pt ids, builtin:NAME or HF dataset")
+    p.add_argument("model", metavar="MODEL", help=model_help() + "; or a hub name")
+    p.add_argument("--calib", metavar="SPEC", required=True, help=calib_help())
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty; may be MODEL itself)")
     add_skip_arguments(p)
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 32; a .pt is used whole)")
@@ -97,14 +98,19 @@ def skip_checkpoint(
 
     from moe_fast import patching, saving
     from moe_fast.calibration import calibration_fingerprint, load_calibration
+    from moe_fast.checkpoint_check import verify_checkpoint
+    from moe_fast.models import quiet_loading, resolve_model
     from moe_fast.skipping import calibrate_skipping
 
-    model_path, out = os.fspath(model_path), Path(out)
+    model_path, out = resolve_model(os.fspath(model_path)), Path(out)
     in_place = out.exists() and Path(model_path).exists() and out.resolve() == Path(model_path).resolve()
     if out.exists() and any(out.iterdir()) and not in_place:
         raise FileExistsError(f"output directory {out} exists and is not empty")
+    if os.path.isdir(model_path):
+        verify_checkpoint(model_path)  # a truncated or corrupt file: one clear error, nothing written
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     tokenizer = None
     if isinstance(calibration, str) and not calibration.lower().endswith(".pt"):
         tokenizer = _load_tokenizer(model_path)

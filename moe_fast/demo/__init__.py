@@ -45,16 +45,12 @@ __all__ = ["Settings", "run_demo"]
 
 def _load(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    from moe_fast.models import resolve_model
+    from moe_fast.models import quiet_loading, resolve_model
 
     path = resolve_model(spec)
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    finally:
-        hf_logging.enable_progress_bar()
     return model, AutoTokenizer.from_pretrained(path), path
 
 

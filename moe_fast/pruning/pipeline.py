@@ -17,6 +17,7 @@ progress, the checkpoint and the report.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -32,10 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_fast.calibration import calibration_fingerprint, load_calibration
+from moe_fast.checkpoint_check import verify_checkpoint
 from moe_fast.pruning import distributed
 from moe_fast.pruning.expert_outputs import LayerStats, PrunedForward, StatsForward
 from moe_fast.pruning.search import choose_search, make_scorer, run_search
 from moe_fast.pruning.source import CheckpointSource, LayerSource, LoadedSource
+from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock, describe_holder
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +184,49 @@ def prune(
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
+
+    With ``out`` the run holds an exclusive lock on ``<out>.moe_fast_partial`` from start to end:
+    a second run into the same ``out`` fails at once (FolderBusy, naming the first), and a lock
+    left by a killed run is taken over. The checkpoint is verified (every shard the index names
+    present, with its tensors and size) before it is moved to ``out``.
     """
+    locks: list[FolderLock] = []
+    try:
+        return _prune(
+            locks, model_or_path, calibration, keep, out=out, mode=mode, objective=objective, search=search,
+            beam_width=beam_width, n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+            device=device, dtype=dtype, resume=resume, tokenizer=tokenizer, chunk_tokens=chunk_tokens,
+            return_model=return_model, progress=progress,
+        )
+    finally:
+        for lock in locks:  # still held: the run failed; its progress stays for --resume
+            lock.release(remove=False)
+
+
+def _prune(
+    locks: list[FolderLock],
+    model_or_path: nn.Module | str | os.PathLike,
+    calibration: str | torch.Tensor,
+    keep: int,
+    *,
+    out: str | os.PathLike | None,
+    mode: str,
+    objective: str,
+    search: str,
+    beam_width: int,
+    n_samples: int | None,
+    seq_len: int | None,
+    batch_size: int,
+    seed: int,
+    device: str | None,
+    dtype: str,
+    resume: bool,
+    tokenizer,
+    chunk_tokens: int,
+    return_model: bool,
+    progress: bool,
+) -> PruneResult:
+    """The body of :func:`prune`; a lock it takes goes into ``locks`` (released by the caller on error)."""
     t_start = time.perf_counter()
     if mode not in ("layerwise", "progressive"):
         raise ValueError(f"mode must be layerwise or progressive; got {mode!r}")
@@ -193,11 +238,19 @@ def prune(
     lead = ctx.rank == 0  # writes progress, the checkpoint and the report
     out = None if out is None else os.fspath(out)
     is_path = not isinstance(model_or_path, nn.Module)
+    partial = None if out is None or not lead else out.rstrip("/") + PARTIAL_SUFFIX
     with ctx.guard():
         if lead:
             _check_out(out)
+            if partial is not None:
+                locks.append(_lock_partial(partial, out))
+                _check_out(out)  # again: a run that held the lock may have just finished there
         if is_path:
-            source: LayerSource = CheckpointSource(os.fspath(model_or_path), device=device, dtype=dtype)
+            from moe_fast.models import resolve_model
+
+            path = resolve_model(os.fspath(model_or_path))
+            verify_checkpoint(path)  # a truncated or corrupt file: one clear error before any work
+            source: LayerSource = CheckpointSource(path, device=device, dtype=dtype)
         else:
             source = LoadedSource(model_or_path, device=device)
         adapter = source.adapter
@@ -228,12 +281,10 @@ def prune(
         "calibration": calib_summary,
     }
 
-    partial = None if out is None or not lead else out.rstrip("/") + PARTIAL_SUFFIX
     report = PruneReport(settings=settings, world_size=ctx.world)
     with ctx.guard():
         if partial is not None:
             report.layers = _resume_state(partial, settings, resume)
-            os.makedirs(partial, exist_ok=True)
             _save_progress(partial, settings, report)  # the settings, so that a resume can check them
     report.layers = ctx.broadcast(report.layers)
 
@@ -342,32 +393,37 @@ def prune(
 
             staging = os.path.join(partial, "export")
             shutil.rmtree(staging, ignore_errors=True)
-            if is_path:
-                export.export_checkpoint(source.path, staging, adapter, report.kept, record, tokenizer)
-            else:
-                export.save_loaded(model, staging, tokenizer)
-            timings["export"] = time.perf_counter() - t0
-            timings["total"] = time.perf_counter() - t_start
-            report.timings = timings
-            report.peak_memory_bytes, settings["peak_memory_kind"] = peak_memory(source.device)  # export included
-            report.save(os.path.join(staging, REPORT_NAME))
+            with _writing(staging):
+                if is_path:
+                    export.export_checkpoint(source.path, staging, adapter, report.kept, record, tokenizer)
+                else:
+                    export.save_loaded(model, staging, tokenizer)
+                timings["export"] = time.perf_counter() - t0
+                timings["total"] = time.perf_counter() - t_start
+                report.timings = timings
+                report.peak_memory_bytes, settings["peak_memory_kind"] = peak_memory(source.device)  # export included
+                report.save(os.path.join(staging, REPORT_NAME))
+            _verify_export(staging)
             if os.path.isdir(out):
-                os.rmdir(out)  # empty (checked above)
+                os.rmdir(out)  # empty (checked under the lock)
             os.replace(staging, out)
-            shutil.rmtree(partial, ignore_errors=True)
+            locks.pop().release(remove=True)
         else:
             timings["total"] = time.perf_counter() - t_start
             report.timings = timings
     if is_path and return_model:
         from transformers import AutoModelForCausalLM
 
-        if out is not None and lead:
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=source.dtype)
-        else:
-            from moe_fast.export import prune_loaded_model
+        from moe_fast.models import quiet_loading
 
-            full = AutoModelForCausalLM.from_pretrained(source.path, dtype=source.dtype)
-            model = prune_loaded_model(full, adapter, report.kept, record)
+        with quiet_loading():
+            if out is not None and lead:
+                model = AutoModelForCausalLM.from_pretrained(out, dtype=source.dtype)
+            else:
+                from moe_fast.export import prune_loaded_model
+
+                full = AutoModelForCausalLM.from_pretrained(source.path, dtype=source.dtype)
+                model = prune_loaded_model(full, adapter, report.kept, record)
     return PruneResult(model, report)
 
 
@@ -432,29 +488,74 @@ def _block_input_stats(layer: nn.Module, block: nn.Module, recorder: StatsForwar
             pass
 
 
+def _lock_partial(partial: str, out: str) -> FolderLock:
+    """Takes the partial folder's lock (see :class:`moe_fast.staging.FolderLock`)."""
+    lock = FolderLock(partial)
+    try:
+        lock.acquire()
+    except FolderBusy as err:
+        raise FolderBusy(f"another prune into {out} is running ({err.holder}); wait for it to end or choose another --out") from None
+    if lock.previous:
+        log.info("%s: taking over from a run that ended without finishing (%s)", partial, describe_holder(lock.previous))
+    return lock
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """OSErrors (full disk, permissions) raised without a file name get ``path`` as theirs."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
+
+
+def _verify_export(staging: str) -> None:
+    """The export is complete: its weight files match their index, and config and report exist."""
+    weights = verify_checkpoint(staging, strict=True)
+    if not weights:
+        raise OSError(errno.ENOENT, "the export wrote no weights", staging)
+    for name in ("config.json", REPORT_NAME):
+        if not os.path.isfile(os.path.join(staging, name)):
+            raise OSError(errno.ENOENT, "missing from the export", os.path.join(staging, name))
+
+
 def _resume_state(partial: str, settings: dict, resume: bool) -> dict[int, LayerResult]:
+    """Layers already done (``resume``); without ``resume`` the partial folder is emptied (its lock kept)."""
     path = os.path.join(partial, "progress.json")
     if not resume:
-        if os.path.exists(partial):
-            shutil.rmtree(partial)
+        for name in os.listdir(partial):
+            if name != LOCK_NAME:
+                target = os.path.join(partial, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
         return {}
     if not os.path.exists(path):
         log.info("resume: no saved progress in %s, starting from the first layer", partial)
         return {}
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        layers = {int(i): LayerResult(**r) for i, r in saved["layers"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"resume: {path} is unreadable ({type(err).__name__}: {err}); run without --resume to start over"
+        ) from None
     if saved.get("settings") != json.loads(json.dumps(settings)):
         raise ValueError(
             f"resume: the saved progress in {partial} was made with other settings or calibration tokens; "
             "run without --resume to start over"
         )
-    layers = {int(i): LayerResult(**r) for i, r in saved["layers"].items()}
     log.info("resume: %d layers already done", len(layers))
     return layers
 
 
 def _save_progress(partial: str, settings: dict, report: PruneReport) -> None:
     tmp = os.path.join(partial, "progress.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"settings": settings, "layers": {str(i): vars(r) for i, r in report.layers.items()}}, f)
+    with _writing(tmp):
+        with open(tmp, "w") as f:
+            json.dump({"settings": settings, "layers": {str(i): vars(r) for i, r in report.layers.items()}}, f)
     os.replace(tmp, os.path.join(partial, "progress.json"))
