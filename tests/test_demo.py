@@ -40,6 +40,7 @@ def test_selectors():
         baselines.select("magnitude", 8, 4, [0])
 
 
+@pytest.mark.numerics
 def test_routing_stats_match_brute_force():
     model = _tiny()
     ids = torch.randint(0, 200, (3, 16))

@@ -13,6 +13,7 @@ def _betas(model, ids):
     return moe_fast.calibrate_skipping(model, ids, quantile=0.5, progress=False)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 def test_patched_equals_stock_float32(family, impl):
@@ -30,6 +31,7 @@ def test_patched_equals_stock_float32(family, impl):
     assert torch.equal(again, stock)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_with_betas_equals_reference(family):
     model = tiny_model(family)

@@ -154,6 +154,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_without_skipping_is_stock_eager(family):
     model = tiny_model(family, experts_implementation="eager")

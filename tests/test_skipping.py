@@ -31,6 +31,7 @@ def captured_ratios(model, ids) -> dict[int, np.ndarray]:
     return {layer: np.concatenate(v) for layer, v in got.items()}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family, q", [("mixtral", 0.5), ("qwen2_moe", 0.3), ("qwen3_moe", 0.5), ("olmoe", 0.7)])
 def test_betas_are_quantiles_per_slot(family, q):
     model = tiny_model(family)
@@ -52,6 +53,7 @@ def test_betas_are_quantiles_per_slot(family, q):
     assert str(cal.layers[-1]) in cal.table()
 
 
+@pytest.mark.numerics
 def test_reported_skip_rate_is_what_the_patched_model_skips():
     model = tiny_model("mixtral")
     ids = torch.randint(3, VOCAB, (4, 12))

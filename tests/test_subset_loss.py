@@ -13,6 +13,7 @@ from moe_fast import ops, reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,M,H", [(0, 4, 16), (1, 1, 1), (7, 3, 33), (300, 6, 64), (64, 10, 7)])
 def test_gram_matches_reference(T: int, M: int, H: int, dtype: torch.dtype, device: str) -> None:
