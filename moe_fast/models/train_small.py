@@ -201,6 +201,13 @@ def total_variation(p: list[list[float]], q: list[list[float]]) -> list[float]:
     return [0.5 * sum(abs(a - b) for a, b in zip(pl, ql)) for pl, ql in zip(p, q)]
 
 
+def _tokens_before(previous: dict | None) -> int:
+    """Training tokens of all earlier phases recorded in a ``training_info.json``."""
+    if not previous:
+        return 0
+    return int(previous.get("train_tokens_all_phases") or previous.get("train_tokens", 0))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (replaced)")
@@ -220,6 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation for training")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per split for loss and routing")
+    p.add_argument("--init-from", default=None, help="continue from this checkpoint (a further training phase)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -242,7 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     prose, code = get_corpus("python-prose"), get_corpus("python-code")
-    tokenizer = train_tokenizer([prose.train, code.train], args.vocab)
+    previous = None
+    if args.init_from:  # a further phase: the earlier phase's tokenizer, weights and record
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        with open(os.path.join(args.init_from, "training_info.json")) as f:
+            previous = json.load(f)
+    else:
+        tokenizer = train_tokenizer([prose.train, code.train], args.vocab)
     streams = [encode(tokenizer, prose.train), encode(tokenizer, code.train)]
     calib = {"prose": encode(tokenizer, prose.calib), "code": encode(tokenizer, code.calib)}
     test_text = {"prose": prose.test, "code": code.test}
@@ -250,8 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     log.info("tokenizer: %d tokens; train tokens prose %d, code %d", len(tokenizer), *map(len, streams))
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    config = make_config(len(tokenizer), args, eos_id)
-    model = AutoModelForCausalLM.from_config(config, experts_implementation=args.experts_impl)
+    if args.init_from:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.init_from, dtype=torch.float32, experts_implementation=args.experts_impl
+        )
+        config = model.config
+        config.router_aux_loss_coef = args.aux_loss
+        args.top_k = config.num_experts_per_tok
+    else:
+        config = make_config(len(tokenizer), args, eos_id)
+        model = AutoModelForCausalLM.from_config(config, experts_implementation=args.experts_impl)
     n_exp = num_experts(config)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
@@ -335,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "routing_test_code": routing_test["code"],
         "routing_total_variation": tv,
         "routing_total_variation_at_init": tv_init,
+        "previous_phase": previous,
+        "train_tokens_all_phases": args.steps * args.batch * args.seq_len + _tokens_before(previous),
     }
     tmp = tempfile.mkdtemp(prefix=".small_mixtral.", dir=os.path.dirname(os.path.abspath(args.out)) or ".")
     model.to(getattr(torch, args.dtype)).save_pretrained(tmp)
