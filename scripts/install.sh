@@ -18,7 +18,7 @@ else
   "${PIP[@]}" "torch==2.13.0"
 fi
 
-DEPS=("transformers>=5.7" numpy safetensors tqdm matplotlib pytest ninja pybind11 "setuptools>=77" wheel)
+DEPS=("transformers>=5.7" numpy safetensors tqdm matplotlib pytest ninja pybind11 "setuptools>=64" wheel)
 # pip's own requirement parser (vendored with pip): are all of DEPS installed at suitable versions?
 if "${PY}" - "${DEPS[@]}" << 'EOF' 2>/dev/null; then
 import importlib.metadata as md, sys
