@@ -2,6 +2,8 @@
 # Compile-only check of every CUDA kernel (csrc/cuda/*.cu) with nvcc, for sm_80 and sm_90.
 # Needs no GPU and no CUDA build of torch: the kernels include no torch header.
 # Usage: bash scripts/compile_cuda.sh   (NVCC=/path/to/nvcc to pick a compiler; EXTRA_NVCC_FLAGS=...)
+# A file that compiled before is skipped while it, the headers in csrc/include, the flags and nvcc
+# are unchanged (stamps in build/compile_cuda/; COMPILE_CUDA_FORCE=1 compiles everything).
 # Exit status: 0 when every file compiles (or nvcc is absent: skipped with a message), 1 otherwise.
 set -u -o pipefail
 
@@ -28,17 +30,32 @@ FLAGS=(-c -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -Xcompile
 # shellcheck disable=SC2206
 EXTRA=(${EXTRA_NVCC_FLAGS:-})
 
+version="$("${NVCC}" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+STAMPS="${ROOT}/build/compile_cuda"
+mkdir -p "${STAMPS}"
+# What a file's result depends on, apart from its own text: nvcc, the flags and every header.
+common="$( { "${NVCC}" --version; echo "${FLAGS[*]} ${EXTRA[*]}"; cat "${ROOT}"/csrc/include/moe_fast/*; } | sha256sum | cut -d' ' -f1)"
+
 failed=()
+unchanged=0
 for src in "${SOURCES[@]}"; do
   name="$(basename "${src}" .cu)"
-  if ! "${NVCC}" "${FLAGS[@]}" "${EXTRA[@]}" -o "${OBJDIR}/${name}.o" "${src}"; then
+  key="$( { echo "${common}"; cat "${src}"; } | sha256sum | cut -d' ' -f1)"
+  if [[ "${COMPILE_CUDA_FORCE:-0}" != "1" && -f "${STAMPS}/${name}.ok" && "$(cat "${STAMPS}/${name}.ok")" == "${key}" ]]; then
+    unchanged=$((unchanged + 1))
+    continue
+  fi
+  rm -f "${STAMPS}/${name}.ok"
+  echo "compile_cuda: ${name}.cu"
+  if "${NVCC}" "${FLAGS[@]}" "${EXTRA[@]}" -o "${OBJDIR}/${name}.o" "${src}"; then
+    echo "${key}" > "${STAMPS}/${name}.ok"
+  else
     failed+=("${name}.cu")
   fi
 done
 
-version="$("${NVCC}" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "compile_cuda: FAILED ${#failed[@]}/${#SOURCES[@]} (${failed[*]}) with nvcc ${version} for sm_80,sm_90"
   exit 1
 fi
-echo "compile_cuda: OK ${#SOURCES[@]}/${#SOURCES[@]} files compiled with nvcc ${version} for sm_80,sm_90"
+echo "compile_cuda: OK ${#SOURCES[@]}/${#SOURCES[@]} files compile with nvcc ${version} for sm_80,sm_90 (${unchanged} unchanged since their last check)"

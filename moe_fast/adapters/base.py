@@ -7,6 +7,7 @@ lives in the subclass; pruning, skipping and export only talk to this interface.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -130,7 +131,11 @@ class MoEAdapter:
         position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0)
         sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
         mask_fn = create_sliding_window_causal_mask if sliding else create_causal_mask
-        mask = mask_fn(config=config, inputs_embeds=inputs_embeds, attention_mask=None, cache=None, position_ids=position_ids)
+        # The cache argument is `past_key_values` up to transformers 5.17 and `cache` in later releases.
+        cache_arg = "cache" if "cache" in inspect.signature(mask_fn).parameters else "past_key_values"
+        mask = mask_fn(
+            config=config, inputs_embeds=inputs_embeds, attention_mask=None, position_ids=position_ids, **{cache_arg: None}
+        )
         return {
             "attention_mask": mask,
             "position_ids": position_ids,
