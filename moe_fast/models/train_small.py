@@ -228,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation for training")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per split for loss and routing")
     p.add_argument("--init-from", default=None, help="continue from this checkpoint (a further training phase)")
+    p.add_argument("--balance-per-source", action="store_true",
+                   help="take the load-balancing loss on the prose rows and on the code rows of a batch separately")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -309,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         batch = sample_batch(streams, args.batch, args.seq_len, gen, args.prose_share)
         out = model(input_ids=batch[:, :-1], output_router_logits=True)
         lm = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].reshape(-1))
-        balance = per_layer_balance_loss(out.router_logits, n_exp, args.top_k)
+        if args.balance_per_source:  # each source's rows balanced on their own, then averaged
+            n_first = round(args.batch * args.prose_share) * args.seq_len
+            parts = [tuple(lg[:n_first] for lg in out.router_logits), tuple(lg[n_first:] for lg in out.router_logits)]
+            balance = torch.stack([per_layer_balance_loss(p, n_exp, args.top_k) for p in parts if p[0].shape[0]]).mean()
+        else:
+            balance = per_layer_balance_loss(out.router_logits, n_exp, args.top_k)
         (lm + args.aux_loss * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
