@@ -116,7 +116,8 @@ def run_moe_fast(path: str, keep: int, batch_size: int, lazy: bool = True) -> di
             "outputs_per_token": [r.expert_outputs_per_token if lazy else k + E - keep for r in layers],
             "scored": [r.scored_exactly if lazy else math.comb(E, keep) for r in layers],
             "discarded": [r.discarded_by_bound or 0 for r in layers],
-            "state_bytes": max(r.search_state_bytes for r in layers)}
+            "state_bytes": max(r.search_state_bytes for r in layers),
+            "detail": [r.lazy_detail for r in layers]}
 
 
 def _rss() -> int:
@@ -184,7 +185,7 @@ def main() -> None:
                    "rank_outputs_per_token": rank["outputs_per_token"], "scored": fast["scored"], "discarded": fast["discarded"],
                    "state_bytes": fast["state_bytes"], "rank_state_bytes": rank["state_bytes"], "moe_fast_peak_rss": fast["peak_rss"],
                    "rank_peak_rss": rank["peak_rss"], "same_selection": same, "dropped": fast["dropped"],
-                   "moe_fast_timings": fast["timings"], "rank_timings": rank["timings"]}
+                   "moe_fast_timings": fast["timings"], "rank_timings": rank["timings"], "detail": fast["detail"]}
             if paper is not None:
                 row.update({"paper_s": paper["seconds"], "speedup": paper["seconds"] / fast["seconds"], "paper_peak_rss": paper["peak_rss"],
                             "memory_ratio": paper["peak_rss"] / fast["peak_rss"], "paper_dropped": paper["dropped"]})
@@ -210,6 +211,13 @@ def main() -> None:
         print(f"| {r['keep']} | {r['rank_s']:.1f} | {r['moe_fast_s']:.1f} | {r['lazy_speedup']:.2f}x | {r['lazy_phase_speedup']:.2f}x | "
               f"{r['rank_outputs_per_token'][0]} | {mean:.2f} ({per_layer}) | {counts} | "
               f"{r['rank_state_bytes'] / 2**20:.1f} / {r['state_bytes'] / 2**20:.1f} | {r['same_selection']} |")
+    print()
+    print("where the lazy outputs go (per layer): candidates still open after each round; share of tokens per computed depth;")
+    print("the winner's own need (an oracle that knew the answer would still compute this to score it exactly)")
+    for r in rows:
+        for i, d in enumerate(r["detail"]):
+            print(f"R={r['keep']} layer {i}: open by round {d['open_by_round']}; depth share {d['depth_share']}; "
+                  f"winner needs {d['floor_outputs_per_token']:.2f}/token, depth share {d['floor_share']}")
     for r in rows:
         for name in ("moe_fast", "rank"):
             print(f"R={r['keep']} {name} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r[f"{name}_timings"].items()))

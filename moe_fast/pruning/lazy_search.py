@@ -46,6 +46,16 @@ class LazyInfo:
     floor_share: dict[int, float] = field(default_factory=dict)  # exhaustive: ranks the winner needs -> share of tokens
     trace: list[dict] = field(default_factory=list)  # per round: candidates alive, depth statistics
 
+    def summary(self) -> dict:
+        """JSON-ready: rounds, per round the open candidates (exhaustive) and outputs per token, the
+        share of tokens per computed depth and (exhaustive) per depth the winner alone needs."""
+        out = {"rounds": self.rounds, "depth_share": self.depth_share,
+               "outputs_per_token_by_round": [t["outputs_per_token"] for t in self.trace]}
+        if self.floor_share:
+            out.update(open_by_round=[t["open"] for t in self.trace], floor_outputs_per_token=round(self.floor_outputs_per_token, 4),
+                       floor_share=self.floor_share)
+        return out
+
 
 def _shares(depth: torch.Tensor) -> dict[int, float]:
     """{ranks: share of tokens} of a [T] depth vector."""
@@ -59,9 +69,10 @@ def _objective(err: torch.Tensor, objective: str) -> torch.Tensor:
 
 
 def _keep_masks(cands: Sequence[Dropped], num_experts: int) -> torch.Tensor:
+    """[C, E] bool, False at each candidate's dropped experts (all candidates drop as many)."""
     keep = torch.ones(len(cands), num_experts, dtype=torch.bool)
-    for row, dropped in enumerate(cands):
-        keep[row, list(dropped)] = False
+    if cands and cands[0]:
+        keep.scatter_(1, torch.tensor(cands, dtype=torch.int64), False)
     return keep
 
 

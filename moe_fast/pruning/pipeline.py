@@ -55,6 +55,7 @@ class LayerResult:
     scored_exactly: int | None = None  # lazy search: candidates with an exact score (``loss``)
     discarded_by_bound: int | None = None  # lazy exhaustive: candidates whose lower bound lost
     search_state_bytes: int | None = None  # most bytes of per-token search state held (Gram, outputs, ids, ...)
+    lazy_detail: dict | None = None  # lazy search: where the outputs went (``lazy_search.LazyInfo.summary``)
 
 
 @dataclass
@@ -338,7 +339,7 @@ def prune(
                     dropped, losses, info = run_lazy_search(method, stats, num_drop, objective, beam_width)
                     lazy_fields = {"expert_outputs_per_token": round(info.outputs_per_token, 4), "scored_exactly": info.scored_exactly,
                                    "discarded_by_bound": info.discarded_by_bound if method == "exhaustive" else None,
-                                   "search_state_bytes": info.peak_bytes}
+                                   "search_state_bytes": info.peak_bytes, "lazy_detail": info.summary()}
                 else:
                     score = make_scorer(
                         tensors, E, k, adapter.renormalize, objective, num_batches, progress=progress and lead,
