@@ -9,12 +9,18 @@ separate processes (so that each peak resident memory is its own):
   candidate dropped set re-run the stock block with the dropped logits at -inf and sum the
   per-batch Frobenius norms (float64); keep the argmin (ties: the first in enumeration order).
 * moe_fast: ``moe_fast.prune(path, ids, R, out=...)``, streaming one layer at a time and writing
-  the pruned checkpoint.
+  the pruned checkpoint, with lazy expert outputs (the default: each token's outputs only as far
+  as a candidate still in the running needs them, branch and bound over the candidates).
+* moe_fast rank-bounded: the same with ``lazy=False`` (every token's k + dropped first ranks up
+  front, every candidate scored).
 
-Prints a table (time, peak RSS, ratios) and checks that both select the same experts.
+Prints a table (time, peak RSS, ratios) and checks that all select the same experts, then the
+lazy-vs-rank-bounded table: time (whole run and the expert-output + search phases), expert
+outputs per token, candidates scored exactly / discarded by bound, search-state memory.
 
     python benchmarks/bench_prune.py                       # the full configuration
     python benchmarks/bench_prune.py --layers 2 --n-samples 8 --seq-len 256   # a shorter run
+    python benchmarks/bench_prune.py --layers 2 --n-samples 8 --seq-len 512 --no-paper   # lazy vs rank-bounded only
 """
 
 from __future__ import annotations
@@ -91,17 +97,27 @@ def run_paper(path: str, keep: int, batch_size: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "dropped": chosen, "peak_rss": _rss()}
 
 
-def run_moe_fast(path: str, keep: int, batch_size: int) -> dict:
+def run_moe_fast(path: str, keep: int, batch_size: int, lazy: bool = True) -> dict:
+    import shutil
+
     import moe_fast
 
     out = tempfile.mkdtemp(prefix="bench_prune_out_")
     os.rmdir(out)
     t0 = time.perf_counter()
     _, report = moe_fast.prune(path, os.path.join(path, "calib_ids.pt"), keep, out=out, batch_size=batch_size,
-                               search="exhaustive", return_model=False, progress=False)
+                               search="exhaustive", return_model=False, progress=False, lazy=lazy)
     seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    layers = report.layers.values()
+    E, k = report.settings["num_experts"], report.settings["top_k"]
     return {"seconds": seconds, "dropped": {i: r.dropped for i, r in report.layers.items()}, "peak_rss": _rss(),
-            "timings": report.timings}
+            "timings": report.timings,
+            "outputs_per_token": [r.expert_outputs_per_token if lazy else k + E - keep for r in layers],
+            "scored": [r.scored_exactly if lazy else math.comb(E, keep) for r in layers],
+            "discarded": [r.discarded_by_bound or 0 for r in layers],
+            "state_bytes": max(r.search_state_bytes for r in layers),
+            "detail": [r.lazy_detail for r in layers]}
 
 
 def _rss() -> int:
@@ -135,13 +151,17 @@ def main() -> None:
     p.add_argument("--keep", type=int, nargs="+", default=[6, 4])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", choices=["paper", "moe_fast"], help=argparse.SUPPRESS)
+    p.add_argument("--no-paper", action="store_true", help="skip the paper's enumeration (lazy vs rank-bounded only)")
+    p.add_argument("--child", choices=["paper", "moe_fast", "moe_fast_rank"], help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--child-keep", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        fn = run_paper if args.child == "paper" else run_moe_fast
-        print(json.dumps(fn(args.path, args.child_keep, args.batch_size)))
+        if args.child == "paper":
+            result = run_paper(args.path, args.child_keep, args.batch_size)
+        else:
+            result = run_moe_fast(args.path, args.child_keep, args.batch_size, lazy=args.child == "moe_fast")
+        print(json.dumps(result))
         return
 
     import torch
@@ -154,23 +174,53 @@ def main() -> None:
         ckpt = os.path.join(tmp, "model")
         build_checkpoint(args, ckpt)
         for keep in args.keep:
-            paper = _child("paper", ckpt, keep, args.batch_size)
+            rank = _child("moe_fast_rank", ckpt, keep, args.batch_size)
             fast = _child("moe_fast", ckpt, keep, args.batch_size)
-            same = {str(k): v for k, v in paper["dropped"].items()} == {str(k): v for k, v in fast["dropped"].items()}
-            rows.append({"keep": keep, "paper_s": paper["seconds"], "moe_fast_s": fast["seconds"],
-                         "speedup": paper["seconds"] / fast["seconds"], "paper_peak_rss": paper["peak_rss"],
-                         "moe_fast_peak_rss": fast["peak_rss"], "memory_ratio": paper["peak_rss"] / fast["peak_rss"],
-                         "same_selection": same, "dropped": fast["dropped"], "paper_dropped": paper["dropped"],
-                         "moe_fast_timings": fast["timings"]})
-            print(f"R={keep}: paper {paper['seconds']:.1f} s, moe_fast {fast['seconds']:.1f} s, same selection: {same}", flush=True)
+            paper = None if args.no_paper else _child("paper", ckpt, keep, args.batch_size)
+            norm = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
+            same = norm(rank["dropped"]) == norm(fast["dropped"]) and (paper is None or norm(paper["dropped"]) == norm(fast["dropped"]))
+            phases = lambda r: r["timings"]["expert_outputs"] + r["timings"]["search"]  # noqa: E731
+            row = {"keep": keep, "moe_fast_s": fast["seconds"], "rank_s": rank["seconds"], "lazy_speedup": rank["seconds"] / fast["seconds"],
+                   "lazy_phase_speedup": phases(rank) / phases(fast), "outputs_per_token": fast["outputs_per_token"],
+                   "rank_outputs_per_token": rank["outputs_per_token"], "scored": fast["scored"], "discarded": fast["discarded"],
+                   "state_bytes": fast["state_bytes"], "rank_state_bytes": rank["state_bytes"], "moe_fast_peak_rss": fast["peak_rss"],
+                   "rank_peak_rss": rank["peak_rss"], "same_selection": same, "dropped": fast["dropped"],
+                   "moe_fast_timings": fast["timings"], "rank_timings": rank["timings"], "detail": fast["detail"]}
+            if paper is not None:
+                row.update({"paper_s": paper["seconds"], "speedup": paper["seconds"] / fast["seconds"], "paper_peak_rss": paper["peak_rss"],
+                            "memory_ratio": paper["peak_rss"] / fast["peak_rss"], "paper_dropped": paper["dropped"]})
+            rows.append(row)
+            print(f"R={keep}: rank-bounded {rank['seconds']:.1f} s, lazy {fast['seconds']:.1f} s"
+                  + ("" if paper is None else f", paper {paper['seconds']:.1f} s") + f", same selection: {same}", flush=True)
     print()
-    print(f"| R | C(E,R) | paper (s) | moe_fast (s) | speedup | paper peak RSS (MiB) | moe_fast peak RSS (MiB) | memory ratio | same experts |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if not args.no_paper:
+        print(f"| R | C(E,R) | paper (s) | moe_fast (s) | speedup | paper peak RSS (MiB) | moe_fast peak RSS (MiB) | memory ratio | same experts |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['keep']} | {math.comb(args.experts, r['keep'])} | {r['paper_s']:.1f} | {r['moe_fast_s']:.1f} | {r['speedup']:.1f}x | "
+                  f"{r['paper_peak_rss'] / 2**20:.0f} | {r['moe_fast_peak_rss'] / 2**20:.0f} | {r['memory_ratio']:.2f}x | {r['same_selection']} |")
+        print()
+    print("lazy expert outputs vs the rank-bounded search (same tokens, same run; phases = expert outputs + search)")
+    print("| R | rank-bounded (s) | lazy (s) | speedup | phases speedup | outputs/token rank-bounded | outputs/token lazy (per layer) "
+          "| scored exactly / discarded by bound (per layer) | search state MiB rank-bounded / lazy | same experts |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['keep']} | {math.comb(args.experts, r['keep'])} | {r['paper_s']:.1f} | {r['moe_fast_s']:.1f} | {r['speedup']:.1f}x | "
-              f"{r['paper_peak_rss'] / 2**20:.0f} | {r['moe_fast_peak_rss'] / 2**20:.0f} | {r['memory_ratio']:.2f}x | {r['same_selection']} |")
+        per_layer = ", ".join(f"{v:.2f}" for v in r["outputs_per_token"])
+        counts = ", ".join(f"{a}/{b}" for a, b in zip(r["scored"], r["discarded"]))
+        mean = sum(r["outputs_per_token"]) / len(r["outputs_per_token"])
+        print(f"| {r['keep']} | {r['rank_s']:.1f} | {r['moe_fast_s']:.1f} | {r['lazy_speedup']:.2f}x | {r['lazy_phase_speedup']:.2f}x | "
+              f"{r['rank_outputs_per_token'][0]} | {mean:.2f} ({per_layer}) | {counts} | "
+              f"{r['rank_state_bytes'] / 2**20:.1f} / {r['state_bytes'] / 2**20:.1f} | {r['same_selection']} |")
+    print()
+    print("where the lazy outputs go (per layer): candidates still open after each round; share of tokens per computed depth;")
+    print("the winner's own need (an oracle that knew the answer would still compute this to score it exactly)")
     for r in rows:
-        print(f"R={r['keep']} moe_fast phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["moe_fast_timings"].items()))
+        for i, d in enumerate(r["detail"]):
+            print(f"R={r['keep']} layer {i}: open by round {d['open_by_round']}; depth share {d['depth_share']}; "
+                  f"winner needs {d['floor_outputs_per_token']:.2f}/token, depth share {d['floor_share']}")
+    for r in rows:
+        for name in ("moe_fast", "rank"):
+            print(f"R={r['keep']} {name} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r[f"{name}_timings"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

@@ -36,6 +36,8 @@ from moe_fast.calibration import calibration_fingerprint, load_calibration
 from moe_fast.checkpoint_check import verify_checkpoint
 from moe_fast.pruning import distributed
 from moe_fast.pruning.expert_outputs import LayerStats, PrunedForward, StatsForward
+from moe_fast.pruning.lazy_outputs import LazyOutputs, LazyRecorder
+from moe_fast.pruning.lazy_search import run_lazy_search
 from moe_fast.pruning.search import choose_search, make_scorer, run_search
 from moe_fast.pruning.source import CheckpointSource, LayerSource, LoadedSource
 from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock, describe_holder
@@ -52,6 +54,11 @@ class LayerResult:
     dropped: list[int]
     loss: dict[str, float]  # "<dropped ids comma-joined>" -> objective value
     search: str = "exhaustive"
+    expert_outputs_per_token: float | None = None  # lazy search: (token, expert) outputs run per token
+    scored_exactly: int | None = None  # lazy search: candidates with an exact score (``loss``)
+    discarded_by_bound: int | None = None  # lazy exhaustive: candidates whose lower bound lost
+    search_state_bytes: int | None = None  # most bytes of per-token search state held (Gram, outputs, ids, ...)
+    lazy_detail: dict | None = None  # lazy search: where the outputs went (``lazy_search.LazyInfo.summary``)
 
 
 @dataclass
@@ -68,7 +75,7 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return {
-            "layers": {str(i): {"kept": r.kept, "dropped": r.dropped, "loss": r.loss, "search": r.search} for i, r in sorted(self.layers.items())},
+            "layers": {str(i): vars(r) for i, r in sorted(self.layers.items())},
             "timings": self.timings,
             "peak_memory_bytes": self.peak_memory_bytes,
             "settings": self.settings,
@@ -82,13 +89,16 @@ class PruneReport:
 
     def table(self) -> str:
         """Readable per-layer summary: kept, dropped, best loss and the runner-up."""
-        lines = [f"{'layer':>5}  {'kept':<28} {'dropped':<16} {'loss':>14} {'runner-up':>14} {'evaluated':>9}"]
+        lines = [f"{'layer':>5}  {'kept':<28} {'dropped':<16} {'loss':>14} {'runner-up':>14} {'evaluated':>9} {'bounded':>7} {'outputs/tok':>11}"]
         for i, r in sorted(self.layers.items()):
             values = sorted(r.loss.values())
             best = values[0] if values else float("nan")
             second = values[1] if len(values) > 1 else float("nan")
+            bounded = "-" if r.discarded_by_bound is None else str(r.discarded_by_bound)
+            outputs = "-" if r.expert_outputs_per_token is None else f"{r.expert_outputs_per_token:.2f}"
             lines.append(
                 f"{i:>5}  {','.join(map(str, r.kept)):<28} {','.join(map(str, r.dropped)):<16} {best:>14.6g} {second:>14.6g} {len(values):>9}"
+                f" {bounded:>7} {outputs:>11}"
             )
         t = self.timings
         lines.append("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in t.items()))
@@ -123,6 +133,16 @@ def peak_rss_bytes() -> int:
 
 def _key(dropped) -> str:
     return ",".join(str(e) for e in dropped)
+
+
+def _lazy_note(fields: dict) -> str:
+    """'; 2.41 expert outputs/token, 12 scored, 58 discarded by bound' (empty without lazy search)."""
+    if "expert_outputs_per_token" not in fields:
+        return ""
+    note = f"; {fields['expert_outputs_per_token']:.2f} expert outputs/token, {fields['scored_exactly']} scored exactly"
+    if fields.get("discarded_by_bound") is not None:
+        note += f", {fields['discarded_by_bound']} discarded by bound"
+    return note
 
 
 def _load_tokenizer(path: str | None, model: nn.Module | None):
@@ -164,6 +184,7 @@ def prune(
     chunk_tokens: int = 4096,
     return_model: bool = True,
     progress: bool = True,
+    lazy: bool | None = None,
 ) -> PruneResult:
     """Prunes every MoE layer to ``keep`` experts; returns ``(model, report)``.
 
@@ -181,6 +202,13 @@ def prune(
         n_samples, seq_len: calibration size (None: 128 x 2048 for text, the whole tensor for ids).
         batch_size: sequences per calibration batch: one group of the paper's objective.
         chunk_tokens: tokens whose expert outputs are held at once (bounds memory).
+        lazy: compute each token's expert outputs only as far as a candidate still in the running
+            needs them (``moe_fast.pruning.lazy_search``: same selections; exhaustive search keeps
+            exact scores only for the candidates its bounds did not discard). False: the
+            rank-bounded search (M = k + dropped outputs per token up front). None (default): lazy
+            for greedy and beam search, rank-bounded for exhaustive search (whose bounds save
+            little on flat routers: benchmarks/RESULTS.md). Data-parallel runs use the
+            rank-bounded search.
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -276,7 +304,7 @@ def _prune(
         raise ValueError("the ranks loaded different calibration tokens; give every rank the same --calib and seed")
     settings = {
         "keep": keep, "num_experts": E, "top_k": k, "mode": mode, "objective": objective, "search": method,
-        "beam_width": beam_width if method == "beam" else None, "rank_bound": rank,
+        "beam_width": beam_width if method == "beam" else None, "rank_bound": rank, "lazy": (method != "exhaustive" if lazy is None else lazy) and not ctx.active,
         "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
         "calibration": calib_summary,
     }
@@ -336,8 +364,12 @@ def _prune(
                     continue
                 t0 = time.perf_counter()
                 with ctx.guard():
-                    stats = LayerStats(rank=rank)
-                    recorder = StatsForward(adapter, block, rank, stats, chunk_tokens)
+                    if settings["lazy"]:
+                        stats = LazyOutputs(adapter, block.experts, rank)
+                        recorder = LazyRecorder(adapter, block, stats, chunk_tokens)
+                    else:
+                        stats = LayerStats(rank=rank)
+                        recorder = StatsForward(adapter, block, rank, stats, chunk_tokens)
                     for b, sl in slices:
                         recorder.group_id = b  # global batch index: one term of the paper's sum
                         if pruned is None:
@@ -350,21 +382,31 @@ def _prune(
                             recorder.target = None
                             del target
                     tensors = stats.finish()
-                    del stats, recorder
+                    del recorder
                 timings["expert_outputs"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                score = make_scorer(
-                    tensors, E, k, adapter.renormalize, objective, num_batches, progress=progress and lead,
-                    desc=f"layer {index}", reduce=reduce if ctx.active else None,
-                )
-                dropped, losses = run_search(method, score, E, num_drop, beam_width)
+                if settings["lazy"]:
+                    stats.num_groups_total, stats.num_tokens_total = num_batches, n * L
+                    dropped, losses, info = run_lazy_search(method, stats, num_drop, objective, beam_width)
+                    lazy_fields = {"expert_outputs_per_token": round(info.outputs_per_token, 4), "scored_exactly": info.scored_exactly,
+                                   "discarded_by_bound": info.discarded_by_bound if method == "exhaustive" else None,
+                                   "search_state_bytes": info.peak_bytes, "lazy_detail": info.summary()}
+                else:
+                    score = make_scorer(
+                        tensors, E, k, adapter.renormalize, objective, num_batches, progress=progress and lead,
+                        desc=f"layer {index}", reduce=reduce if ctx.active else None,
+                    )
+                    dropped, losses = run_search(method, score, E, num_drop, beam_width)
+                    lazy_fields = {"search_state_bytes": sum(t.numel() * t.element_size() for t in tensors.values() if t is not None)}
                 dropped = tuple(ctx.broadcast(tuple(dropped)))  # equal on every rank; rank 0's is the record
-                del tensors
+                del tensors, stats
                 timings["search"] += time.perf_counter() - t0
                 kept = [e for e in range(E) if e not in dropped]
-                report.layers[index] = LayerResult(kept, list(dropped), {_key(d): v for d, v in losses.items()}, method)
+                report.layers[index] = LayerResult(kept, list(dropped), {_key(d): v for d, v in losses.items()}, method, **lazy_fields)
                 if lead:
-                    log.info("layer %d: keep %s, drop %s (loss %.6g)", index, kept, list(dropped), losses[dropped] if dropped else 0.0)
+                    log.info("layer %d: keep %s, drop %s (loss %.6g)%s", index, kept, list(dropped), losses[dropped] if dropped else 0.0,
+                             _lazy_note(lazy_fields))
+                    bar.set_postfix_str(_lazy_note(lazy_fields).strip(" ;"), refresh=False)
                 with ctx.guard():
                     if partial is not None:
                         _save_progress(partial, settings, report)

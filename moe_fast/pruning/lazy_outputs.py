@@ -1,0 +1,309 @@
+"""Lazy expert outputs: each (token, expert) output is computed only when a candidate needs it.
+
+The rank-bounded search (``expert_outputs.StatsForward``) runs every calibration token's
+M = k + dropped highest-ranked experts up front. Here a token starts with its k + 1 first ranks
+(``LazyRecorder``, during the layer forward that is needed anyway) and is extended rank by rank
+when a candidate's top-k among its kept experts reaches past what is computed
+(``LazyOutputs.extend``). The searches in ``moe_fast.pruning.lazy_search`` decide which tokens
+need what.
+
+Storage follows the outputs computed: tokens are kept in buckets by their computed depth d, each
+with the d outputs (needed for the Gram entries of later ranks) and the d(d+1)/2 Gram entries.
+Scoring reuses ``ops.subset_loss``: a bucket is handed to it with its ids padded to the width
+the op's rank-bound check asks for (k + dropped) and zero Gram entries there, which a covered
+token never reaches (its top-k among the kept lies within its d computed ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_fast import ops, reference
+from moe_fast.adapters import MoEAdapter
+
+
+def ranking(logits: torch.Tensor, m: int) -> torch.Tensor:
+    """Each token's m highest-ranked experts [T, m] int32, in routing order (ties: lower index)."""
+    if m <= 8:
+        return ops.route(logits, m).ids
+    order, _ = reference.rank_experts(logits)
+    return order[:, :m].to(torch.int32).contiguous()
+
+
+def kth_kept_depth(order: torch.Tensor, dropped: torch.Tensor, j: int) -> torch.Tensor:
+    """Per token, how many ranks hold its j-th expert outside ``dropped`` ([T] int64).
+
+    order [T, M] ranked experts, dropped [C, E] or [E] bool. Tokens whose first M ranks keep
+    fewer than j experts get M + 1 (more than can be computed: never covered).
+    """
+    kept = ~dropped[..., order.long()]  # [..., T, M]
+    count = torch.cumsum(kept.to(torch.int32), dim=-1)
+    reached = count >= j
+    depth = torch.argmax(reached.to(torch.int8), dim=-1) + 1
+    return torch.where(reached.any(-1), depth, torch.full_like(depth, order.shape[1] + 1))
+
+
+def run_pairs(adapter: MoEAdapter, experts: nn.Module, x: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Outputs [P, H] of expert ids[p] on x[rows[p]] (one batched call per expert, rows ascending)."""
+    out = x.new_empty(rows.shape[0], x.shape[1])
+    if rows.numel() == 0:
+        return out
+    ids = ids.long()
+    perm = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=adapter.num_experts).tolist()
+    lo = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = perm[lo : lo + n]
+        out[sel] = adapter.expert_forward(experts, e, x[rows[sel]]).to(out.dtype)
+        lo += n
+    return out
+
+
+def _pack_index(d: int, m: int, device: torch.device) -> torch.Tensor:
+    """Positions of the packed d x d upper triangle inside the packed m x m one (m >= d)."""
+    rows, cols = reference.triu_pairs(d)
+    start = rows * m - rows * (rows - 1) // 2  # gram_index(i, i, m)
+    return (start + cols - rows).to(device)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+MAX_PARTS = 8  # pieces per depth bucket before they are concatenated
+
+
+@dataclass
+class _Part:
+    tok: torch.Tensor  # [n] int64 token indices
+    y: torch.Tensor  # [n, d, H] outputs of the first d ranks
+    gram: torch.Tensor  # [n, d(d+1)/2] float32
+    cross: torch.Tensor | None  # [n, d] float32 (progressive)
+
+
+def _merge(parts: list[_Part], outputs: bool = True) -> _Part:
+    """One piece from several of the same depth (without the outputs when ``outputs`` is False)."""
+    if len(parts) == 1:
+        return parts[0]
+    cross = None if parts[0].cross is None else torch.cat([p.cross for p in parts])
+    y = torch.cat([p.y for p in parts]) if outputs else None
+    return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross)
+
+
+class LazyOutputs:
+    """One layer's calibration tokens, their computed ranks, outputs and Gram entries."""
+
+    def __init__(self, adapter: MoEAdapter, experts: nn.Module, max_rank: int) -> None:
+        self.adapter, self.experts = adapter, experts
+        self.k, self.num_experts, self.max_rank = adapter.top_k, adapter.num_experts, max_rank
+        self.renormalize = adapter.renormalize
+        self._chunks: dict[str, list[torch.Tensor]] = {n: [] for n in ("x", "logits", "order", "group", "tw", "z", "tsq")}
+        self._parts: list[_Part] = []
+        self.buckets: dict[int, list[_Part]] = {}
+        self.num_tokens = 0
+        self.num_groups = 0
+        self.first_ranks = self.k + 1  # ranks every token starts with (LazyRecorder)
+        self.num_groups_total = 0  # groups of the objective (all ranks' batches); set by finish()
+        self.num_tokens_total = 0  # tokens of all ranks (the exhaustive search's estimates)
+        self.outputs_computed = 0  # (token, expert) outputs run so far, initial ranks included
+        self.peak_bytes = 0  # most bytes held by outputs and Gram entries at once
+
+    # --- filled by LazyRecorder ----------------------------------------------------------------
+    def add_chunk(self, x, logits, order, group, y, gram, tw=None, z=None, cross=None, tsq=None) -> None:
+        n = x.shape[0]
+        tok = torch.arange(self.num_tokens, self.num_tokens + n, device=x.device)
+        for name, v in (("x", x), ("logits", logits), ("order", order), ("group", group), ("tw", tw), ("z", z), ("tsq", tsq)):
+            if v is not None:
+                self._chunks[name].append(v)
+        self._parts.append(_Part(tok, y, gram, cross))
+        self.num_tokens += n
+        self.outputs_computed += n * y.shape[1]
+        self._track()
+
+    def finish(self) -> None:
+        cat = lambda parts: torch.cat(parts).contiguous() if parts else None  # noqa: E731
+        self.x, self.logits, self.order, self.group = (cat(self._chunks[n]) for n in ("x", "logits", "order", "group"))
+        self.tw, self.z, self.tsq = (cat(self._chunks[n]) for n in ("tw", "z", "tsq"))
+        self._chunks = {}
+        self.num_groups_total = max(self.num_groups_total, self.num_groups)
+        self.num_tokens_total = max(self.num_tokens_total, self.num_tokens)
+        self.progressive = self.z is not None
+        device = self.order.device if self.order is not None else torch.device("cpu")
+        self.depth = torch.zeros(self.num_tokens, dtype=torch.int64, device=device)
+        for p in self._parts:
+            self.buckets.setdefault(p.y.shape[1], []).append(p)
+            self.depth[p.tok] = p.y.shape[1]
+        self._parts = []
+
+    # --- growth --------------------------------------------------------------------------------
+    def extend(self, need: torch.Tensor) -> int:
+        """Computes further ranks so that token t holds at least min(need[t], max_rank); returns
+        the number of new (token, expert) outputs."""
+        need = need.to(self.depth.device).clamp(max=self.max_rank)
+        if not bool((need > self.depth).any()):
+            return 0
+        moves = []  # (old depth, new depth, rows of the old part's tensors, the part)
+        for d in sorted(self.buckets):
+            kept_parts = []
+            for p in self.buckets[d]:
+                target = need[p.tok]
+                grow = target > d
+                if not bool(grow.any()):
+                    kept_parts.append(p)
+                    continue
+                stay = ~grow
+                if bool(stay.any()):
+                    kept_parts.append(_Part(p.tok[stay], p.y[stay], p.gram[stay], None if p.cross is None else p.cross[stay]))
+                idx = torch.nonzero(grow).squeeze(1)
+                for nd in torch.unique(target[idx]).tolist():
+                    sel = idx[target[idx] == nd]
+                    moves.append((d, int(nd), sel, p))
+            self.buckets[d] = kept_parts
+        # All new (token, rank) pairs in one dispatch, grouped move by move.
+        rows, ids, spans = [], [], []
+        total = 0
+        for d, nd, sel, p in moves:
+            tok = p.tok[sel]
+            r = self.order[tok, d:nd]  # [n, nd - d]
+            rows.append(tok.unsqueeze(1).expand_as(r).reshape(-1))
+            ids.append(r.reshape(-1))
+            spans.append((total, total + r.numel()))
+            total += r.numel()
+        new = run_pairs(self.adapter, self.experts, self.x, torch.cat(rows), torch.cat(ids))
+        for (d, nd, sel, p), (lo, hi) in zip(moves, spans):
+            tok = p.tok[sel]
+            y = torch.cat([p.y[sel], new[lo:hi].view(tok.shape[0], nd - d, -1)], dim=1).contiguous()
+            if self.progressive:
+                gram, cross, _ = ops.expert_gram(y, self.z[tok].contiguous())
+            else:
+                gram, cross = ops.expert_gram(y)[0], None
+            self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross))
+        for d, parts in self.buckets.items():  # bound the number of pieces (one copy now and then)
+            if len(parts) > MAX_PARTS:
+                self.buckets[d] = [_merge(parts)]
+        self.depth = torch.maximum(self.depth, need)
+        self.outputs_computed += total
+        self._track()
+        return total
+
+    def _track(self) -> None:
+        """Updates peak_bytes: outputs, Gram and cross products held, plus the per-token inputs
+        (block inputs, logits, ranking, group, target)."""
+        parts = self._parts + [p for ps in self.buckets.values() for p in ps]
+        held = sum(_nbytes(p.y) + _nbytes(p.gram) + _nbytes(p.cross) for p in parts)
+        if self._chunks:
+            held += sum(_nbytes(v) for vs in self._chunks.values() for v in vs)
+        else:
+            held += sum(_nbytes(v) for v in (self.x, self.logits, self.order, self.group, self.tw, self.z, self.tsq))
+        self.peak_bytes = max(self.peak_bytes, held)
+
+    @property
+    def outputs_per_token(self) -> float:
+        return self.outputs_computed / max(1, self.num_tokens)
+
+    # --- scoring -------------------------------------------------------------------------------
+    def _calls(self, tokens_mask: torch.Tensor | None, width: int, chunk: int):
+        """Yields (tok, subset_loss inputs) for the selected tokens, bucket by bucket, padded to
+        ``width`` ranked slots (at least each bucket's depth)."""
+        for d in sorted(self.buckets):
+            if not self.buckets[d]:
+                continue
+            for p in [_merge(self.buckets[d], outputs=False)]:
+                sel = None if tokens_mask is None else tokens_mask[p.tok]
+                if sel is not None and not bool(sel.any()):
+                    continue
+                tok_all = p.tok if sel is None else p.tok[sel]
+                gram_all = p.gram if sel is None else p.gram[sel]
+                cross_all = None if p.cross is None else (p.cross if sel is None else p.cross[sel])
+                m = min(self.max_rank, max(width, d))
+                pack = _pack_index(d, m, gram_all.device)
+                for lo in range(0, tok_all.shape[0], chunk):
+                    tok = tok_all[lo : lo + chunk]
+                    n = tok.shape[0]
+                    gram = gram_all.new_zeros(n, m * (m + 1) // 2)
+                    gram[:, pack] = gram_all[lo : lo + chunk]
+                    args = {"gram": gram, "ids": self.order[tok, :m].contiguous(), "logits": self.logits[tok].contiguous()}
+                    if self.progressive:
+                        cross = gram_all.new_zeros(n, m)
+                        cross[:, :d] = cross_all[lo : lo + chunk]
+                        args.update(cross=cross, target_sq=self.tsq[tok].contiguous())
+                    else:
+                        tw = gram_all.new_zeros(n, m)
+                        tw[:, : self.k] = self.tw[tok]
+                        args.update(target_weights=tw)
+                    yield tok, args
+
+    def group_errors(self, keep: torch.Tensor, num_groups: int, chunk: int = 4096) -> torch.Tensor:
+        """Squared errors [C, G] of keep-sets [C, E] over all tokens; every token must be covered."""
+        drops = int((~keep).sum(1).max()) if keep.shape[0] else 0
+        out = torch.zeros(keep.shape[0], num_groups, dtype=torch.float64)
+        keep = keep.to(self.order.device)
+        for tok, a in self._calls(None, self.k + drops, chunk):
+            out += ops.subset_loss(a["gram"], a["ids"], a["logits"], keep, self.group[tok].contiguous(), num_groups,
+                                   self.k, self.renormalize, target_weights=a.get("target_weights"),
+                                   cross=a.get("cross"), target_sq=a.get("target_sq")).cpu()
+        return out
+
+    def token_errors(self, keep: torch.Tensor, tokens_mask: torch.Tensor, chunk: int = 4096):
+        """Yields (tok [n], errors [C, n] float64) for the selected tokens, whether covered or not
+        (an uncovered token's value is meaningless: the caller masks it)."""
+        drops = int((~keep).sum(1).max()) if keep.shape[0] else 0
+        keep = keep.to(self.order.device)
+        for tok, a in self._calls(tokens_mask, self.k + drops, chunk):
+            n = tok.shape[0]
+            idx = torch.arange(n, device=tok.device)
+            err = ops.subset_loss(a["gram"], a["ids"], a["logits"], keep, idx, n, self.k, self.renormalize,
+                                  target_weights=a.get("target_weights"), cross=a.get("cross"), target_sq=a.get("target_sq"))
+            yield tok, err.cpu()
+
+
+class LazyRecorder:
+    """Replaces a block's forward while the calibration batches pass: the first k + 1 ranks of
+    every token, into a LazyOutputs (same contract as ``StatsForward``: it returns the unpruned
+    block output; progressive with ``target`` set it records against that target)."""
+
+    def __init__(self, adapter: MoEAdapter, block: nn.Module, store: LazyOutputs, chunk_tokens: int, first_ranks: int | None = None) -> None:
+        self.adapter, self.block, self.store = adapter, block, store
+        self.chunk = max(1, int(chunk_tokens))
+        self.first = min(store.max_rank, first_ranks or adapter.top_k + 1)
+        store.first_ranks = self.first
+        self.group_id = 0
+        self.target: torch.Tensor | None = None
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter, k, st = self.adapter, self.adapter.top_k, self.store
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = adapter.router_logits(self.block, x).float().contiguous()
+        extra = adapter.extra_output(self.block, x)
+        out = torch.empty_like(x)
+        for lo in range(0, x.shape[0], self.chunk):
+            hi = min(x.shape[0], lo + self.chunk)
+            lg = logits[lo:hi].contiguous()
+            order = ranking(lg, st.max_rank)
+            xs = x[lo:hi].contiguous()
+            n, d = hi - lo, self.first
+            rows = torch.arange(n, device=x.device).repeat_interleave(d)
+            y = run_pairs(adapter, self.block.experts, xs, rows, order[:, :d].reshape(-1)).view(n, d, -1)
+            w = ops.route(lg, k, adapter.renormalize).weights
+            out[lo:hi] = (w.unsqueeze(-1) * y[:, :k].float()).sum(1).to(out.dtype)
+            group = torch.full((n,), self.group_id, dtype=torch.int64, device=x.device)
+            if self.target is None:
+                gram = ops.expert_gram(y)[0]
+                st.add_chunk(xs, lg, order, group, y, gram, tw=w)
+            else:
+                z = self.target[lo:hi]
+                if extra is not None:
+                    z = z - extra[lo:hi]
+                z = z.to(y.dtype).contiguous()
+                gram, cross, tsq = ops.expert_gram(y, z)
+                st.add_chunk(xs, lg, order, group, y, gram, z=z, cross=cross, tsq=tsq)
+        st.num_groups = max(st.num_groups, self.group_id + 1)
+        if extra is not None:
+            out = out + extra.to(out.dtype)
+        return out.view(shape)
