@@ -11,19 +11,13 @@ from typing import Sequence
 import torch
 
 from moe_fast import _extension  # noqa: F401  (registers torch.ops.moe_fast)
+from moe_fast import reference
 from moe_fast.reference import RouteResult
 
 __all__ = ["route", "expert_gram", "subset_loss", "RouteResult"]
 
 
-def _beta_list(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
-    if beta is None:
-        return None
-    if isinstance(beta, torch.Tensor):
-        return [float(b) for b in beta.reshape(-1).tolist()]
-    if isinstance(beta, (int, float)):
-        return [float(beta)]
-    return [float(b) for b in beta]
+_beta_list = reference.beta_values  # the one Python home of the beta rule
 
 
 def route(

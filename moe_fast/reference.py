@@ -43,11 +43,26 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(x == math.inf, torch.full_like(x, _F32_MAX), x)
 
 
-def skip_gaps(beta: float | Sequence[float] | None, k: int) -> list[float] | None:
-    """Per-slot logit gaps -log(beta_j) (slot 0 unused); None when nothing skips."""
+def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
+    """beta as a list of floats (one for every slot, or one per slot 1..k-1); None stays None.
+
+    Accepts a number, a sequence or a tensor. The C++ side of the rule (count and range checks,
+    -log) is ``skip_gaps_from_beta`` in csrc/include/moe_fast/rules.h.
+    """
     if beta is None:
         return None
-    values = [float(beta)] if isinstance(beta, (int, float)) else [float(b) for b in beta]
+    if isinstance(beta, torch.Tensor):
+        return [float(b) for b in beta.reshape(-1).tolist()]
+    if isinstance(beta, (int, float)):
+        return [float(beta)]
+    return [float(b) for b in beta]
+
+
+def skip_gaps(beta: float | Sequence[float] | torch.Tensor | None, k: int) -> list[float] | None:
+    """Per-slot logit gaps -log(beta_j) (slot 0 unused); None when nothing skips."""
+    values = beta_values(beta)
+    if values is None:
+        return None
     if len(values) == 1:
         values = values * max(k - 1, 1)
     gaps = [math.inf]
