@@ -11,8 +11,12 @@ Rows (CUDA-event medians after warm-up, random data, bf16 logits):
     decode T=1: transformers grouped_mm vs moe_fast.patch without and with median-beta skipping.
   * pruning search for one Mixtral-8x7B-sized layer on 262144 tokens at R=6 and R=4 (seconds per
     layer, projected to 32 layers).
+  * roofline: per kernel (route, expert_gram, subset_loss) the achieved bandwidth (compulsory
+    bytes: every input read once, every output written once) and FLOP/s next to the H200's limits
+    (about 4.3 TB/s HBM, 790 bf16 TFLOP/s dense, 34 fp64 TFLOP/s on CUDA cores), and which limit
+    bounds it: the kernel furthest below its bound is the one to work on.
 
-    python benchmarks/bench_gpu.py [--quick]     # writes $OUT/gpu_table.md and gpu_results.json if $OUT is set
+    python benchmarks/bench_gpu.py [--quick]     # writes $OUT/gpu_table.md, gpu_roofline.md and gpu_results.json if $OUT is set
 """
 
 from __future__ import annotations
@@ -40,6 +44,64 @@ from timing import format_table  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 HEADERS = ["group", "case", "baseline", "baseline ms", "moe_fast ms", "speedup", "note"]
+ROOFLINE_HEADERS = ["kernel", "case", "ms", "GB/s", "% of HBM", "TFLOP/s", "% of peak", "peak used", "bound by",
+                    "roofline ms", "x from roofline"]
+
+# H200 limits (SXM, approximate sustained values).
+H200_BYTES_PER_S = 4.3e12
+H200_BF16_FLOPS = 790e12  # dense tensor cores
+H200_FP64_FLOPS = 34e12  # CUDA cores (subset_loss computes in float64 without tensor cores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compulsory traffic and arithmetic per kernel call (pure functions: tests/test_bench_gpu.py)
+# ----------------------------------------------------------------------------------------------
+def route_cost(T: int, E: int, k: int, logit_bytes: int = 2) -> tuple[int, int]:
+    """(bytes, flops) of ops.route: logits read once; weights, ids, perm [T, k] (4 bytes each),
+    counts [E] and offsets [E + 1] (int32) written once. FLOPs: a softmax-sized handful per logit
+    (exp, compare, add): 4 per logit, negligible next to the bytes."""
+    return T * E * logit_bytes + 3 * T * k * 4 + (2 * E + 1) * 4, 4 * T * E
+
+
+def gram_cost(T: int, M: int, H: int, elem_bytes: int = 2, target: bool = False) -> tuple[int, int]:
+    """(bytes, flops) of ops.expert_gram: outputs [T, M, H] (and target [T, H]) read once; gram
+    [T, M(M+1)/2], cross [T, M] and target_sq [T] (float32) written once. One multiply-add (2 FLOPs)
+    per element of every dot product: M(M+1)/2 of them, plus M + 1 with a target."""
+    pairs = M * (M + 1) // 2
+    dots = pairs + (M + 1 if target else 0)
+    read = T * M * H * elem_bytes + (T * H * elem_bytes if target else 0)
+    written = T * pairs * 4 + (T * M * 4 + T * 4 if target else 0)
+    return read + written, 2 * T * H * dots
+
+
+def subset_loss_cost(T: int, E: int, M: int, k: int, C: int, G: int, layerwise: bool = True,
+                     renormalize: bool = True) -> tuple[int, int]:
+    """(bytes, float64 flops) of ops.subset_loss. Bytes: per token gram (M(M+1)/2 float32), ids and
+    target weights or cross (M each, 4 bytes), logits (E float32, read even with renormalize for
+    the top logit), target_sq (4), group and order (8 each); the C x G float64 result. FLOPs, an
+    estimate per candidate and token: the weights (M mask tests, k exps at ~20 FLOPs, k divides),
+    the quadratic form over n = 2k (layer-wise) or k (progressive) nonzero slots (3 FLOPs per
+    pair), and with renormalize=False a partition sum over E experts (~21 FLOPs each)."""
+    pairs = M * (M + 1) // 2
+    per_token = pairs * 4 + M * 4 + E * 4 + M * 4 + (0 if layerwise else 4) + 16
+    n = 2 * k if layerwise else k
+    per_pair = M + 21 * k + 3 * n * (n + 1) // 2 + (0 if renormalize else 21 * E)
+    return T * per_token + C * G * 8, C * T * per_pair
+
+
+def roofline(seconds: float, nbytes: int, flops: int, peak_flops: float) -> dict[str, float | str]:
+    """Achieved rates, their share of the H200's limits, and the roofline time max(bytes/BW, flops/peak)."""
+    t_mem, t_math = nbytes / H200_BYTES_PER_S, flops / peak_flops
+    best = max(t_mem, t_math)
+    return {
+        "gb_s": nbytes / seconds / 1e9,
+        "hbm_pct": 100.0 * nbytes / seconds / H200_BYTES_PER_S,
+        "tflop_s": flops / seconds / 1e12,
+        "peak_pct": 100.0 * flops / seconds / peak_flops,
+        "bound": "memory" if t_mem >= t_math else "compute",
+        "roofline_ms": best * 1e3,
+        "x_from_roofline": seconds / best if best > 0 else float("inf"),
+    }
 
 
 def cuda_ms(fn: Callable[[], object], repeats: int = 30, warmup: int = 5) -> float:
@@ -164,6 +226,48 @@ def bench_subset(quick: bool) -> list[list]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Roofline: achieved bandwidth and FLOP/s per kernel
+# ----------------------------------------------------------------------------------------------
+def _roofline_row(kernel: str, case: str, ms: float, cost: tuple[int, int], peak: float, peak_name: str) -> list:
+    r = roofline(ms / 1e3, cost[0], cost[1], peak)
+    return [kernel, case, ms, r["gb_s"], r["hbm_pct"], r["tflop_s"], r["peak_pct"], peak_name, r["bound"],
+            r["roofline_ms"], r["x_from_roofline"]]
+
+
+def bench_roofline(quick: bool) -> list[list]:
+    rows = []
+    reps = 10 if quick else 30
+    for T, E in ((65536, 8), (65536, 64), (1 << 20, 64)):
+        logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+        ms = cuda_ms(lambda: ops.route(logits, 2), reps)
+        rows.append(_roofline_row("route", f"T={T} E={E} k=2 bf16", ms, route_cost(T, E, 2), H200_BF16_FLOPS, "bf16"))
+        del logits
+    for T, M, H, target in ((16384, 4, 4096, False), (16384, 4, 4096, True), (4096, 10, 4096, False)):
+        y = torch.randn(T, M, H, device="cuda", dtype=torch.bfloat16)
+        z = torch.randn(T, H, device="cuda", dtype=torch.bfloat16) if target else None
+        ms = cuda_ms(lambda: ops.expert_gram(y, z), reps)
+        case = f"T={T} M={M} H={H} bf16" + (" + target" if target else "")
+        rows.append(_roofline_row("expert_gram", case, ms, gram_cost(T, M, H, 2, target), H200_BF16_FLOPS, "bf16"))
+        del y, z
+    T = 262144
+    for E, k, drop, renorm in ((8, 2, 4, True), (8, 2, 4, False), (64, 8, 1, True)):
+        gram, ids, logits, tw, group, G = subset_problem(T, E, k, drop)
+        dropped = list(itertools.combinations(range(E), drop))
+        keep = torch.ones(len(dropped), E, dtype=torch.bool)
+        for r, d in enumerate(dropped):
+            keep[r, list(d)] = False
+        group_host = group.cpu()  # as the search passes it: no host synchronization per call
+        ms = cuda_ms(lambda: ops.subset_loss(gram, ids, logits, keep, group_host, G, k, renorm, target_weights=tw),
+                     3 if quick else 10, warmup=2)
+        cost = subset_loss_cost(T, E, k + drop, k, len(dropped), G, True, renorm)
+        case = f"T={T} E={E} k={k} C={len(dropped)} renorm={renorm} layer-wise"
+        rows.append(_roofline_row("subset_loss", case, ms, cost, H200_FP64_FLOPS, "fp64"))
+        del gram, ids, logits, tw, group, keep
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Mixtral-8x7B block and pruning search (need moe_fast.patch / moe_fast.prune)
 # ----------------------------------------------------------------------------------------------
 def mixtral_one_layer(vocab: int = 32000):
@@ -255,6 +359,12 @@ def main() -> int:
     torch.manual_seed(0)
     rows: list[list] = []
     failed = 0
+    try:  # first: the numbers the next GPU session needs most, and the fastest to take
+        roof = bench_roofline(args.quick)
+    except Exception as err:
+        failed += 1
+        traceback.print_exc()
+        roof = [["roofline", "FAILED", f"{type(err).__name__}: {err}"[:200]] + [""] * 8]
     for section in (bench_route, bench_subset, bench_block, bench_search):
         t0 = time.perf_counter()
         try:
@@ -269,12 +379,18 @@ def main() -> int:
     title = (f"moe_fast GPU benchmark: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d %H:%M')}; medians of CUDA-event timings")
     table = title + "\n\n" + format_table(HEADERS, rows) + "\n"
+    roof_table = (f"Roofline on {torch.cuda.get_device_name()}: limits {H200_BYTES_PER_S / 1e12:.1f} TB/s, "
+                  f"{H200_BF16_FLOPS / 1e12:.0f} bf16 TFLOP/s, {H200_FP64_FLOPS / 1e12:.0f} fp64 TFLOP/s; compulsory "
+                  "bytes, estimated FLOPs (bench_gpu.py *_cost)\n\n" + format_table(ROOFLINE_HEADERS, roof) + "\n")
     print(table)
+    print(roof_table)
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
-        for name, text in (("gpu_table.md", table), ("gpu_results.json", json.dumps(
-                {"title": title, "headers": HEADERS, "rows": rows}, indent=1, default=str))):
+        results = {"title": title, "headers": HEADERS, "rows": rows, "roofline_headers": ROOFLINE_HEADERS,
+                   "roofline": roof}
+        for name, text in (("gpu_table.md", table), ("gpu_roofline.md", roof_table),
+                           ("gpu_results.json", json.dumps(results, indent=1, default=str))):
             fd, tmp = tempfile.mkstemp(dir=out)
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)

@@ -27,3 +27,11 @@ TORCH_LIBRARY(moe_fast, m) {
       "int k, bool renormalize=True, Tensor? target_weights=None, Tensor? cross=None, "
       "Tensor? target_sq=None) -> Tensor");
 }
+
+// No op is differentiable (they serve inference and the pruning search): the autograd layer is
+// skipped, so outputs never claim requires_grad, even for inputs that require it.
+TORCH_LIBRARY_IMPL(moe_fast, Autograd, m) {
+  m.impl("route", torch::CppFunction::makeFallthrough());
+  m.impl("expert_gram", torch::CppFunction::makeFallthrough());
+  m.impl("subset_loss", torch::CppFunction::makeFallthrough());
+}

@@ -11,19 +11,13 @@ from typing import Sequence
 import torch
 
 from moe_fast import _extension  # noqa: F401  (registers torch.ops.moe_fast)
+from moe_fast import reference
 from moe_fast.reference import RouteResult
 
 __all__ = ["route", "expert_gram", "subset_loss", "RouteResult"]
 
 
-def _beta_list(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
-    if beta is None:
-        return None
-    if isinstance(beta, torch.Tensor):
-        return [float(b) for b in beta.reshape(-1).tolist()]
-    if isinstance(beta, (int, float)):
-        return [float(beta)]
-    return [float(b) for b in beta]
+_beta_list = reference.beta_values  # the one Python home of the beta rule
 
 
 def route(
@@ -41,7 +35,8 @@ def route(
         renormalize: weights of the chosen slots sum to 1 (Mixtral; Qwen/OLMoE with norm_topk_prob).
         beta: skip threshold in [0, 1], one for all slots or k - 1 values for slots 1..k-1. Slot j is
             skipped when w_j < beta_j * w_0. None: no skipping.
-        keep: [E] bool on the logits' device; False experts can never be chosen (pruned).
+        keep: [E] bool on the logits' device; False experts can never be chosen (pruned). On a
+            GPU the "at least k allowed" check runs on the device (no host synchronization).
 
     Returns:
         RouteResult(weights [T, k] float32, ids [T, k] int32 (E marks a skipped slot),
@@ -86,11 +81,14 @@ def subset_loss(
 
     Args:
         gram: [T, M(M+1)/2] float32 from :func:`expert_gram`.
-        ids: [T, M] int32: each token's M ranked experts (``route(logits, M).ids``).
+        ids: [T, M] int32: each token's M ranked experts, exactly ``route(logits, M).ids`` (checked:
+            in [0, E), each expert once, in routing order, the row's top M).
         logits: [T, E] float32 router logits.
         keep: [C, E] bool: candidate c keeps the experts where True. Each must keep >= k experts
-            and drop at most M - k.
-        group: [T] int64 in [0, num_groups): e.g. the calibration batch of each token.
+            and drop at most M - k. May stay on the CPU when the rest is on a GPU.
+        group: [T] int64 in [0, num_groups): e.g. the calibration batch of each token. May stay on
+            the CPU when the rest is on a GPU. With keep and group on the CPU a GPU call does not
+            synchronize with the host (each given on the GPU costs one synchronization).
         k: experts per token.
         target_weights: [T, M] float32, layer-wise mode: the unpruned routing weights over the M
             ranked slots; the error is d^T G d with d = w^S - target_weights.

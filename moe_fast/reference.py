@@ -3,6 +3,9 @@
 Slow but obviously correct (vectorized, no custom code paths); the kernels are tested against
 these. Semantics follow DESIGN.md section 2 (routing) and section 4 (subset losses):
 
+* ``route`` is not differentiable: its weights come back detached (``requires_grad=False``);
+  the same holds for ``expert_gram`` and ``subset_loss``. They serve inference and the pruning
+  search, which need no gradient.
 * Logits are read as float32. NaN counts as -inf (it never wins); +inf counts as the largest
   finite float32. Experts outside ``keep`` act as -inf and are never chosen.
 * Ranking is by logit (equivalently by softmax probability), largest first, ties to the lower
@@ -40,11 +43,26 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(x == math.inf, torch.full_like(x, _F32_MAX), x)
 
 
-def skip_gaps(beta: float | Sequence[float] | None, k: int) -> list[float] | None:
-    """Per-slot logit gaps -log(beta_j) (slot 0 unused); None when nothing skips."""
+def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
+    """beta as a list of floats (one for every slot, or one per slot 1..k-1); None stays None.
+
+    Accepts a number, a sequence or a tensor. The C++ side of the rule (count and range checks,
+    -log) is ``skip_gaps_from_beta`` in csrc/include/moe_fast/rules.h.
+    """
     if beta is None:
         return None
-    values = [float(beta)] if isinstance(beta, (int, float)) else [float(b) for b in beta]
+    if isinstance(beta, torch.Tensor):
+        return [float(b) for b in beta.reshape(-1).tolist()]
+    if isinstance(beta, (int, float)):
+        return [float(beta)]
+    return [float(b) for b in beta]
+
+
+def skip_gaps(beta: float | Sequence[float] | torch.Tensor | None, k: int) -> list[float] | None:
+    """Per-slot logit gaps -log(beta_j) (slot 0 unused); None when nothing skips."""
+    values = beta_values(beta)
+    if values is None:
+        return None
     if len(values) == 1:
         values = values * max(k - 1, 1)
     gaps = [math.inf]
@@ -147,6 +165,23 @@ def unpack_gram(gram: torch.Tensor, m: int) -> torch.Tensor:
     return full
 
 
+def check_ranked_ids(ids: torch.Tensor, logits: torch.Tensor) -> None:
+    """subset_loss's contract on ``ids``: each row is its token's top M experts in routing order,
+    exactly ``route(logits, M).ids`` (so in [0, E), no expert twice). Raises ValueError otherwise."""
+    T, M = ids.shape
+    if T == 0:
+        return
+    want = rank_experts(logits)[0][:, :M].to(ids.device)
+    bad = (want != ids.long()).any(-1).nonzero()
+    if len(bad):
+        t = int(bad[0])
+        raise ValueError(
+            f"moe_fast.subset_loss: ids row of token {t} is not ranked: each expert once, largest logit first, "
+            f"ties to the lower index (as route(logits, M).ids gives them); got {ids[t].tolist()}, "
+            f"expected {want[t].tolist()}"
+        )
+
+
 def subset_weights(
     ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor, k: int, renormalize: bool = True
 ) -> torch.Tensor:
@@ -189,6 +224,7 @@ def subset_loss(
     """Reference of ``moe_fast.ops.subset_loss``: squared errors [C, G] float64 (see the op)."""
     T, M = ids.shape
     C = keep.shape[0]
+    check_ranked_ids(ids, logits)
     out = torch.zeros(C, num_groups, dtype=torch.float64)
     if T == 0 or C == 0:
         return out

@@ -170,3 +170,15 @@ def test_route_traces_under_torch_compile() -> None:
     compiled = torch.compile(moe_route, fullgraph=True, backend="aot_eager")
     got, want = compiled(h, w), moe_route(h, w)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_route_weights_are_detached() -> None:
+    # route is not differentiable: nothing may claim a gradient it cannot give.
+    logits = torch.randn(6, 8, requires_grad=True)
+    r = ops.route(logits, 2, True, 0.3)
+    assert not any(t.requires_grad for t in r), [t.requires_grad for t in r]
+    assert r.weights.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        r.weights.sum().backward()
+    # The same numbers as without grad.
+    assert torch.equal(r.weights, ops.route(logits.detach(), 2, True, 0.3).weights)

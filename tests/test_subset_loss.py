@@ -257,3 +257,52 @@ def test_traces_under_torch_compile() -> None:
     a = (y, args["logits"], args["ids"], args["keep"], args["target_weights"])
     compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*a), losses(*a))
+
+
+def test_gram_with_target_and_zero_hidden(device: str) -> None:
+    # No data to read: the Gram entries, cross products and ||z||^2 are all zero (they were left
+    # uninitialised when the binding passed the empty target's null pointer).
+    y, z = torch.randn(3, 2, 0), torch.randn(3, 0)
+    for _ in range(3):  # a few calls, so that recycled memory would show up
+        junk = torch.full((1 << 16,), 6.2e26)  # noqa: F841  (fills what the allocator may hand back)
+        del junk
+        got = ops.expert_gram(y.to(device), z.to(device))
+        want = reference.expert_gram(y, z)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.equal(g.cpu(), torch.zeros_like(w)), (g, w)
+
+
+def _ids_case(name: str):
+    """(logits [2, 3], ids [2, M]) with one bad row: the review's cases and their kin."""
+    logits = torch.tensor([[-math.inf, -0.8, 3.0], [0.5, 2.0, -1.0]])
+    good = reference.route(logits, 3).ids
+    ids = good.clone()
+    if name == "unranked":  # the review's: logits [-inf, -0.8, 3], ids [2, 0, 1]
+        ids[0] = torch.tensor([2, 0, 1])
+    elif name == "repeated":
+        ids[1] = torch.tensor([1, 1, 0])
+    elif name == "not_top":  # in order, but expert 1 ranks before 0: not the top two
+        return logits, torch.tensor([[2, 0], [1, 0]], dtype=torch.int32)
+    elif name == "tie_order":  # equal logits: the lower index comes first
+        logits = torch.tensor([[1.0, 1.0, 0.0], [0.5, 2.0, -1.0]])
+        ids = reference.route(logits, 3).ids.clone()
+        ids[0, :2] = torch.tensor([1, 0])
+    return logits, ids.to(torch.int32)
+
+
+@pytest.mark.parametrize("name", ["unranked", "repeated", "not_top", "tie_order"])
+def test_subset_loss_rejects_unranked_ids(name: str) -> None:
+    logits, ids = _ids_case(name)
+    T, M = ids.shape
+    gram = torch.ones(T, M * (M + 1) // 2)
+    tw = torch.zeros(T, M)
+    tw[:, 0] = 1.0
+    args = (gram, ids, logits, torch.ones(1, 3, dtype=torch.bool), torch.zeros(T, dtype=torch.long), 1, 1)
+    with pytest.raises(RuntimeError, match="not ranked"):
+        ops.subset_loss(*args, target_weights=tw)
+    with pytest.raises(ValueError, match="not ranked"):
+        reference.subset_loss(*args, target_weights=tw)
+    # The rows route gives are accepted by both, with the same result.
+    good = reference.route(logits, M).ids
+    ok = (gram, good, *args[2:])
+    torch.testing.assert_close(ops.subset_loss(*ok, target_weights=tw), reference.subset_loss(*ok, target_weights=tw))

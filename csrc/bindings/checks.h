@@ -47,7 +47,7 @@ inline std::vector<double> check_route_args(const at::Tensor& logits, int64_t k,
               ", got ", E);
   TORCH_CHECK(k >= 1 && k <= kMaxTopK, "moe_fast.route: k must be in 1..", kMaxTopK, ", got ", k);
   TORCH_CHECK(k <= E, "moe_fast.route: k (", k, ") must not exceed the number of experts (", E, ")");
-  TORCH_CHECK(logits.size(0) * k < std::numeric_limits<int32_t>::max(),
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max() / k,
               "moe_fast.route: T * k must fit in int32, got T = ", logits.size(0));
   if (keep.has_value()) {
     check_tensor(*keep, "keep", 1, logits.device());
@@ -58,18 +58,24 @@ inline std::vector<double> check_route_args(const at::Tensor& logits, int64_t k,
   std::vector<double> gaps;
   if (beta.has_value()) {
     const auto& b = *beta;
-    TORCH_CHECK(b.size() == 1 || static_cast<int64_t>(b.size()) == k - 1,
-                "moe_fast.route: beta must hold one value or k - 1 = ", k - 1, " values (slots 1..k-1), got ",
-                b.size());
-    gaps.assign(k, std::numeric_limits<double>::infinity());
-    for (int64_t j = 1; j < k; ++j) {
-      const double v = b.size() == 1 ? b[0] : b[j - 1];
-      TORCH_CHECK(v >= 0.0 && v <= 1.0, "moe_fast.route: beta must lie in [0, 1], got ", v);
-      gaps[j] = v == 0.0 ? std::numeric_limits<double>::infinity() : -std::log(v);
-    }
-    if (b.size() == 1) TORCH_CHECK(b[0] >= 0.0 && b[0] <= 1.0, "moe_fast.route: beta must lie in [0, 1], got ", b[0]);
+    gaps.resize(k);
+    const char* err = skip_gaps_from_beta(b.data(), static_cast<int64_t>(b.size()), static_cast<int32_t>(k), gaps.data());
+    TORCH_CHECK(err == nullptr, "moe_fast.route: ", err, " (k = ", k, "), got ", b);
   }
   return gaps;
+}
+
+// The keep mask must allow at least k experts. A mask on the CPU is counted on the host; one on
+// a GPU is checked on the device (no synchronization: a violation raises at the next one).
+inline void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
+  if (keep.is_cpu()) {
+    const bool* p = keep.data_ptr<bool>();
+    int64_t allowed = 0;
+    for (int64_t e = 0; e < keep.numel(); ++e) allowed += p[e] ? 1 : 0;
+    TORCH_CHECK(allowed >= k, "moe_fast.route: keep allows ", allowed, " experts, fewer than k = ", k);
+  } else {
+    at::_assert_async(keep.sum().ge(k), "moe_fast.route: keep allows fewer than k experts");
+  }
 }
 
 // Allocates the route op's outputs: weights, ids, counts, offsets, perm.
@@ -118,8 +124,9 @@ inline SubsetLossArgs check_subset_loss_args(const at::Tensor& gram, const at::T
   check_tensor(gram, "gram", 2, dev);
   check_tensor(ids, "ids", 2, dev);
   check_tensor(logits, "logits", 2, dev);
-  check_tensor(keep, "keep", 2, dev);
-  check_tensor(group, "group", 1, dev);
+  // keep and group may stay on the host when the rest is on a GPU (they are read there anyway).
+  check_tensor(keep, "keep", 2, keep.is_cpu() ? keep.device() : dev);
+  check_tensor(group, "group", 1, group.is_cpu() ? group.device() : dev);
   check_dtype(gram, "gram", at::kFloat);
   check_dtype(ids, "ids", at::kInt);
   check_dtype(logits, "logits", at::kFloat);
@@ -176,12 +183,73 @@ inline SubsetLossArgs check_subset_loss_args(const at::Tensor& gram, const at::T
 }
 
 // A layer-wise target is a routing: at most k nonzero weights per token (the kernels' work per
-// token is bounded by that). Checked with tensor ops so it runs on any device.
+// token is bounded by that). On the CPU with the token's position; on a GPU on the device.
 inline void check_target_is_routing(const std::optional<at::Tensor>& target_weights, int64_t k) {
   if (!target_weights.has_value() || target_weights->numel() == 0) return;
-  const int64_t most = target_weights->ne(0).sum(1).max().item<int64_t>();
-  TORCH_CHECK(most <= k, "moe_fast.subset_loss: target_weights must have at most k = ", k,
-              " nonzero weights per token (a routing), found a token with ", most);
+  const at::Tensor& tw = *target_weights;
+  if (tw.is_cpu()) {
+    const int64_t T = tw.size(0), M = tw.size(1);
+    const float* p = tw.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t nonzero = 0;
+      for (int64_t i = 0; i < M; ++i) nonzero += p[t * M + i] != 0.f ? 1 : 0;
+      TORCH_CHECK(nonzero <= k, "moe_fast.subset_loss: target_weights must have at most k = ", k,
+                  " nonzero weights per token (a routing), found ", nonzero, " at token ", t);
+    }
+  } else {
+    at::_assert_async(tw.ne(0).sum(1).le(k).all(),
+                      "moe_fast.subset_loss: target_weights must have at most k nonzero weights per token");
+  }
+}
+
+// ids rows: in [0, E), each expert once, in route's order (ranked_row_ok in rules.h). On the CPU
+// with the token's position; on a GPU the same rule in tensor ops, checked on the device.
+inline void check_ids_ranked(const at::Tensor& ids, const at::Tensor& logits) {
+  const int64_t T = ids.size(0), M = ids.size(1), E = logits.size(1);
+  if (T == 0) return;
+  if (ids.is_cpu()) {
+    const int32_t* ip = ids.data_ptr<int32_t>();
+    const float* lp = logits.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t* row = ip + t * M;
+      for (int64_t i = 0; i < M; ++i) {
+        TORCH_CHECK(row[i] >= 0 && row[i] < E, "moe_fast.subset_loss: ids must lie in [0, E = ", E, "), found ",
+                    row[i], " at token ", t, " (a skipped slot cannot be ranked)");
+      }
+      TORCH_CHECK(ranked_row_ok(row, lp + t * E, static_cast<int32_t>(M), static_cast<int32_t>(E)),
+                  "moe_fast.subset_loss: ids row of token ", t, " is not ranked: each expert once, largest logit ",
+                  "first, ties to the lower index (as route(logits, M).ids gives them); got ",
+                  c10::ArrayRef<int32_t>(row, static_cast<size_t>(M)));
+    }
+    return;
+  }
+  const at::Tensor in_range = ids.ge(0).logical_and(ids.lt(E)).all();
+  at::_assert_async(in_range, "moe_fast.subset_loss: ids must lie in [0, E) (a skipped slot cannot be ranked)");
+  const at::Tensor idx = ids.clamp(0, E - 1).to(at::kLong);
+  const at::Tensor all = at::nan_to_num(logits, -std::numeric_limits<double>::infinity(),
+                                        std::numeric_limits<float>::max(), -std::numeric_limits<double>::infinity());
+  const at::Tensor lg = all.gather(1, idx);
+  const at::Tensor l_last = lg.narrow(1, M - 1, 1), i_last = idx.narrow(1, M - 1, 1);
+  const at::Tensor experts = at::arange(E, idx.options()).unsqueeze(0);
+  const at::Tensor ahead = all.gt(l_last).logical_or(all.eq(l_last).logical_and(experts.lt(i_last)));
+  at::_assert_async(ahead.sum(1).eq(M - 1).all(),
+                    "moe_fast.subset_loss: an ids row is not its row's top M experts (route(logits, M).ids)");
+  if (M < 2) return;
+  const at::Tensor a = lg.narrow(1, 0, M - 1), b = lg.narrow(1, 1, M - 1);
+  const at::Tensor before = a.gt(b).logical_or(a.eq(b).logical_and(idx.narrow(1, 0, M - 1).lt(idx.narrow(1, 1, M - 1))));
+  at::_assert_async(before.all(), "moe_fast.subset_loss: an ids row is not ranked (each expert once, in route's order)");
+}
+
+// Tokens of each group and their chunks, from a host group tensor; checks the group ids.
+inline void host_group_plan(const at::Tensor& group_cpu, int64_t num_groups, std::vector<int64_t>& start,
+                            std::vector<int64_t>& order) {
+  const int64_t T = group_cpu.size(0);
+  const int64_t* gp = group_cpu.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(gp[t] >= 0 && gp[t] < num_groups, "moe_fast.subset_loss: group ids must lie in [0, num_groups = ",
+                num_groups, "), found ", gp[t], " at token ", t);
+  }
+  group_order(gp, T, num_groups, start, order);
 }
 
 // Every candidate must keep at least k experts and drop at most M - k (the rank bound), so that

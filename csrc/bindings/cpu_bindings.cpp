@@ -14,11 +14,6 @@ constexpr int64_t kRouteGrain = 1024;  // tokens per task: routing one token is 
 constexpr int64_t kPlanChunk = 16384;  // tokens per histogram/scatter chunk
 constexpr int64_t kGramGrain = 16;     // tokens per task: one token is M^2 / 2 dot products of H
 
-void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
-  const int64_t allowed = keep.sum().item<int64_t>();
-  TORCH_CHECK(allowed >= k, "moe_fast.route: keep allows ", allowed, " experts, fewer than k = ", k);
-}
-
 // ids [T, k] -> counts [E], offsets [E + 1], perm [T * k], the same for any number of threads.
 void build_plan(const int32_t* ids, int64_t T, int32_t k, int32_t E, int32_t* counts, int32_t* offsets,
                 int32_t* perm) {
@@ -95,35 +90,13 @@ at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const 
   const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
   check_candidate_sizes(keep, M, k);
   check_target_is_routing(target_weights, k);
-  const int32_t* idp = a.ids;
-  for (int64_t i = 0; i < T * M; ++i) {
-    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "moe_fast.subset_loss: ids must lie in [0, E = ", E, "), found ", idp[i],
-                " (a skipped slot cannot be ranked)");
-  }
+  check_ids_ranked(ids, logits);
   // Tokens bucketed by group, ascending inside each group; then fixed chunks of kLossChunk.
-  const int64_t* gp = group.data_ptr<int64_t>();
-  std::vector<int64_t> start(G + 1, 0);
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(gp[t] >= 0 && gp[t] < G, "moe_fast.subset_loss: group ids must lie in [0, num_groups = ", G,
-                "), found ", gp[t], " at token ", t);
-    ++start[gp[t] + 1];
-  }
-  for (int64_t g = 0; g < G; ++g) start[g + 1] += start[g];
-  std::vector<int64_t> order(T);
-  {
-    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-    for (int64_t t = 0; t < T; ++t) order[cursor[gp[t]]++] = t;
-  }
-  struct Chunk {
-    int64_t group, begin, end;
-  };
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first_chunk(G + 1, 0);
-  for (int64_t g = 0; g < G; ++g) {
-    first_chunk[g] = static_cast<int64_t>(chunks.size());
-    for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) chunks.push_back({g, i, std::min(start[g + 1], i + kLossChunk)});
-  }
-  first_chunk[G] = static_cast<int64_t>(chunks.size());
+  std::vector<int64_t> start, order;
+  host_group_plan(group, G, start, order);
+  std::vector<LossChunk> chunks;
+  std::vector<int64_t> first_chunk;
+  build_loss_chunks(start.data(), G, chunks, first_chunk);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   std::vector<ExpertMask> masks(C);
   const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>());
@@ -139,7 +112,7 @@ at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const 
       const int64_t c0 = (item / nchunks) * kCandidateBlock;
       const int64_t nc = std::min(kCandidateBlock, C - c0);
       const int64_t chunk = item % nchunks;
-      const Chunk& ch = chunks[chunk];
+      const LossChunk& ch = chunks[chunk];
       cpu::subset_loss_tokens(a, masks.data() + c0, nc, order.data() + ch.begin, ch.end - ch.begin, sums.data());
       for (int64_t c = 0; c < nc; ++c) partial[chunk * C + c0 + c] = sums[c];
     }

@@ -16,17 +16,12 @@
 namespace moe_fast {
 namespace {
 
-void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
-  const int64_t allowed = keep.sum().item<int64_t>();  // one device sync, only when a mask is given
-  TORCH_CHECK(allowed >= k, "moe_fast.route: keep allows ", allowed, " experts, fewer than k = ", k);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& logits, int64_t k, bool renormalize, std::optional<at::ArrayRef<double>> beta,
     const std::optional<at::Tensor>& keep) {
   const std::vector<double> gaps = check_route_args(logits, k, beta, keep);
   const c10::cuda::CUDAGuard guard(logits.device());
-  if (keep.has_value()) check_keep_leaves_k(*keep, k);
+  if (keep.has_value()) check_keep_leaves_k(*keep, k);  // on the device: no synchronization
   auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
   RouteArgs a;
   a.num_tokens = logits.size(0);
@@ -56,6 +51,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_gram_cuda(const at::Tensor
   return {gram, cross, target_sq};
 }
 
+// Host synchronizations per call: none when keep and group are on the CPU (as the search passes
+// them); one more for each of keep and group given on the GPU (they are needed on the host to
+// cut the work). ids, logits and a layer-wise target are checked on the device (_assert_async).
 at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const at::Tensor& logits,
                             const at::Tensor& keep, const at::Tensor& group, int64_t num_groups, int64_t k,
                             bool renormalize, const std::optional<at::Tensor>& target_weights,
@@ -64,32 +62,39 @@ at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const
                                                   target_weights, cross, target_sq);
   const c10::cuda::CUDAGuard guard(gram.device());
   const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
-  const at::Tensor keep_cpu = keep.cpu();
+  const at::Tensor keep_cpu = keep.is_cpu() ? keep : keep.cpu();  // sync only for a GPU keep
   check_candidate_sizes(keep_cpu, M, k);
   check_target_is_routing(target_weights, k);
   at::Tensor out = at::zeros({C, G}, gram.options().dtype(at::kDouble));
   if (T == 0 || C == 0) return out;
+  check_ids_ranked(ids, logits);
 
-  const at::Tensor id_range = at::stack({ids.min(), ids.max()}).cpu();
-  const int32_t id_lo = id_range[0].item<int32_t>(), id_hi = id_range[1].item<int32_t>();
-  TORCH_CHECK(id_lo >= 0 && id_hi < E, "moe_fast.subset_loss: ids must lie in [0, E = ", E, "), found ",
-              id_lo < 0 ? id_lo : id_hi, " (a skipped slot cannot be ranked)");
+  // Tokens sorted by group (ascending inside a group) and each group's first position.
+  std::vector<int64_t> start;
+  std::vector<int64_t> host_order;  // filled when group is on the host
+  at::Tensor order;                 // device int64 [T] when group is on the GPU
+  if (group.is_cpu()) {
+    host_group_plan(group, G, start, host_order);
+  } else {
+    const auto sorted = at::sort(group, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+    order = std::get<1>(sorted).contiguous();
+    const at::Tensor dev_start = at::searchsorted(std::get<0>(sorted), at::arange(G + 1, group.options()));
+    const at::Tensor start_cpu = dev_start.cpu();  // the one sync for a GPU group
+    const int64_t* sp = start_cpu.data_ptr<int64_t>();
+    TORCH_CHECK(sp[0] == 0 && sp[G] == T, "moe_fast.subset_loss: group ids must lie in [0, num_groups = ", G,
+                "), found ", sp[0] != 0 ? "a negative id" : "an id >= num_groups");
+    start.assign(sp, sp + G + 1);
+  }
 
-  // Tokens sorted by group (stable: ascending inside a group) and each group's first position.
-  const auto sorted = at::sort(group, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
-  const at::Tensor& sorted_group = std::get<0>(sorted);
-  const at::Tensor order = std::get<1>(sorted).contiguous();  // int64
-  const at::Tensor start = at::searchsorted(sorted_group, at::arange(G + 1, group.options())).cpu();
-  const int64_t* sp = start.data_ptr<int64_t>();
-  TORCH_CHECK(sp[0] == 0 && sp[G] == T, "moe_fast.subset_loss: group ids must lie in [0, num_groups = ", G,
-              "), found ", sp[0] != 0 ? "a negative id" : "an id >= num_groups");
-
-  // One host table -> one copy: chunks [n, 2], first_chunk [G + 1], candidate masks [C, kMaskWords].
+  // One pinned host table -> one asynchronous copy: chunks [n, 2], first_chunk [G + 1],
+  // candidate masks [C, kMaskWords], then (host group) order [T].
   std::vector<cuda::LossChunk> chunks;
   std::vector<int64_t> first_chunk;
-  cuda::build_loss_chunks(sp, G, chunks, first_chunk);
+  cuda::build_loss_chunks(start.data(), G, chunks, first_chunk);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  at::Tensor table = at::empty({2 * n_chunks + (G + 1) + C * kMaskWords}, at::kLong);
+  const int64_t mask_at = 2 * n_chunks + (G + 1), order_at = mask_at + C * kMaskWords;
+  at::Tensor table = at::empty({order_at + static_cast<int64_t>(host_order.size())},
+                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* tp = table.data_ptr<int64_t>();
   for (int64_t i = 0; i < n_chunks; ++i) {
     tp[2 * i] = chunks[i].begin;
@@ -97,18 +102,20 @@ at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const
   }
   std::copy(first_chunk.begin(), first_chunk.end(), tp + 2 * n_chunks);
   const uint8_t* kp = reinterpret_cast<const uint8_t*>(keep_cpu.data_ptr<bool>());
-  int64_t* mp = tp + 2 * n_chunks + (G + 1);
   for (int64_t c = 0; c < C; ++c) {
     const ExpertMask mask = cpu::pack_mask(kp + c * E, a.num_experts);
-    for (int32_t w = 0; w < kMaskWords; ++w) mp[c * kMaskWords + w] = static_cast<int64_t>(mask.words[w]);
+    for (int32_t w = 0; w < kMaskWords; ++w) tp[mask_at + c * kMaskWords + w] = static_cast<int64_t>(mask.words[w]);
   }
-  const at::Tensor dev_table = table.to(gram.device());
+  std::copy(host_order.begin(), host_order.end(), tp + order_at);
+  // Pinned source, non-blocking: the caching host allocator keeps the buffer until the copy ran.
+  const at::Tensor dev_table = table.to(gram.device(), at::kLong, /*non_blocking=*/true);
   const int64_t* dp = dev_table.data_ptr<int64_t>();
+  const int64_t* order_ptr = group.is_cpu() ? dp + order_at : order.data_ptr<int64_t>();
   at::Tensor partial = at::empty({C * n_chunks}, gram.options().dtype(at::kDouble));
 
-  C10_CUDA_CHECK(cuda::subset_loss(a, reinterpret_cast<const ExpertMask*>(dp + 2 * n_chunks + (G + 1)), C,
-                                   order.data_ptr<int64_t>(), reinterpret_cast<const cuda::LossChunk*>(dp), n_chunks,
-                                   dp + 2 * n_chunks, G, partial.data_ptr<double>(), out.data_ptr<double>(),
+  C10_CUDA_CHECK(cuda::subset_loss(a, reinterpret_cast<const ExpertMask*>(dp + mask_at), C, order_ptr,
+                                   reinterpret_cast<const cuda::LossChunk*>(dp), n_chunks, dp + 2 * n_chunks, G,
+                                   partial.data_ptr<double>(), out.data_ptr<double>(),
                                    c10::cuda::getCurrentCUDAStream()));
   return out;
 }

@@ -13,14 +13,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// NaN never wins (-inf); +inf becomes the largest finite float so that softmax stays defined.
-inline float sanitize(float v) {
-  if (v != v) return kNegInf;
-  if (v == std::numeric_limits<float>::infinity()) return FLT_MAX;
-  return v;
-}
-
-// Selection works on 64-bit keys that order like (logit, -index): the logit's bits made
+// Selection works on 64-bit keys that order like (logit, -index), the order of ranks_before in
+// rules.h, sanitize included: the logit's bits made
 // monotone in the high half, the complemented index in the low half. Larger key = larger logit,
 // then lower index; a masked expert gets key 0, below every allowed one (-inf included). Keys
 // are compared with max/min only, so the loop has no data-dependent branches to mispredict.
@@ -174,9 +168,15 @@ void plan_scatter(const int32_t* ids, int64_t t_begin, int64_t t_end, int32_t to
   for (int32_t b = 0; b <= num_experts; ++b) cursor[b] = local[b];
 }
 
-void route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
-           int32_t* counts, int32_t* offsets, int32_t* perm) {
+Error route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
+            int32_t* counts, int32_t* offsets, int32_t* perm) {
+  if (const Error err = validate_route(args)) return err;
   const int32_t E = args.num_experts;
+  if (args.keep != nullptr) {
+    int32_t allowed = 0;
+    for (int32_t e = 0; e < E; ++e) allowed += args.keep[e] != 0 ? 1 : 0;
+    if (allowed < args.top_k) return "route: keep allows fewer than k experts";
+  }
   route_rows(dtype, logits, args, 0, args.num_tokens, weights, ids);
   std::vector<int32_t> hist(E + 1, 0);
   plan_histogram(ids, 0, args.num_tokens, args.top_k, E, hist.data());
@@ -192,6 +192,7 @@ void route(DType dtype, const void* logits, const RouteArgs& args, float* weight
   }
   offsets[E] = cursor[E];
   plan_scatter(ids, 0, args.num_tokens, args.top_k, E, cursor.data(), perm);
+  return nullptr;
 }
 
 }  // namespace cpu

@@ -43,22 +43,12 @@ void gram_rows_typed(const scalar_t* outputs, const scalar_t* target, int64_t m,
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t j = i; j < m; ++j) g[gram_index(i, j, m)] = dot(y + i * h, y + j * h, h);
     }
-    if (target != nullptr) {
-      const float* z = as_float_row(target + t * h, h, zbuf);
+    if (cross != nullptr) {  // target mode (target is nullptr only when h == 0: then all zeros)
+      const float* z = h == 0 ? y : as_float_row(target + t * h, h, zbuf);
       for (int64_t i = 0; i < m; ++i) cross[t * m + i] = dot(y + i * h, z, h);
       target_sq[t] = dot(z, z, h);
     }
   }
-}
-
-inline bool mask_has(const ExpertMask& mask, int32_t e) {
-  return (mask.words[e >> 6] >> (e & 63)) & 1u;
-}
-
-inline float sanitize(float v) {
-  if (v != v) return kNegInf;
-  if (v == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::max();
-  return v;
 }
 
 // Per-token quantities shared by every candidate: exp(l - l_top) of the ranked experts (and of
@@ -201,6 +191,15 @@ void expert_gram_rows(DType dtype, const void* outputs, const void* target, int6
   }
 }
 
+Error expert_gram(DType dtype, const void* outputs, const void* target, int64_t num_tokens, int64_t rank,
+                  int64_t hidden, float* gram, float* cross, float* target_sq) {
+  if (const Error err = validate_expert_gram(outputs, target, num_tokens, rank, hidden, gram, cross, target_sq)) {
+    return err;
+  }
+  expert_gram_rows(dtype, outputs, target, rank, hidden, 0, num_tokens, gram, cross, target_sq);
+  return nullptr;
+}
+
 ExpertMask pack_mask(const uint8_t* keep, int32_t num_experts) {
   ExpertMask mask{};
   for (int32_t e = 0; e < num_experts; ++e) {
@@ -225,26 +224,27 @@ void subset_loss_tokens(const SubsetLossArgs& args, const ExpertMask* masks, int
   }
 }
 
-void subset_loss(const SubsetLossArgs& args, const uint8_t* keep, int64_t num_candidates,
-                 const int64_t* group, int64_t num_groups, double* out) {
-  // Tokens bucketed by group, ascending inside each group.
-  std::vector<int64_t> start(num_groups + 1, 0);
-  for (int64_t t = 0; t < args.num_tokens; ++t) ++start[group[t] + 1];
-  for (int64_t g = 0; g < num_groups; ++g) start[g + 1] += start[g];
-  std::vector<int64_t> order(args.num_tokens);
-  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-  for (int64_t t = 0; t < args.num_tokens; ++t) order[cursor[group[t]]++] = t;
+Error subset_loss(const SubsetLossArgs& args, const uint8_t* keep, int64_t num_candidates,
+                  const int64_t* group, int64_t num_groups, double* out) {
+  if (const Error err = validate_subset_loss(args, num_candidates, num_groups)) return err;
+  if (const Error err = validate_subset_loss_data(args, keep, num_candidates, group, num_groups)) return err;
+  std::vector<int64_t> start, order;
+  group_order(group, args.num_tokens, num_groups, start, order);
+  std::vector<LossChunk> chunks;
+  std::vector<int64_t> first_chunk;
+  build_loss_chunks(start.data(), num_groups, chunks, first_chunk);
   std::vector<ExpertMask> masks(num_candidates);
   for (int64_t c = 0; c < num_candidates; ++c) masks[c] = pack_mask(keep + c * args.num_experts, args.num_experts);
   std::vector<double> sums(num_candidates);
   std::fill(out, out + num_candidates * num_groups, 0.0);
   for (int64_t g = 0; g < num_groups; ++g) {
-    for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) {
-      const int64_t n = std::min(kLossChunk, start[g + 1] - i);
-      subset_loss_tokens(args, masks.data(), num_candidates, order.data() + i, n, sums.data());
+    for (int64_t i = first_chunk[g]; i < first_chunk[g + 1]; ++i) {
+      const LossChunk& ch = chunks[i];
+      subset_loss_tokens(args, masks.data(), num_candidates, order.data() + ch.begin, ch.end - ch.begin, sums.data());
       for (int64_t c = 0; c < num_candidates; ++c) out[c * num_groups + g] += sums[c];
     }
   }
+  return nullptr;
 }
 
 }  // namespace cpu

@@ -1,7 +1,7 @@
 // Op 2a on the GPU: per-token Gram entries of the rank-bounded expert outputs.
 //
 // One block per token. Its "dot tasks" are the P = M(M+1)/2 packed pairs (i <= j, row by row),
-// then, with a target, the M cross products <y_i, z> and ||z||^2. Each warp takes tasks in turn and
+// then, in target mode (cross given), the M cross products <y_i, z> and ||z||^2. Each warp takes tasks in turn and
 // computes one dot product of length H: lanes stride over H in float32, then a fixed shuffle tree.
 // A token's outputs are read once from memory and then mostly from L1/L2.
 #include <cstdint>
@@ -34,9 +34,9 @@ __global__ void __launch_bounds__(kBlock) gram_kernel(const scalar_t* __restrict
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t pairs = m * (m + 1) / 2;
-  const int64_t tasks = pairs + (target != nullptr ? m + 1 : 0);
+  const int64_t tasks = pairs + (cross != nullptr ? m + 1 : 0);  // target mode: cross and ||z||^2 too
   const scalar_t* y = outputs + t * m * h;
-  const scalar_t* z = target != nullptr ? target + t * h : nullptr;
+  const scalar_t* z = target != nullptr ? target + t * h : y;  // nullptr only when h == 0: dots are 0
   for (int64_t q = warp; q < tasks; q += kWarps) {  // warp-uniform loop
     float v;
     if (q < pairs) {
@@ -71,8 +71,9 @@ void launch_gram(const void* outputs, const void* target, int64_t t, int64_t m, 
 
 cudaError_t expert_gram(DType dtype, const void* outputs, const void* target, int64_t num_tokens, int64_t rank,
                         int64_t hidden, float* gram, float* cross, float* target_sq, cudaStream_t stream) {
-  if (rank < 1 || num_tokens < 0 || hidden < 0) return cudaErrorInvalidValue;
-  if (num_tokens > 0x7fffffffLL) return cudaErrorInvalidValue;  // one block per token (grid.x limit)
+  if (validate_expert_gram(outputs, target, num_tokens, rank, hidden, gram, cross, target_sq) != nullptr) {
+    return cudaErrorInvalidValue;  // validate_expert_gram names the problem
+  }
   if (num_tokens == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32:

@@ -2,8 +2,11 @@
 //
 // Routing: a group of G lanes (8, 16 or 32; G <= one warp) per token, each lane holding up to VPT
 // experts e = lane + i * G. Top-k is k rounds of a group-wide argmax ordered by (logit desc, index
-// asc), so ties go to the lower index exactly as on the CPU. The weight arithmetic is the CPU's,
-// in float64, on one lane.
+// asc), so ties go to the lower index exactly as on the CPU: ids, counts, offsets and perm are
+// the CPU's bit for bit. The weights use the CPU's float64 formula on one lane, but are not
+// promised bit-identical: exp() is CUDA's, and with renormalize=False the partition sum is added
+// per lane and then across lanes (a shuffle tree), not in expert order. They agree with the CPU
+// to a few float64 ulps before the final rounding to float32 (tests/test_cuda_ops.py: 1e-6).
 // Plan: a stable radix sort of the slot ids (cub::DeviceRadixSort::SortPairs, keys = ids,
 // values = slot index) gives perm; counts and offsets are lower bounds in the sorted keys.
 #include <cub/device/device_radix_sort.cuh>
@@ -30,13 +33,6 @@ struct RouteParams {
   double skip_gap[kMaxTopK];  // slot j >= 1 skipped when l_0 - l_j > skip_gap[j]
   const uint8_t* keep;        // [E] or nullptr
 };
-
-// NaN never wins (-inf); +inf becomes the largest finite float.
-__device__ __forceinline__ float sanitize(float v) {
-  if (v != v) return -INFINITY;
-  if (v == INFINITY) return FLT_MAX;
-  return v;
-}
 
 // Strict order of argmax candidates: a valid one beats none, then larger value, then lower index.
 __device__ __forceinline__ bool better(float av, int32_t ai, float bv, int32_t bi) {
@@ -143,7 +139,7 @@ __global__ void __launch_bounds__(kBlock) route_kernel(const scalar_t* __restric
   for (int j = 0; j < kMaxTopK; ++j) {
     if (j < k) {
       w_out[j] = skipped[j] ? 0.f : static_cast<float>(rel[j] * scale);
-      i_out[j] = skipped[j] ? E : top_i[j];
+      i_out[j] = skipped[j] || top_i[j] == kNone ? E : top_i[j];  // kNone: keep allowed < k experts
     }
   }
 }
@@ -222,10 +218,10 @@ size_t route_workspace_bytes(int64_t num_slots, int32_t num_experts) {
 cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
                   int32_t* counts, int32_t* offsets, int32_t* perm, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
+  if (validate_route(args) != nullptr) return cudaErrorInvalidValue;  // validate_route names the problem
   const int64_t T = args.num_tokens;
   const int32_t E = args.num_experts;
-  const int64_t n = T * args.top_k;
-  if (args.top_k < 1 || args.top_k > kMaxTopK || E < 1 || E > kMaxExperts) return cudaErrorInvalidValue;
+  const int64_t n = T * args.top_k;  // <= INT32_MAX after validate_route
   if (workspace_bytes < route_workspace_bytes(n, E)) return cudaErrorInvalidValue;
   if (T > 0) {
     RouteParams p{};

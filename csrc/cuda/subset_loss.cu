@@ -5,6 +5,14 @@
 // each candidate of the tile, the float64 error of those tokens; a fixed shared-memory tree then
 // sums the threads, giving partial[c, chunk]. A second kernel adds each group's chunks in order.
 // Nothing depends on scheduling, so the result is the same on every run.
+//
+// What is promised against the CPU: the same formula up to rounding, not the same bits. The
+// weights use one exp() per kept slot relative to the top kept logit (the CPU caches exp()s per
+// token), nvcc contracts multiply-adds into FMAs, and the tokens of a chunk are summed per thread
+// (strided) and then in a tree, not in ascending order. Losses agree to about 1e-12 relative; the
+// search (moe_fast/pruning/search.py) treats candidates whose losses agree to TIE_RTOL = 1e-9
+// relative as tied and takes the lexicographically smallest dropped set, so CPU and GPU choose the
+// same set unless a loss lies within that rounding of the tie border.
 #include <cfloat>
 #include <cstdint>
 
@@ -17,26 +25,8 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kTile = 8;  // candidates per block: a token's data is read once for all of them
 
-__device__ __forceinline__ float sanitize(float v) {
-  if (v != v) return -INFINITY;
-  if (v == INFINITY) return FLT_MAX;
-  return v;
-}
-
-__device__ __forceinline__ bool mask_has(const ExpertMask& mask, int32_t e) {
-  return (mask.words[e >> 6] >> (e & 63)) & 1u;
-}
-
-__device__ __forceinline__ int64_t packed(int64_t i, int64_t j, int64_t m) {
-  if (i > j) {
-    const int64_t s = i;
-    i = j;
-    j = s;
-  }
-  return i * m - i * (i - 1) / 2 + (j - i);
-}
-
-// Squared error of token t under one candidate: the CPU's token_error, line for line.
+// Squared error of token t under one candidate: the CPU's formula (candidate_weights and
+// token_error in csrc/cpu/subset_loss.cpp) up to rounding, see above.
 __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t) {
   const int32_t m = a.rank;
   const int32_t k = a.top_k;
@@ -88,8 +78,8 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
     }
     double err = 0.0;
     for (int32_t x = 0; x < nd; ++x) {
-      err += d[x] * d[x] * g[packed(pos[x], pos[x], m)];
-      for (int32_t y = x + 1; y < nd; ++y) err += 2.0 * d[x] * d[y] * g[packed(pos[x], pos[y], m)];
+      err += d[x] * d[x] * g[gram_index(pos[x], pos[x], m)];
+      for (int32_t y = x + 1; y < nd; ++y) err += 2.0 * d[x] * d[y] * g[gram_index(pos[x], pos[y], m)];
     }
     return err;
   }
@@ -97,8 +87,8 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
   double err = a.target_sq[t];
   for (int32_t x = 0; x < n; ++x) {
     err -= 2.0 * w[x] * c[slot[x]];
-    err += w[x] * w[x] * g[packed(slot[x], slot[x], m)];
-    for (int32_t y = x + 1; y < n; ++y) err += 2.0 * w[x] * w[y] * g[packed(slot[x], slot[y], m)];
+    err += w[x] * w[x] * g[gram_index(slot[x], slot[x], m)];
+    for (int32_t y = x + 1; y < n; ++y) err += 2.0 * w[x] * w[y] * g[gram_index(slot[x], slot[y], m)];
   }
   return err;
 }
@@ -166,10 +156,8 @@ cudaError_t subset_loss(const SubsetLossArgs& args, const ExpertMask* masks, int
                         const int64_t* order, const LossChunk* chunks, int64_t num_chunks,
                         const int64_t* first_chunk, int64_t num_groups, double* partial, double* out,
                         cudaStream_t stream) {
-  if (args.top_k < 1 || args.top_k > kMaxTopK || args.rank < args.top_k || num_candidates < 0 || num_groups < 0 ||
-      num_chunks < 0) {
-    return cudaErrorInvalidValue;
-  }
+  // validate_subset_loss names the problem (E > 256 would read past the mask words).
+  if (validate_subset_loss(args, num_candidates, num_groups) != nullptr || num_chunks < 0) return cudaErrorInvalidValue;
   if (num_candidates == 0 || num_groups == 0) return cudaSuccess;
   if (num_chunks > 0) {
     const int64_t tiles = (num_candidates + kTile - 1) / kTile;

@@ -1,5 +1,6 @@
 // C++ tests of the CPU kernels through the torch-free API, with expected values worked out by
 // hand or by a straightforward brute force written here (not by the kernels themselves).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -171,9 +172,166 @@ void test_subset_loss_against_brute_force() {
   }
 }
 
+moe_fast::SubsetLossArgs small_problem(std::vector<float>& gram, std::vector<int32_t>& ids, std::vector<float>& logits,
+                                       std::vector<float>& tw) {
+  // Two tokens, E = 3, k = 1, M = 2, layer-wise; ids ranked by hand.
+  logits = {1.0f, 2.0f, 0.0f, 0.5f, -1.0f, 3.0f};
+  ids = {1, 0, 2, 0};
+  gram.assign(2 * 3, 1.0f);
+  tw = {1.0f, 0.0f, 1.0f, 0.0f};
+  moe_fast::SubsetLossArgs s;
+  s.num_tokens = 2;
+  s.num_experts = 3;
+  s.rank = 2;
+  s.top_k = 1;
+  s.gram = gram.data();
+  s.ids = ids.data();
+  s.logits = logits.data();
+  s.target_weights = tw.data();
+  return s;
+}
+
+void test_expert_gram_target_with_zero_hidden() {
+  // H = 0 in target mode: no data to read (target may be null), cross and target_sq are zeros.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> gram(3 * 3, nan), cross(3 * 2, nan), target_sq(3, nan);
+  moe_fast::cpu::expert_gram_rows(DType::Float32, nullptr, nullptr, 2, 0, 0, 3, gram.data(), cross.data(),
+                                  target_sq.data());
+  for (float v : gram) EXPECT(v == 0.0f);
+  for (float v : cross) EXPECT(v == 0.0f);
+  for (float v : target_sq) EXPECT(v == 0.0f);
+  std::fill(cross.begin(), cross.end(), nan);
+  EXPECT(moe_fast::cpu::expert_gram(DType::BFloat16, nullptr, nullptr, 3, 2, 0, gram.data(), cross.data(),
+                                    target_sq.data()) == nullptr);
+  for (float v : cross) EXPECT(v == 0.0f);
+  // A target without cross / target_sq outputs, or H > 0 without a target, is reported.
+  const float y[4] = {1, 2, 3, 4};
+  EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, y, 1, 2, 2, gram.data(), nullptr, nullptr) != nullptr);
+  EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, nullptr, 1, 2, 2, gram.data(), cross.data(),
+                                    target_sq.data()) != nullptr);
+  EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, nullptr, 1, 300, 2, gram.data(), nullptr, nullptr) != nullptr);
+}
+
+void test_route_checks_its_limits() {
+  RouteArgs a;
+  a.num_tokens = int64_t{1} << 28;  // T * k = 2^31: perm's int32 slot indices would overflow
+  a.num_experts = 16;
+  a.top_k = 8;
+  EXPECT(moe_fast::validate_route(a) != nullptr);
+  // cpu::route reports before touching any buffer (all null here).
+  EXPECT(moe_fast::cpu::route(DType::Float32, nullptr, a, nullptr, nullptr, nullptr, nullptr, nullptr) != nullptr);
+  a.num_tokens = (int64_t{1} << 28) - 1;
+  EXPECT(moe_fast::validate_route(a) == nullptr);
+  a.num_tokens = 1;
+  a.num_experts = 257;
+  EXPECT(moe_fast::validate_route(a) != nullptr);
+  a.num_experts = 4;
+  a.top_k = 5;
+  EXPECT(moe_fast::validate_route(a) != nullptr);
+  a.top_k = 2;
+  const double bad_gap[2] = {0.0, -1.0};  // beta > 1
+  a.skip_gap = bad_gap;
+  EXPECT(moe_fast::validate_route(a) != nullptr);
+  a.skip_gap = nullptr;
+  const uint8_t keep[4] = {0, 1, 0, 0};  // one allowed expert, k = 2
+  a.keep = keep;
+  const float logits[4] = {0, 1, 2, 3};
+  float w[2];
+  int32_t ids[2], counts[4], offsets[5], perm[2];
+  EXPECT(moe_fast::cpu::route(DType::Float32, logits, a, w, ids, counts, offsets, perm) != nullptr);
+}
+
+void test_skip_gaps_from_beta() {
+  double gaps[4];
+  const double one[1] = {0.5};
+  EXPECT(moe_fast::skip_gaps_from_beta(one, 1, 4, gaps) == nullptr);
+  EXPECT(std::isinf(gaps[0]) && near(gaps[1], std::log(2.0), 1e-15) && gaps[3] == gaps[1]);
+  const double per_slot[3] = {0.0, 1.0, 0.25};
+  EXPECT(moe_fast::skip_gaps_from_beta(per_slot, 3, 4, gaps) == nullptr);
+  EXPECT(std::isinf(gaps[1]) && gaps[2] == 0.0 && near(gaps[3], std::log(4.0), 1e-15));
+  const double two[2] = {0.1, 0.2};
+  EXPECT(moe_fast::skip_gaps_from_beta(two, 2, 4, gaps) != nullptr);  // neither 1 nor k - 1 values
+  const double out_of_range[1] = {1.5};
+  EXPECT(moe_fast::skip_gaps_from_beta(out_of_range, 1, 2, gaps) != nullptr);
+  const double nan_beta[1] = {std::numeric_limits<double>::quiet_NaN()};
+  EXPECT(moe_fast::skip_gaps_from_beta(nan_beta, 1, 2, gaps) != nullptr);
+}
+
+void test_ranked_rows() {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float row[3] = {-inf, -0.8f, 3.0f};
+  const int32_t ranked[3] = {2, 1, 0}, unranked[3] = {2, 0, 1}, repeated[3] = {2, 2, 1}, out[3] = {2, 1, 3};
+  EXPECT(moe_fast::ranked_row_ok(ranked, row, 3, 3));
+  EXPECT(!moe_fast::ranked_row_ok(unranked, row, 3, 3));
+  EXPECT(!moe_fast::ranked_row_ok(repeated, row, 3, 3));
+  EXPECT(!moe_fast::ranked_row_ok(out, row, 3, 3));
+  const int32_t top2[2] = {2, 1}, not_top2[2] = {2, 0};
+  EXPECT(moe_fast::ranked_row_ok(top2, row, 2, 3));
+  EXPECT(!moe_fast::ranked_row_ok(not_top2, row, 2, 3));
+  // Equal (sanitized) logits rank by index: NaN and -inf are equal; +inf is the largest.
+  const float ties[4] = {nan, -inf, inf, 1.0f};
+  const int32_t by_index[4] = {2, 3, 0, 1}, reversed[4] = {2, 3, 1, 0};
+  EXPECT(moe_fast::ranked_row_ok(by_index, ties, 4, 4));
+  EXPECT(!moe_fast::ranked_row_ok(reversed, ties, 4, 4));
+}
+
+void test_subset_loss_checks_its_limits() {
+  std::vector<float> gram, logits, tw;
+  std::vector<int32_t> ids;
+  moe_fast::SubsetLossArgs s = small_problem(gram, ids, logits, tw);
+  const uint8_t keep[3] = {1, 1, 0};
+  const int64_t group[2] = {0, 0};
+  double out[1] = {-1.0};
+  EXPECT(moe_fast::cpu::subset_loss(s, keep, 1, group, 1, out) == nullptr);
+  // Token 0 keeps expert 1 (weight 1 = target): 0. Token 1 loses expert 2: d = (-1, 1) over the
+  // ranked slots (2, 0) with an all-ones Gram, so d'Gd = 0 as well.
+  EXPECT(out[0] == 0.0);
+  // E > 256 would read past the mask words.
+  moe_fast::SubsetLossArgs big = s;
+  big.num_experts = 300;
+  EXPECT(moe_fast::validate_subset_loss(big, 1, 1) != nullptr);
+  EXPECT(moe_fast::cpu::subset_loss(big, keep, 1, group, 1, out) != nullptr);
+  // Bad data: group out of range, too many drops, a repeated or unranked ids row.
+  const int64_t bad_group[2] = {0, 1};
+  EXPECT(moe_fast::cpu::subset_loss(s, keep, 1, bad_group, 1, out) != nullptr);
+  const uint8_t drops_two[3] = {1, 0, 0};
+  EXPECT(moe_fast::cpu::subset_loss(s, drops_two, 1, group, 1, out) != nullptr);
+  ids = {1, 1, 2, 0};
+  EXPECT(moe_fast::cpu::subset_loss(s, keep, 1, group, 1, out) != nullptr);
+  ids = {0, 1, 2, 0};
+  EXPECT(moe_fast::cpu::subset_loss(s, keep, 1, group, 1, out) != nullptr);
+  // The review's case: logits [-inf, -0.8, 3] with ids [2, 0, 1] (not in rank order).
+  const float inf = std::numeric_limits<float>::infinity();
+  logits = {-inf, -0.8f, 3.0f, -inf, -0.8f, 3.0f};
+  ids = {2, 0, 2, 1};  // token 0: in order, but expert 1 ranks before 0: not the top two
+  EXPECT(moe_fast::cpu::subset_loss(s, keep, 1, group, 1, out) != nullptr);
+  // A layer-wise target with more than k nonzero weights.
+  ids = {2, 1, 2, 1};
+  tw = {0.5f, 0.5f, 1.0f, 0.0f};
+  EXPECT(moe_fast::cpu::subset_loss(s, keep, 1, group, 1, out) != nullptr);
+}
+
+void test_gram_index_packing() {
+  // M = 3: (0,0) (0,1) (0,2) (1,1) (1,2) (2,2), either order of (i, j).
+  int64_t want = 0;
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t j = i; j < 3; ++j) {
+      EXPECT(moe_fast::gram_index(i, j, 3) == want);
+      EXPECT(moe_fast::gram_index(j, i, 3) == want);
+      ++want;
+    }
+}
+
 }  // namespace
 
 int main() {
+  test_expert_gram_target_with_zero_hidden();
+  test_route_checks_its_limits();
+  test_skip_gaps_from_beta();
+  test_ranked_rows();
+  test_subset_loss_checks_its_limits();
+  test_gram_index_packing();
   test_route_top2_with_skip();
   test_route_ties_mask_and_degenerate_rows();
   test_bf16_and_fp16_conversion();

@@ -1,7 +1,10 @@
 """Subset search over the exact pruning objective: exhaustive, greedy, beam.
 
 Every search scores candidate dropped sets with ``ops.subset_loss`` on the layer's statistics
-(no expert is re-run). Ties go to the lexicographically smallest dropped set.
+(no expert is re-run). Ties go to the lexicographically smallest dropped set, where losses that
+agree to ``TIE_RTOL`` (relative) count as tied: the CPU and GPU kernels compute the losses with
+the same formula but not the same rounding (about 1e-12 relative apart), and this way every device
+and thread count picks the same set, unless a loss falls within that rounding of a tie border.
 
 Rank bound for greedy and beam: the statistics are collected once per layer with
 M = k + (E - R) ranked experts per token, enough for every intermediate set on the way from E
@@ -25,6 +28,7 @@ Dropped = tuple[int, ...]
 Scorer = Callable[[Sequence[Dropped]], list[float]]
 
 EXHAUSTIVE_LIMIT = 5000  # auto: enumerate when C(E, R) is at most this
+TIE_RTOL = 1e-9  # losses within this relative distance of the best remaining one are tied
 
 
 def choose_search(search: str, num_experts: int, keep: int) -> str:
@@ -55,7 +59,9 @@ def make_scorer(
     """
     if objective not in ("paper", "mse"):
         raise ValueError(f"objective must be paper or mse; got {objective!r}")
-    device = stats["gram"].device
+    # Candidate masks are built on the host and the groups never change during a search: both stay
+    # on the CPU, so that a GPU subset_loss call does not synchronize with the host.
+    group = stats["group"].cpu()
 
     def score(cands: Sequence[Dropped]) -> list[float]:
         values: list[float] = []
@@ -68,7 +74,7 @@ def make_scorer(
 
             def compute(keep=keep) -> torch.Tensor:
                 return ops.subset_loss(
-                    stats["gram"], stats["ids"], stats["logits"], keep.to(device), stats["group"], num_groups,
+                    stats["gram"], stats["ids"], stats["logits"], keep, group, num_groups,
                     top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],
                     target_sq=stats["target_sq"],
                 )
@@ -87,8 +93,18 @@ def make_scorer(
 
 
 def _best(cands: Sequence[Dropped], losses: Sequence[float], width: int = 1) -> list[Dropped]:
-    order = sorted(range(len(cands)), key=lambda i: (losses[i], cands[i]))
-    return [cands[i] for i in order[:width]]
+    """The ``width`` best sets, one at a time: among the remaining sets whose loss is within
+    TIE_RTOL (relative) of the lowest remaining loss, the lexicographically smallest."""
+    remaining = sorted(range(len(cands)), key=lambda i: (losses[i], cands[i]))
+    chosen: list[int] = []
+    while remaining and len(chosen) < width:
+        low = losses[remaining[0]]
+        bound = low + TIE_RTOL * abs(low)
+        tied = [i for i in remaining if losses[i] <= bound]  # a prefix of `remaining`
+        pick = min(tied or remaining[:1], key=lambda i: cands[i])
+        chosen.append(pick)
+        remaining.remove(pick)
+    return [cands[i] for i in chosen]
 
 
 def exhaustive(score: Scorer, num_experts: int, num_drop: int) -> tuple[Dropped, dict[Dropped, float]]:

@@ -2,16 +2,18 @@
 //
 // Plain CUDA C++ on raw device pointers; no torch header, so the kernels compile with nvcc alone
 // (scripts/compile_cuda.sh) and other projects can call them without torch. Every launcher enqueues
-// its work on `stream`, does not synchronize, and returns cudaGetLastError(). Semantics are those
+// its work on `stream`, does not synchronize, and returns cudaGetLastError(); arguments outside the
+// limits of kernels.h's validate_* give cudaErrorInvalidValue before anything is launched (call
+// the validate_* function for the message). Conditions on device data (ids ranked, group ids in
+// range, candidate sizes) cannot be read without a synchronization: the caller guarantees them
+// (the torch binding checks them on the device). Semantics are those
 // of the CPU kernels in kernels.h (specified by moe_fast/reference.py); workspaces are allocated by
 // the caller (the torch binding uses the caching allocator).
 #pragma once
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <vector>
 
 #include "moe_fast/kernels.h"
 
@@ -28,7 +30,8 @@ size_t route_workspace_bytes(int64_t num_slots, int32_t num_experts);
 // logits [T, E] (device, element type `dtype`) -> weights [T, k] f32, ids [T, k] i32 (skipped: E),
 // counts [E] i32, offsets [E + 1] i32, perm [T * k] i32 (all device).
 // args.keep: device pointer [E] or nullptr. args.skip_gap: HOST pointer [k] or nullptr (its values
-// travel as kernel parameters). The keep mask must allow at least k experts (the caller checks).
+// travel as kernel parameters). The keep mask must allow at least k experts (the caller checks;
+// otherwise the missing slots get id E, never an out-of-range id).
 // workspace: route_workspace_bytes(T * k, E) bytes of device memory.
 cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
                   int32_t* counts, int32_t* offsets, int32_t* perm, void* workspace, size_t workspace_bytes,
@@ -38,8 +41,9 @@ cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float*
 // Op 2a: per-token Gram entries (float32 accumulation), packed as in kernels.h.
 // ---------------------------------------------------------------------------------------------
 
-// outputs [T, M, H], target [T, H] or nullptr (device, element type `dtype`) -> gram [T, P],
-// and with a target cross [T, M] and target_sq [T] (device, float32).
+// outputs [T, M, H], target [T, H] (device, element type `dtype`) -> gram [T, P], and in target
+// mode (cross given) cross [T, M] and target_sq [T] (device, float32); target may be nullptr in
+// target mode only when H == 0 (then cross and target_sq are zeros).
 cudaError_t expert_gram(DType dtype, const void* outputs, const void* target, int64_t num_tokens, int64_t rank,
                         int64_t hidden, float* gram, float* cross, float* target_sq, cudaStream_t stream);
 
@@ -51,29 +55,10 @@ cudaError_t expert_gram(DType dtype, const void* outputs, const void* target, in
 // order. No atomics: the result does not depend on scheduling.
 // ---------------------------------------------------------------------------------------------
 
-// A chunk: positions [begin, end) of `order`, all in one group.
-struct LossChunk {
-  int64_t begin;
-  int64_t end;
-};
+using moe_fast::build_loss_chunks;  // kernels.h: the same cut as the CPU
+using moe_fast::LossChunk;
 static_assert(sizeof(LossChunk) == 2 * sizeof(int64_t), "LossChunk must be two packed int64");
 static_assert(sizeof(ExpertMask) == kMaskWords * sizeof(uint64_t), "ExpertMask must be packed words");
-
-// Host helper: from group starts start[G + 1] (positions in `order`), fills chunks and
-// first_chunk[G + 1] (chunks of group g: [first_chunk[g], first_chunk[g + 1])). The same cut as the
-// CPU binding.
-inline void build_loss_chunks(const int64_t* start, int64_t num_groups, std::vector<LossChunk>& chunks,
-                              std::vector<int64_t>& first_chunk) {
-  chunks.clear();
-  first_chunk.assign(num_groups + 1, 0);
-  for (int64_t g = 0; g < num_groups; ++g) {
-    first_chunk[g] = static_cast<int64_t>(chunks.size());
-    for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) {
-      chunks.push_back({i, std::min(start[g + 1], i + kLossChunk)});
-    }
-  }
-  first_chunk[num_groups] = static_cast<int64_t>(chunks.size());
-}
 
 // args: device pointers (gram, ids, logits, target_weights | cross + target_sq).
 // masks [C] (device): candidate keep-sets. order [T] (device): tokens sorted by group.

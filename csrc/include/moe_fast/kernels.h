@@ -3,36 +3,43 @@
 // Everything here works on raw pointers so that other MoE projects, the C++ tests and the CUDA
 // sources can use the kernels without torch. The torch bindings in csrc/bindings/ check every
 // tensor and call these; the exact semantics are specified by moe_fast/reference.py.
+//
+// Errors. The whole-op entry points check their arguments against the kernels' limits before
+// touching memory and report instead of computing wrong numbers:
+//   * the CPU ones (cpu::route, cpu::expert_gram, cpu::subset_loss) return an Error: nullptr on
+//     success, else a static message naming the violated limit; nothing is written then;
+//   * the CUDA launchers (cuda_kernels.h) return cudaErrorInvalidValue for the same arguments;
+//     the validate_* function below gives the message.
+// No exceptions are thrown. The row-level building blocks (route_rows, plan_*, expert_gram_rows,
+// subset_loss_tokens) do not check: validate first.
 #pragma once
+#include <climits>
 #include <cstdint>
+#include <vector>
 
 #include "moe_fast/dtype.h"
+#include "moe_fast/rules.h"
 
 namespace moe_fast {
 
-constexpr int32_t kMaxTopK = 8;
-constexpr int32_t kMaxExperts = 256;
-constexpr int32_t kMaskWords = kMaxExperts / 64;  // 64-bit words in one expert bit mask
+// nullptr = success; otherwise a static, human-readable message (never freed).
+using Error = const char*;
 
 // ---------------------------------------------------------------------------------------------
 // Op 1: fused routing (softmax, top-k, renormalize, threshold skipping) and the dispatch plan.
 // ---------------------------------------------------------------------------------------------
 struct RouteArgs {
-  int64_t num_tokens = 0;      // T
+  int64_t num_tokens = 0;      // T, with T * k <= INT32_MAX (perm holds int32 slot indices)
   int32_t num_experts = 0;     // E, 1..256
   int32_t top_k = 0;           // k, 1..8, k <= number of allowed experts
   bool renormalize = true;     // weights sum to 1 over the chosen slots
   // [k] or nullptr. Slot j >= 1 is skipped when double(l_0) - double(l_j) > skip_gap[j], i.e.
-  // w_j < beta_j * w_0 with skip_gap[j] = -log(beta_j); +inf never skips. skip_gap[0] is unused.
+  // w_j < beta_j * w_0 with skip_gap[j] = -log(beta_j) >= 0 (skip_gaps_from_beta in rules.h);
+  // +inf never skips. skip_gap[0] is unused.
   const double* skip_gap = nullptr;
   // [E] or nullptr: nonzero = the expert may be chosen. Masked experts act as logit -inf and
   // are never chosen, whatever the row holds.
   const uint8_t* keep = nullptr;
-};
-
-// Bit mask of kept experts: bit e of word e / 64.
-struct ExpertMask {
-  uint64_t words[kMaskWords];
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -58,10 +65,122 @@ struct SubsetLossArgs {
   const float* target_sq = nullptr;       // [T]    or nullptr (progressive)
 };
 
+// Limits of Op 1: E in 1..256, k in 1..min(8, E), T >= 0, T * k <= INT32_MAX, skip gaps >= 0.
+// The keep mask is not read (on the GPU it is device memory): cpu::route counts it itself.
+inline Error validate_route(const RouteArgs& a) {
+  if (a.num_experts < 1 || a.num_experts > kMaxExperts) return "route: number of experts E must be in 1..256";
+  if (a.top_k < 1 || a.top_k > kMaxTopK) return "route: k must be in 1..8";
+  if (a.top_k > a.num_experts) return "route: k must not exceed the number of experts";
+  if (a.num_tokens < 0) return "route: number of tokens T must be >= 0";
+  if (a.num_tokens > INT32_MAX / a.top_k) return "route: T * k must fit in int32 (perm holds int32 slot indices)";
+  if (a.skip_gap != nullptr) {
+    for (int32_t j = 1; j < a.top_k; ++j) {
+      if (!(a.skip_gap[j] >= 0.0)) return "route: skip gaps must be >= 0 (-log(beta) with beta in [0, 1])";
+    }
+  }
+  return nullptr;
+}
+
+// Limits of Op 2a: T >= 0, M in 1..256, H >= 0, T <= INT32_MAX (one GPU block per token).
+// cross and target_sq are given together (target mode) or not at all; in target mode `target`
+// may be nullptr only when H == 0 (cross and target_sq are then zeros).
+inline Error validate_expert_gram(const void* outputs, const void* target, int64_t num_tokens, int64_t rank,
+                                  int64_t hidden, const float* gram, const float* cross, const float* target_sq) {
+  if (num_tokens < 0 || hidden < 0) return "expert_gram: T and H must be >= 0";
+  if (rank < 1 || rank > kMaxExperts) return "expert_gram: M must be in 1..256";
+  if (num_tokens > INT32_MAX) return "expert_gram: T must be at most INT32_MAX";
+  if ((cross == nullptr) != (target_sq == nullptr)) return "expert_gram: give cross and target_sq together";
+  if (cross == nullptr && target != nullptr) return "expert_gram: a target needs cross and target_sq outputs";
+  if (num_tokens > 0 && gram == nullptr) return "expert_gram: gram is null";
+  if (num_tokens > 0 && hidden > 0 && (outputs == nullptr || (cross != nullptr && target == nullptr))) {
+    return "expert_gram: outputs (and in target mode target) must be non-null when T, H > 0";
+  }
+  return nullptr;
+}
+
+// Limits of Op 2b that need no data: E in 1..256, k in 1..8, k <= M <= E, T, C, G >= 0 (G >= 1
+// when T > 0), target_weights xor (cross and target_sq), the inputs non-null when T > 0.
+inline Error validate_subset_loss(const SubsetLossArgs& a, int64_t num_candidates, int64_t num_groups) {
+  if (a.num_experts < 1 || a.num_experts > kMaxExperts) return "subset_loss: number of experts E must be in 1..256";
+  if (a.top_k < 1 || a.top_k > kMaxTopK) return "subset_loss: k must be in 1..8";
+  if (a.rank < a.top_k || a.rank > a.num_experts) return "subset_loss: M must satisfy k <= M <= E";
+  if (a.num_tokens < 0 || num_candidates < 0 || num_groups < 0) return "subset_loss: T, C and G must be >= 0";
+  if (a.num_tokens > 0 && num_groups < 1) return "subset_loss: num_groups must be >= 1";
+  const bool layerwise = a.target_weights != nullptr;
+  const bool progressive = a.cross != nullptr && a.target_sq != nullptr;
+  if (layerwise == (a.cross != nullptr || a.target_sq != nullptr) || (!layerwise && !progressive)) {
+    if (a.num_tokens > 0) return "subset_loss: give either target_weights or cross and target_sq";
+  }
+  if (a.num_tokens > 0 && (a.gram == nullptr || a.ids == nullptr || a.logits == nullptr)) {
+    return "subset_loss: gram, ids and logits must be non-null";
+  }
+  return nullptr;
+}
+
+// Op 2b's conditions on host-readable data (cpu::subset_loss checks them; a GPU caller must
+// guarantee them): every ids row ranked (ranked_row_ok in rules.h), every group id in [0, G),
+// every candidate keeps >= k experts and drops <= M - k, a layer-wise target has <= k nonzero
+// weights per token. O(T * (M + E) + C * E).
+inline Error validate_subset_loss_data(const SubsetLossArgs& a, const uint8_t* keep, int64_t num_candidates,
+                                       const int64_t* group, int64_t num_groups) {
+  const int32_t m = a.rank, E = a.num_experts;
+  for (int64_t c = 0; c < num_candidates; ++c) {
+    int32_t kept = 0;
+    for (int32_t e = 0; e < E; ++e) kept += keep[c * E + e] != 0 ? 1 : 0;
+    if (kept < a.top_k) return "subset_loss: a candidate keeps fewer than k experts";
+    if (E - kept > m - a.top_k) return "subset_loss: a candidate drops more than M - k experts";
+  }
+  for (int64_t t = 0; t < a.num_tokens; ++t) {
+    if (group[t] < 0 || group[t] >= num_groups) return "subset_loss: group ids must lie in [0, num_groups)";
+    if (!ranked_row_ok(a.ids + t * m, a.logits + t * E, m, E)) {
+      return "subset_loss: an ids row is not ranked (ids in [0, E), each expert once, in route's order)";
+    }
+    if (a.target_weights != nullptr) {
+      int32_t nonzero = 0;
+      for (int32_t i = 0; i < m; ++i) nonzero += a.target_weights[t * m + i] != 0.f ? 1 : 0;
+      if (nonzero > a.top_k) return "subset_loss: target_weights must have at most k nonzero weights per token";
+    }
+  }
+  return nullptr;
+}
+
 // Tokens of one (candidate, group) are summed in ascending order, in chunks of kLossChunk tokens
 // whose float64 partial sums are then added in order: a fixed order, so the result does not
 // depend on how many threads share the work.
 constexpr int64_t kLossChunk = 4096;
+
+// Tokens bucketed by group, ascending inside each group: order[start[g] .. start[g + 1]) are the
+// tokens of group g. group [T] must lie in [0, G); start has G + 1 entries, order T.
+inline void group_order(const int64_t* group, int64_t num_tokens, int64_t num_groups, std::vector<int64_t>& start,
+                        std::vector<int64_t>& order) {
+  start.assign(num_groups + 1, 0);
+  for (int64_t t = 0; t < num_tokens; ++t) ++start[group[t] + 1];
+  for (int64_t g = 0; g < num_groups; ++g) start[g + 1] += start[g];
+  order.resize(num_tokens);
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < num_tokens; ++t) order[cursor[group[t]]++] = t;
+}
+
+// A chunk: positions [begin, end) of `order`, all in one group, at most kLossChunk of them.
+struct LossChunk {
+  int64_t begin;
+  int64_t end;
+};
+
+// From group starts start[G + 1] (positions in `order`), fills chunks and first_chunk[G + 1]
+// (chunks of group g: [first_chunk[g], first_chunk[g + 1])). The one cut of every device.
+inline void build_loss_chunks(const int64_t* start, int64_t num_groups, std::vector<LossChunk>& chunks,
+                              std::vector<int64_t>& first_chunk) {
+  chunks.clear();
+  first_chunk.assign(num_groups + 1, 0);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    first_chunk[g] = static_cast<int64_t>(chunks.size());
+    for (int64_t i = start[g]; i < start[g + 1]; i += kLossChunk) {
+      chunks.push_back({i, start[g + 1] < i + kLossChunk ? start[g + 1] : i + kLossChunk});
+    }
+  }
+  first_chunk[num_groups] = static_cast<int64_t>(chunks.size());
+}
 
 namespace cpu {
 
@@ -81,31 +200,29 @@ void plan_scatter(const int32_t* ids, int64_t t_begin, int64_t t_end, int32_t to
                   int32_t num_experts, int32_t* cursor, int32_t* perm);
 
 // Whole op on one thread: weights [T, k], ids [T, k], counts [E], offsets [E + 1], perm [T * k].
-void route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
+// Checks validate_route and that keep (if any) allows at least k experts.
+Error route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
            int32_t* counts, int32_t* offsets, int32_t* perm);
 
 // ---------------------------------------------------------------------------------------------
 // Op 2a: per-token Gram entries of the rank-bounded expert outputs.
-// Packing: for M outputs per token, the upper triangle row by row, P = M * (M + 1) / 2 entries:
+// Packing: gram_index in rules.h (the upper triangle row by row, P = M * (M + 1) / 2 entries):
 // gram[t, gram_index(i, j, M)] = <y_t,i , y_t,j> for i <= j.
 // ---------------------------------------------------------------------------------------------
-inline int64_t gram_index(int64_t i, int64_t j, int64_t m) {
-  if (i > j) {
-    const int64_t s = i;
-    i = j;
-    j = s;
-  }
-  return i * m - i * (i - 1) / 2 + (j - i);
-}
 
-// outputs [T, M, H] and target [T, H] (or nullptr) of element type `dtype`;
-// writes gram [T, P], and when target is given cross [T, M] = <y_t,i , z_t> and
-// target_sq [T] = ||z_t||^2, all float32 accumulated in float32, for tokens [t_begin, t_end).
+// outputs [T, M, H] and target [T, H] of element type `dtype`; writes gram [T, P], and when
+// cross is given (target mode) cross [T, M] = <y_t,i , z_t> and target_sq [T] = ||z_t||^2, all
+// float32 accumulated in float32, for tokens [t_begin, t_end). target may be nullptr in target
+// mode only when H == 0.
 void expert_gram_rows(DType dtype, const void* outputs, const void* target, int64_t rank,
                       int64_t hidden, int64_t t_begin, int64_t t_end, float* gram, float* cross,
                       float* target_sq);
 
-// Packs a bool mask keep[E] into bits.
+// Whole op on one thread; checks validate_expert_gram.
+Error expert_gram(DType dtype, const void* outputs, const void* target, int64_t num_tokens, int64_t rank,
+                  int64_t hidden, float* gram, float* cross, float* target_sq);
+
+// Packs a bool mask keep[E] (E <= kMaxExperts) into bits.
 ExpertMask pack_mask(const uint8_t* keep, int32_t num_experts);
 
 // sums[c] = squared error of candidate masks[c] summed over tokens[0..n) in that order (float64).
@@ -114,7 +231,8 @@ void subset_loss_tokens(const SubsetLossArgs& args, const ExpertMask* masks, int
 
 
 // Whole op on one thread: keep [C, E] (nonzero = kept), group [T] in [0, G) -> out [C, G].
-void subset_loss(const SubsetLossArgs& args, const uint8_t* keep, int64_t num_candidates,
+// Checks validate_subset_loss and validate_subset_loss_data.
+Error subset_loss(const SubsetLossArgs& args, const uint8_t* keep, int64_t num_candidates,
                  const int64_t* group, int64_t num_groups, double* out);
 
 }  // namespace cpu

@@ -1,0 +1,86 @@
+// The rules that the CPU kernels, the CUDA kernels and the torch bindings share, each in one
+// place: limits, logit sanitizing, the Gram packing, expert bit masks, what a ranked ids row is,
+// and the skip threshold. Plain C++ callable from host and device code (MOE_FAST_HD); no torch
+// header. moe_fast/reference.py states the same rules in PyTorch.
+#pragma once
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "moe_fast/dtype.h"
+
+namespace moe_fast {
+
+constexpr int32_t kMaxTopK = 8;
+constexpr int32_t kMaxExperts = 256;
+constexpr int32_t kMaskWords = kMaxExperts / 64;  // 64-bit words in one expert bit mask
+
+// A logit as the kernels read it: NaN never wins (-inf); +inf is the largest finite float, so
+// that a softmax stays defined.
+MOE_FAST_HD float sanitize(float v) {
+  if (v != v) return -INFINITY;
+  if (v == INFINITY) return FLT_MAX;
+  return v;
+}
+
+// Gram packing: for M outputs per token, the upper triangle row by row, P = M * (M + 1) / 2
+// entries; entry (i, j) (either order) of token t is gram[t * P + gram_index(i, j, M)].
+MOE_FAST_HD int64_t gram_index(int64_t i, int64_t j, int64_t m) {
+  if (i > j) {
+    const int64_t s = i;
+    i = j;
+    j = s;
+  }
+  return i * m - i * (i - 1) / 2 + (j - i);
+}
+
+// Bit mask of kept experts: bit e of word e / 64 (experts 0 .. kMaxExperts - 1 only).
+struct ExpertMask {
+  uint64_t words[kMaskWords];
+};
+
+MOE_FAST_HD bool mask_has(const ExpertMask& mask, int32_t e) { return (mask.words[e >> 6] >> (e & 63)) & 1u; }
+
+// Routing order: expert a (logit la) ranks before expert b when its sanitized logit is larger, or
+// equal with a lower index. Strict, so a repeated expert is never "before" itself.
+MOE_FAST_HD bool ranks_before(float la, int32_t a, float lb, int32_t b) {
+  const float sa = sanitize(la), sb = sanitize(lb);
+  return sa > sb || (sa == sb && a < b);
+}
+
+// A row of subset_loss's ids: the row's top m experts in routing order, exactly as
+// route(logits, m).ids gives them: in [0, E), each ranked strictly before the next (so no expert
+// twice), and no expert outside the row ranked before its last. O(E).
+MOE_FAST_HD bool ranked_row_ok(const int32_t* ids, const float* logits_row, int32_t m, int32_t num_experts) {
+  for (int32_t i = 0; i < m; ++i) {
+    if (ids[i] < 0 || ids[i] >= num_experts) return false;
+    if (i > 0 && !ranks_before(logits_row[ids[i - 1]], ids[i - 1], logits_row[ids[i]], ids[i])) return false;
+  }
+  const int32_t last = ids[m - 1];
+  const float l_last = sanitize(logits_row[last]);
+  int32_t before_last = 0;  // must be ids[0 .. m-2] and nothing else (ranks_before, unrolled)
+  for (int32_t e = 0; e < num_experts; ++e) {
+    const float l = sanitize(logits_row[e]);
+    before_last += static_cast<int32_t>((l > l_last) | ((l == l_last) & (e < last)));
+  }
+  return before_last == m - 1;
+}
+
+// Skip threshold: slot j >= 1 is skipped when l_0 - l_j > -log(beta_j), i.e. w_j < beta_j * w_0.
+// beta holds one value for every slot or k - 1 values (slots 1..k-1), each in [0, 1]; beta = 0
+// never skips. Fills gaps[0..k) (gaps[0] = +inf, unused). Returns nullptr, or a static message
+// naming what is wrong (gaps untouched).
+inline const char* skip_gaps_from_beta(const double* beta, int64_t count, int32_t k, double* gaps) {
+  if (count != 1 && count != k - 1) return "beta must hold one value or k - 1 values (slots 1..k-1)";
+  for (int64_t i = 0; i < count; ++i) {
+    if (!(beta[i] >= 0.0 && beta[i] <= 1.0)) return "beta must lie in [0, 1]";
+  }
+  gaps[0] = INFINITY;
+  for (int32_t j = 1; j < k; ++j) {
+    const double b = count == 1 ? beta[0] : beta[j - 1];
+    gaps[j] = b == 0.0 ? static_cast<double>(INFINITY) : -std::log(b);
+  }
+  return nullptr;
+}
+
+}  // namespace moe_fast
