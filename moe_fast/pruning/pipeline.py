@@ -224,7 +224,7 @@ def prune(
             locks, model_or_path, calibration, keep, out=out, mode=mode, objective=objective, search=search,
             beam_width=beam_width, n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
             device=device, dtype=dtype, resume=resume, tokenizer=tokenizer, chunk_tokens=chunk_tokens,
-            return_model=return_model, progress=progress,
+            return_model=return_model, progress=progress, lazy=lazy,
         )
     finally:
         for lock in locks:  # still held: the run failed; its progress stays for --resume
@@ -253,6 +253,7 @@ def _prune(
     chunk_tokens: int,
     return_model: bool,
     progress: bool,
+    lazy: bool | None,
 ) -> PruneResult:
     """The body of :func:`prune`; a lock it takes goes into ``locks`` (released by the caller on error)."""
     t_start = time.perf_counter()
