@@ -61,7 +61,7 @@ def interleaved(paths: dict, repeats: int, min_time: float = 0.0) -> dict[str, f
 
 @torch.no_grad()
 def median_beta(block, x: torch.Tensor) -> float:
-    """The calibrated beta at quantile 0.5 (DESIGN.md section 2) on this input."""
+    """The calibrated beta at quantile 0.5 (moe_fast.calibrate_skipping) on this input."""
     logits = torch.nn.functional.linear(x, block.gate.weight).float()
     top = torch.topk(logits, 2, dim=-1).values
     return float(torch.exp(top[:, 1] - top[:, 0]).median())

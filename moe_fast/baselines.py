@@ -121,7 +121,7 @@ def layer_scores_from_ranked(
 
 
 def _expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Output of expert ``e`` on tokens ``x`` [n, H] from the 3-D weights (DESIGN.md section 6)."""
+    """Output of expert ``e`` on tokens ``x`` [n, H] from the 3-D weights (transformers' fused gate_up_proj / down_proj layout)."""
     gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
     return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 

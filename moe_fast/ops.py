@@ -50,7 +50,7 @@ def route(
 def expert_gram(
     outputs: torch.Tensor, target: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token inner products of the rank-bounded expert outputs (DESIGN.md section 4).
+    """Per-token inner products of the rank-bounded expert outputs (the rank bound; the quadratic form is in reference.subset_loss).
 
     Args:
         outputs: [T, M, H] float32/bfloat16/float16: token t's outputs of its M ranked experts.

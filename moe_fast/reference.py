@@ -1,7 +1,7 @@
 """Plain PyTorch references: the specification of every moe_fast op.
 
 Slow but obviously correct (vectorized, no custom code paths); the kernels are tested against
-these. Semantics follow DESIGN.md section 2 (routing) and section 4 (subset losses):
+these. This module is the specification: routing, skipping and the subset losses are defined here:
 
 * ``route`` is not differentiable: its weights come back detached (``requires_grad=False``);
   the same holds for ``expert_gram`` and ``subset_loss``. They serve inference and the pruning

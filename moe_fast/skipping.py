@@ -1,6 +1,6 @@
 """Dynamic expert skipping: calibrating the per-layer thresholds beta and validating them.
 
-DESIGN.md section 2: slot j >= 1 of a token is skipped when ``w_j < beta_j * w_0``. beta of a
+The paper's rule (reference.route): slot j >= 1 of a token is skipped when ``w_j < beta_j * w_0``. beta of a
 layer is the quantile q (default the median) over calibration tokens of ``w_j / w_0``, computed
 from the softmax over all experts, so that about a fraction q of the tokens skip slot j.
 """

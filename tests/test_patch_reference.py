@@ -1,6 +1,6 @@
 """Tiny models of each family and a plain reference of the paper's skipping forward.
 
-The reference (DESIGN.md section 2) is written from the rule itself, not from moe_fast's code:
+The reference (the paper's skip rule) is written from the rule itself, not from moe_fast's code:
 float64 softmax over all experts, top-k, slot j >= 1 dropped when ``w_j < beta_j * w_0``, the
 kept weights renormalized (or, without ``norm_topk_prob``, rescaled to the top-k's sum as in
 ``moe_fast.reference.route``), then a loop over experts with the stock weights. Other test

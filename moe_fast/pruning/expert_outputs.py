@@ -1,7 +1,7 @@
 """Rank-bounded expert outputs of one MoE block, their Gram entries, and pruned block forwards.
 
 For every calibration token the block's M = k + dropped highest-ranked experts are run once
-(DESIGN.md section 4, the rank bound); their outputs only live for one chunk of tokens, long
+(the rank bound: README, "expert_gram and subset_loss"); their outputs only live for one chunk of tokens, long
 enough to take the Gram entries (``ops.expert_gram``). What is kept for the whole layer is small:
 per token the Gram entries, the M ranked ids, the router logits, the calibration batch and the
 target (unpruned routing weights in layer-wise mode, cross products in progressive mode).

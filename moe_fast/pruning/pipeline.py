@@ -1,7 +1,7 @@
 """``moe_fast.prune``: expert pruning end to end (calibration, streaming search, export).
 
-Streams the calibration hidden states through the model one decoder layer at a time (DESIGN.md
-sections 3 to 5). Per MoE layer it runs each token's rank-bounded experts once, keeps their Gram
+Streams the calibration hidden states through the model one decoder layer at a time.
+Per MoE layer it runs each token's rank-bounded experts once, keeps their Gram
 entries, scores the candidate keep-sets with ``ops.subset_loss`` and keeps the best one. With an
 output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json`` so
 that ``resume=True`` continues after an interruption (finished layers are replayed with a plain

@@ -2,7 +2,7 @@
 
 Lets a user size a run (for example Mixtral-8x22B on one card, or on N ranks) before any weight
 is read. Parameter counts come from the model built on the meta device (no memory); the rest
-follows DESIGN.md sections 4 and 5: streaming holds the embedding, one decoder layer, the
+follows the pipeline's memory model (moe_fast.pruning.pipeline): streaming holds the embedding, one decoder layer, the
 calibration hidden states (two streams in progressive mode), the layer's per-token statistics
 and one chunk of rank-bounded expert outputs.
 """

@@ -1,7 +1,7 @@
 """Decoder layers one at a time, from a loaded model or from a checkpoint directory.
 
-Pruning streams the calibration hidden states through the model layer by layer (DESIGN.md
-section 5). With a path only the embedding and one decoder layer are ever materialized: the
+Pruning streams the calibration hidden states through the model layer by layer.
+With a path only the embedding and one decoder layer are ever materialized: the
 model skeleton lives on the meta device and each layer's tensors are read from the safetensors
 shards when it is needed and dropped afterwards, so peak memory does not grow with depth.
 """
