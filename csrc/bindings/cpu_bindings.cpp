@@ -87,7 +87,7 @@ at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const 
                            const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq) {
   const SubsetLossArgs a = check_subset_loss_args(gram, ids, logits, keep, group, num_groups, k, renormalize,
                                                   target_weights, cross, target_sq);
-  const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
+  const int64_t C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
   check_candidate_sizes(keep, M, k);
   check_target_is_routing(target_weights, k);
   check_ids_ranked(ids, logits);
