@@ -6,18 +6,28 @@ built-in corpora (:mod:`moe_fast.data.builtin`, training splits only) with a byt
 tokenizer it trains itself. Seeded (tokenizer, initialisation, batch order): with the same
 Python, torch and thread count a rerun should give the same checkpoint (not verified bit for bit).
 
-The shipped checkpoint was made with exactly (written to a scratch directory, then copied to
-``moe_fast/models/small_mixtral``):
+The shipped checkpoints were made with exactly these commands (each writes to a scratch
+directory; the last one's output was copied to ``moe_fast/models/<name>``; each phase's
+``training_info.json`` keeps the earlier phases' records under ``previous_phase``):
 
-    OMP_WAIT_POLICY=PASSIVE python -m moe_fast.models.train_small --out moe_fast/models/small_mixtral
+    # builtin:small-mixtral: 6 layers, 8 experts, top-2; 11.1M tokens in three phases
+    python -m moe_fast.models.train_small --out P1 --experts-impl eager      # 2000 x 16 x 256 tokens
+    python -m moe_fast.models.train_small --out P2 --init-from P1 --steps 400 --aux-loss 0.1 \
+        --prose-share 0.5 --lr 1e-3 --warmup 10 --experts-impl eager
+    python -m moe_fast.models.train_small --out P3 --init-from P2 --steps 300 --aux-loss 0.1 \
+        --prose-share 0.5 --balance-per-source --lr 5e-4 --warmup 10 --experts-impl eager
+    # builtin:small-qwen3-moe: 4 layers, 32 experts of width 128, top-4; 4.1M tokens
+    python -m moe_fast.models.train_small --out Q --arch qwen3_moe --layers 4 --experts 32 --top-k 4 \
+        --intermediate 128 --steps 1000 --experts-impl grouped_mm
 
-``OMP_WAIT_POLICY=PASSIVE`` changes no number; it stops OpenMP threads from spinning, which on a
-shared, oversubscribed machine made every step several times slower. Training took 1367 s on 2
-busy cores (load 5-8); about 10 minutes on 2 idle ones (~3000 tokens/s).
+all with ``OMP_WAIT_POLICY=PASSIVE`` (it changes no number; it stops OpenMP threads from
+spinning on a shared machine). Phases 2 and 3 exist because phase 1 (prose a quarter of each
+batch) left prose routing in the last layers under the 4% bound; they raise the balance weight,
+give prose half of each batch and, in phase 3, balance prose and code rows separately. The load
+balancing is transformers' loss taken per layer (:func:`per_layer_balance_loss`). Wall times on
+2 shared cores: 4145 + 866 + 687 s (Mixtral), 1789 s (Qwen3-MoE).
 
-(defaults below: vocab 4096, 4 layers, hidden 256, 8 experts of intermediate 256, top-2,
-sequences of 256 tokens, 900 steps of batches of 8 (half prose, half code), seed 0, 2 threads; weights
-saved in float16, about 16 MB). It writes the model, the tokenizer and ``training_info.json``
+It writes the model, the tokenizer and ``training_info.json``
 (loss curve, wall time, held-out losses, and the routing distributions on prose and on code).
 """
 
