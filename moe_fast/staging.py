@@ -90,7 +90,7 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = describe_holder(_read_holder(fd))
+                holder = describe_holder(_wait_for_holder(fd))
                 os.close(fd)
                 raise FolderBusy(f"{self.folder} is in use by another run ({holder})", holder) from None
             except BaseException:
@@ -106,8 +106,9 @@ class FolderLock:
         self.fd = fd
         self.previous = _read_holder(fd) or None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        record = json.dumps(me).encode()
+        os.pwrite(fd, record, 0)  # then cut: the file is never empty while we hold it
+        os.ftruncate(fd, len(record))
         return self
 
     def release(self, remove: bool = False) -> None:
@@ -145,6 +146,16 @@ def _read_holder(fd: int) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _wait_for_holder(fd: int, seconds: float = 2.0) -> dict:
+    """The holder's record; a holder that has just taken the lock writes it a moment later."""
+    deadline = time.monotonic() + seconds
+    holder = _read_holder(fd)
+    while not holder and time.monotonic() < deadline:
+        time.sleep(0.02)
+        holder = _read_holder(fd)
+    return holder
 
 
 def describe_holder(holder: dict | None) -> str:

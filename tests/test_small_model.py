@@ -82,7 +82,8 @@ def test_checkpoint_files_and_size(name):
         assert info.get("train_tokens_all_phases", info["train_tokens"]) >= 8_000_000
     else:
         assert config["model_type"] == "qwen3_moe"
-        assert config["num_experts"] in (32, 64) and config["num_experts_per_tok"] in (4, 8)
+        experts = config.get("num_experts") or config.get("num_local_experts")
+        assert experts in (32, 64) and config["num_experts_per_tok"] in (4, 8)
 
 
 def test_tokenizer_round_trip(loaded):
@@ -115,9 +116,7 @@ def test_routing_is_balanced_on_the_test_split(loaded, corpus, request):
 
 
 def test_held_out_loss_per_character(loaded):
-    """Below the previous shipped model's on both test splits (Mixtral); far below uniform (all)."""
-    import math
-
+    """Below the previous shipped model's (a 4-layer Mixtral) on both test splits, per character."""
     name, model, tokenizer = loaded
     for corpus in ("python-prose", "python-code"):
         ids, _ = _test_windows(tokenizer, corpus)
@@ -126,6 +125,4 @@ def test_held_out_loss_per_character(loaded):
         loss = sum(losses) / len(losses)
         chars = len(tokenizer.decode(ids.reshape(-1)[1:].tolist()))
         per_char = loss * (ids.numel() - 1) / chars
-        assert loss < math.log(len(tokenizer)) / 2, (corpus, loss)
-        if name == "small-mixtral":
-            assert per_char < PREVIOUS_LOSS_PER_CHAR[corpus], (corpus, per_char)
+        assert per_char < PREVIOUS_LOSS_PER_CHAR[corpus], (name, corpus, per_char)

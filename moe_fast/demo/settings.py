@@ -50,8 +50,8 @@ class Settings:
             s = replace(s, keeps=tuple(dict.fromkeys(keeps)))
         if s.quick:
             s = replace(s, keeps=s.keeps[:2], seeded_keeps=s.seeded_keeps or s.keeps[1:2])
-        if not s.seeded_keeps:
-            s = replace(s, seeded_keeps=s.keeps)
+        if not s.seeded_keeps:  # the middle r (4 of 8): where the criteria differ most
+            s = replace(s, seeded_keeps=(s.keeps[len(s.keeps) // 2],))
         if not s.searches:
             s = replace(s, searches=("exhaustive",) if num_experts <= 16 else ("greedy", "beam"))
         if num_experts > 16 and s.progressive and "progressive" not in s.extra:
