@@ -113,10 +113,12 @@ def findings(rows: list[dict]) -> list[str]:
                 best_base = min(base, key=lambda r: r[f"kl_{split}"])
                 verdict, rel, spread = compare(best_ours, best_base, split, "kl")
                 word = {"better": "beats", "worse": "does NOT beat", "tie": "ties with (difference within the spread)"}[verdict]
+                seeded = best_ours["n"] > 1 or best_base["n"] > 1
+                note = f"spread {spread:.4f}" if seeded else "one calibration sample: no spread measured at this r"
                 out.append(
                     f"{calib} calibration, r={keep}, {split} test: best reconstruction ({best_ours['method']}, "
                     f"KL {best_ours[f'kl_{split}']:.4f}) {word} the best other criterion ({best_base['method']}, "
-                    f"KL {best_base[f'kl_{split}']:.4f}; {rel:+.1%}, spread {spread:.4f}). By KL: {order}."
+                    f"KL {best_base[f'kl_{split}']:.4f}; {rel:+.1%}, {note}). By KL: {order}."
                 )
     for keep in keeps:
         code_cal, prose_cal = find(rows, "layer-wise", keep, "code"), find(rows, "layer-wise", keep, "prose")
