@@ -145,10 +145,12 @@ def run_reconstruction(args: argparse.Namespace) -> None:
     from moe_fast.pruning import distributed, prune
 
     device = distributed.init_from_env(args.device)
+    finished = False
     try:
         report = _prune(args, prune, device)
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait_for_peers=finished)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report.table())
 

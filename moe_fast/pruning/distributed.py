@@ -139,6 +139,12 @@ def init_from_env(device: str | None, timeout_s: float = 1800.0) -> str | None:
     return device
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Destroys the default group; ``wait_for_peers`` (after a run every rank finished) first waits
+    for all ranks, so that no rank tears its connections down while rank 0 is still writing the
+    checkpoint: Gloo aborts a process whose peer vanished mid-connection ("terminate called
+    without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
