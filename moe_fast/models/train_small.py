@@ -92,42 +92,13 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 def make_config(vocab_size: int, args: argparse.Namespace, eos_id: int):
     """A Mixtral or Qwen3-MoE config; ``router_aux_loss_coef`` records the per-layer loss weight."""
-    if args.arch == "qwen3_moe":
-        from transformers import Qwen3MoeConfig
-
-        return Qwen3MoeConfig(
-            vocab_size=vocab_size,
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            moe_intermediate_size=args.intermediate,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads,
-            head_dim=args.hidden // args.heads,
-            num_experts=args.experts,
-            num_experts_per_tok=args.top_k,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-            router_aux_loss_coef=args.aux_loss,
-            output_router_logits=False,
-            bos_token_id=eos_id,
-            eos_token_id=eos_id,
-            pad_token_id=eos_id,
-            rope_theta=10000.0,
-        )
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        num_local_experts=args.experts,
         num_experts_per_tok=args.top_k,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
@@ -138,6 +109,21 @@ def make_config(vocab_size: int, args: argparse.Namespace, eos_id: int):
         pad_token_id=eos_id,
         rope_theta=10000.0,
     )
+    if args.arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            **common,
+            moe_intermediate_size=args.intermediate,
+            head_dim=args.hidden // args.heads,
+            num_experts=args.experts,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**common, num_local_experts=args.experts)
 
 
 def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
