@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import MixtralForCausalLM
 
 from moe_fast import baselines
 from moe_fast.demo.selection import criteria_scores, gram_diagonal, layerwise_statistics, one_pass_selections
+from test_prune_support import tiny_mixtral
 
 
 def test_layer_scores_hand_worked():
@@ -45,22 +46,13 @@ def test_criterion_names_and_alias():
         baselines.canonical_criterion("magnitude")
 
 
-def _tiny(num_experts: int = 6) -> MixtralForCausalLM:
-    torch.manual_seed(1)
-    cfg = MixtralConfig(
-        vocab_size=120, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=num_experts, num_experts_per_tok=2, max_position_embeddings=64,
-    )
-    model = MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.mul_(8)
-    return model
+def _tiny() -> MixtralForCausalLM:
+    return tiny_mixtral(1, experts=6, layers=2)
 
 
 def test_one_pass_scores_equal_the_hooked_statistics():
     model = _tiny()
-    ids = torch.randint(0, 120, (4, 12))
+    ids = torch.randint(0, 128, (4, 12))
     hooked = baselines.routing_stats(model, ids, batch_size=2, progress=False)
     stats = layerwise_statistics(model, ids, rank_bound=4, batch_size=2)
     for li, layer in enumerate(hooked.layers):
@@ -75,7 +67,7 @@ def test_one_pass_reconstruction_equals_prune():
     from moe_fast.pruning import prune
 
     model = _tiny()
-    ids = torch.randint(0, 120, (4, 12))
+    ids = torch.randint(0, 128, (4, 12))
     sels = one_pass_selections(model, ids, (4, 3), ("frequency",), ("exhaustive",), "prose", 0, batch_size=2)
     for keep in (4, 3):
         ours = next(s for s in sels if s.method == "layer-wise" and s.keep == keep).kept_dict
@@ -92,7 +84,7 @@ def test_cli_prune_by_criterion(tmp_path, criterion, recorded):
 
     from moe_fast.cli import main
     from moe_fast.calibration import load_calibration
-    from test_prune_support import save_checkpoint, tiny_mixtral
+    from test_prune_support import save_checkpoint
 
     model = tiny_mixtral(3, layers=2)
     src = save_checkpoint(model, tmp_path / "src")
