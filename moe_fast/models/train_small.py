@@ -139,6 +139,25 @@ def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts:
     return torch.stack(losses).mean()
 
 
+def per_sequence_balance_loss(router_logits: tuple[torch.Tensor, ...], batch: int, num_experts: int, top_k: int) -> torch.Tensor:
+    """transformers' load-balancing loss taken on each sequence of each layer, averaged.
+
+    Why: balancing whole batches still lets a layer send most of one kind of text to a few
+    experts when that kind is rare in training (the prose test split's last layer); balancing
+    every sequence asks for balance on any text, as DeepSeek-V3's sequence-wise loss does.
+    Each term is exactly :func:`load_balancing_loss_func` on one sequence's tokens.
+    """
+    losses = []
+    for logits in router_logits:  # [batch * seq, E]
+        probs = torch.softmax(logits.float(), dim=-1).view(batch, -1, num_experts)  # [B, S, E]
+        top = probs.topk(top_k, dim=-1).indices  # [B, S, k]
+        mask = torch.nn.functional.one_hot(top, num_experts).float()  # [B, S, k, E]
+        tokens_per_expert = mask.mean(dim=1)  # [B, k, E]
+        prob_per_expert = probs.mean(dim=1)  # [B, E]
+        losses.append((tokens_per_expert * prob_per_expert[:, None, :]).sum((1, 2)).mean() * num_experts)
+    return torch.stack(losses).mean()
+
+
 def sample_batch(
     streams: list[torch.Tensor], batch: int, seq_len: int, gen: torch.Generator, first_share: float = 0.5
 ) -> torch.Tensor:
@@ -224,8 +243,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts-impl", default="grouped_mm", help="transformers experts implementation for training")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per split for loss and routing")
     p.add_argument("--init-from", default=None, help="continue from this checkpoint (a further training phase)")
-    p.add_argument("--balance-per-source", action="store_true",
-                   help="take the load-balancing loss on the prose rows and on the code rows of a batch separately")
+    p.add_argument("--balance-groups", choices=["batch", "source", "sequence"], default="batch",
+                   help="take the load-balancing loss over the whole batch, over its prose rows and its code rows "
+                   "separately, or over each sequence")
+    p.add_argument("--balance-per-source", dest="balance_groups", action="store_const", const="source",
+                   help="same as --balance-groups source")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -307,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         batch = sample_batch(streams, args.batch, args.seq_len, gen, args.prose_share)
         out = model(input_ids=batch[:, :-1], output_router_logits=True)
         lm = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].reshape(-1))
-        if args.balance_per_source:  # each source's rows balanced on their own, then averaged
+        if args.balance_groups == "sequence":
+            balance = per_sequence_balance_loss(out.router_logits, args.batch, n_exp, args.top_k)
+        elif args.balance_groups == "source":  # each source's rows balanced on their own, then averaged
             n_first = round(args.batch * args.prose_share) * args.seq_len
             parts = [tuple(lg[:n_first] for lg in out.router_logits), tuple(lg[n_first:] for lg in out.router_logits)]
             balance = torch.stack([per_layer_balance_loss(p, n_exp, args.top_k) for p in parts if p[0].shape[0]]).mean()
