@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import moe_fast
+import moe_fast.pruning.layer_phases as phases_mod
 import moe_fast.pruning.pipeline as prune_mod
+import moe_fast.pruning.progress as progress_mod
 from moe_fast.cli import main
 from test_prune_support import one_thread, save_checkpoint, tiny_mixtral  # noqa: F401
 
@@ -108,7 +110,7 @@ def test_resume_continues_after_interruption(checkpoint, tmp_path, monkeypatch, 
     src, calib = checkpoint
     clean = moe_fast.prune(src, calib, 5, mode=mode, batch_size=4, return_model=False, progress=False, out=str(tmp_path / "clean")).report
     out = str(tmp_path / "out")
-    real = prune_mod.run_search
+    real = phases_mod.run_search
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -117,7 +119,7 @@ def test_resume_continues_after_interruption(checkpoint, tmp_path, monkeypatch, 
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prune_mod, "run_search", interrupted)
+    monkeypatch.setattr(phases_mod, "run_search", interrupted)
     with pytest.raises(KeyboardInterrupt):
         moe_fast.prune(src, calib, 5, mode=mode, batch_size=4, out=out, return_model=False, progress=False)
     assert not os.path.exists(out)
@@ -130,7 +132,7 @@ def test_resume_continues_after_interruption(checkpoint, tmp_path, monkeypatch, 
         searched.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prune_mod, "run_search", counting)
+    monkeypatch.setattr(phases_mod, "run_search", counting)
     _, report = moe_fast.prune(src, calib, 5, mode=mode, batch_size=4, out=out, resume=True, return_model=False, progress=False)
     assert len(searched) == 2  # only layers 2 and 3 were searched again
     assert report.kept == clean.kept
@@ -148,7 +150,7 @@ def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch) -> Non
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prune_mod, "run_search", boom)
+    monkeypatch.setattr(phases_mod, "run_search", boom)
     with pytest.raises(KeyboardInterrupt):
         moe_fast.prune(src, calib, 5, batch_size=4, out=out, progress=False)
     monkeypatch.undo()
@@ -216,7 +218,7 @@ def test_full_disk_is_one_line_and_resume_works_after(checkpoint, tmp_path, monk
         raise AssertionError("resume searched again")
 
     monkeypatch.setattr(safetensors.torch, "save_file", real)  # space freed
-    monkeypatch.setattr(prune_mod, "run_search", no_search)
+    monkeypatch.setattr(phases_mod, "run_search", no_search)
     assert main(argv + ["--resume"]) == 0
     assert json.load(open(os.path.join(out, "config.json")))["num_local_experts"] == 6
     assert not os.path.exists(out + prune_mod.PARTIAL_SUFFIX)
@@ -229,7 +231,7 @@ def test_full_disk_while_saving_progress_is_one_line(checkpoint, tmp_path, monke
     def dump(*args, **kwargs):  # a plain file write on a full disk: OSError without a file name
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prune_mod.json, "dump", dump)
+    monkeypatch.setattr(progress_mod.json, "dump", dump)
     rc = main(["prune", src, "--keep", "6", "--calib", calib, "--out", out, "--no-progress"])
     assert rc == 2
     tmp = os.path.join(out + prune_mod.PARTIAL_SUFFIX, "progress.json.tmp")
@@ -244,7 +246,7 @@ def test_truncated_progress_json_is_one_line(checkpoint, tmp_path, monkeypatch, 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prune_mod, "run_search", boom)
+    monkeypatch.setattr(phases_mod, "run_search", boom)
     with pytest.raises(KeyboardInterrupt):
         moe_fast.prune(src, calib, 6, batch_size=4, out=out, progress=False)
     monkeypatch.undo()

@@ -28,14 +28,14 @@ RACER = textwrap.dedent(
     import contextlib, io, json, os, sys, time
     import torch
     torch.set_num_threads(1)
-    import moe_fast.pruning.pipeline as prune_mod
+    import moe_fast.pruning.layer_phases as phases_mod
     from moe_fast.cli import main
 
-    real = prune_mod.run_search
+    real = phases_mod.run_search
     def slow(*args, **kwargs):
         time.sleep(0.3)
         return real(*args, **kwargs)
-    prune_mod.run_search = slow
+    phases_mod.run_search = slow
 
     src, calib, work, rounds, me = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     open(os.path.join(work, f"ready-{me}"), "w").close()

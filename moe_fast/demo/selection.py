@@ -62,7 +62,7 @@ def layerwise_statistics(
     base = getattr(model, "base_model", None) or model.model
     recorders, stats = {}, {}
     for ref in adapter.moe_blocks(model):
-        stats[ref.layer] = LayerStats(rank=rank_bound)
+        stats[ref.layer] = LayerStats(rank_bound=rank_bound)
         recorders[ref.layer] = StatsForward(adapter, ref.block, rank_bound, stats[ref.layer], chunk_tokens)
         ref.block.forward = recorders[ref.layer]
     try:

@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,13 @@ class Dist:
         buf = tensor.to(self.device).contiguous()
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf.to(tensor.device)
+
+    def summed(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()`` on this rank (rank-local, guarded) summed over ranks: the data-parallel
+        objective adds the ranks' squared errors before any square root."""
+        with self.guard():
+            err = compute()
+        return self.sum(err)
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""

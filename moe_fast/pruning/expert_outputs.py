@@ -54,7 +54,7 @@ def run_experts(
 class LayerStats:
     """Per-token inputs of ``ops.subset_loss`` for every calibration token of one layer."""
 
-    rank: int
+    rank_bound: int  # M: ranked experts per token in ``ids`` and the Gram entries
     gram: list[torch.Tensor] = field(default_factory=list)
     ids: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -86,14 +86,14 @@ class StatsForward:
     output too (the caller discards it).
     """
 
-    def __init__(self, adapter: MoEAdapter, block: nn.Module, rank: int, stats: LayerStats, chunk_tokens: int) -> None:
-        self.adapter, self.block, self.rank, self.stats = adapter, block, rank, stats
+    def __init__(self, adapter: MoEAdapter, block: nn.Module, rank_bound: int, stats: LayerStats, chunk_tokens: int) -> None:
+        self.adapter, self.block, self.rank_bound, self.stats = adapter, block, rank_bound, stats
         self.chunk = max(1, int(chunk_tokens))
         self.group_id = 0
         self.target: torch.Tensor | None = None  # [T, H] progressive target of the current batch
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter, k, m = self.adapter, self.adapter.top_k, self.rank
+        adapter, k, m = self.adapter, self.adapter.top_k, self.rank_bound
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = adapter.router_logits(self.block, x).float().contiguous()
@@ -131,13 +131,13 @@ class StatsForward:
 
 
 class PrunedForward:
-    """A block forward where only ``keep`` may route (dropped experts at logit -inf)."""
+    """A block forward where only the ``kept`` experts may route (dropped experts at logit -inf)."""
 
-    def __init__(self, adapter: MoEAdapter, block: nn.Module, keep: list[int], chunk_tokens: int) -> None:
+    def __init__(self, adapter: MoEAdapter, block: nn.Module, kept: list[int], chunk_tokens: int) -> None:
         self.adapter, self.block = adapter, block
         num_experts = adapter.num_experts
-        self.mask = torch.zeros(num_experts, dtype=torch.bool)
-        self.mask[list(keep)] = True
+        self.keep_mask = torch.zeros(num_experts, dtype=torch.bool)
+        self.keep_mask[list(kept)] = True
         self.chunk = max(1, int(chunk_tokens))
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -145,11 +145,11 @@ class PrunedForward:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = adapter.router_logits(self.block, x).float().contiguous()
-        mask = self.mask.to(x.device)
+        keep_mask = self.keep_mask.to(x.device)
         out = torch.empty_like(x)
         for lo in range(0, x.shape[0], self.chunk):
             hi = min(x.shape[0], lo + self.chunk)
-            r = ops.route(logits[lo:hi].contiguous(), k, adapter.renormalize, keep=mask)
+            r = ops.route(logits[lo:hi].contiguous(), k, adapter.renormalize, keep=keep_mask)
             y = run_experts(adapter, self.block.experts, x[lo:hi], r.offsets.tolist(), r.perm, k)
             out[lo:hi] = (r.weights.unsqueeze(-1) * y.float()).sum(1).to(out.dtype)
         extra = adapter.extra_output(self.block, x)

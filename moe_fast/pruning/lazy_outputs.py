@@ -98,9 +98,9 @@ def _merge(parts: list[_Part], outputs: bool = True) -> _Part:
 class LazyOutputs:
     """One layer's calibration tokens, their computed ranks, outputs and Gram entries."""
 
-    def __init__(self, adapter: MoEAdapter, experts: nn.Module, max_rank: int) -> None:
+    def __init__(self, adapter: MoEAdapter, experts: nn.Module, rank_bound: int) -> None:
         self.adapter, self.experts = adapter, experts
-        self.k, self.num_experts, self.max_rank = adapter.top_k, adapter.num_experts, max_rank
+        self.k, self.num_experts, self.rank_bound = adapter.top_k, adapter.num_experts, rank_bound
         self.renormalize = adapter.renormalize
         self._chunks: dict[str, list[torch.Tensor]] = {n: [] for n in ("x", "logits", "order", "group", "tw", "z", "tsq")}
         self._parts: list[_Part] = []
@@ -142,9 +142,9 @@ class LazyOutputs:
 
     # --- growth --------------------------------------------------------------------------------
     def extend(self, need: torch.Tensor) -> int:
-        """Computes further ranks so that token t holds at least min(need[t], max_rank); returns
+        """Computes further ranks so that token t holds at least min(need[t], rank_bound); returns
         the number of new (token, expert) outputs."""
-        need = need.to(self.depth.device).clamp(max=self.max_rank)
+        need = need.to(self.depth.device).clamp(max=self.rank_bound)
         if not bool((need > self.depth).any()):
             return 0
         moves = []  # (old depth, new depth, rows of the old part's tensors, the part)
@@ -220,7 +220,7 @@ class LazyOutputs:
                 tok_all = p.tok if sel is None else p.tok[sel]
                 gram_all = p.gram if sel is None else p.gram[sel]
                 cross_all = None if p.cross is None else (p.cross if sel is None else p.cross[sel])
-                m = min(self.max_rank, max(width, d))
+                m = min(self.rank_bound, max(width, d))
                 pack = _pack_index(d, m, gram_all.device)
                 for lo in range(0, tok_all.shape[0], chunk):
                     tok = tok_all[lo : lo + chunk]
@@ -238,26 +238,26 @@ class LazyOutputs:
                         args.update(target_weights=tw)
                     yield tok, args
 
-    def group_errors(self, keep: torch.Tensor, num_groups: int, chunk: int = 4096) -> torch.Tensor:
+    def group_errors(self, keep_mask: torch.Tensor, num_groups: int, chunk: int = 4096) -> torch.Tensor:
         """Squared errors [C, G] of keep-sets [C, E] over all tokens; every token must be covered."""
-        drops = int((~keep).sum(1).max()) if keep.shape[0] else 0
-        out = torch.zeros(keep.shape[0], num_groups, dtype=torch.float64)
-        keep = keep.to(self.order.device)
+        drops = int((~keep_mask).sum(1).max()) if keep_mask.shape[0] else 0
+        out = torch.zeros(keep_mask.shape[0], num_groups, dtype=torch.float64)
+        keep_mask = keep_mask.to(self.order.device)
         for tok, a in self._calls(None, self.k + drops, chunk):
-            out += ops.subset_loss(a["gram"], a["ids"], a["logits"], keep, self.group[tok].contiguous(), num_groups,
+            out += ops.subset_loss(a["gram"], a["ids"], a["logits"], keep_mask, self.group[tok].contiguous(), num_groups,
                                    self.k, self.renormalize, target_weights=a.get("target_weights"),
                                    cross=a.get("cross"), target_sq=a.get("target_sq")).cpu()
         return out
 
-    def token_errors(self, keep: torch.Tensor, tokens_mask: torch.Tensor, chunk: int = 4096):
+    def token_errors(self, keep_mask: torch.Tensor, tokens_mask: torch.Tensor, chunk: int = 4096):
         """Yields (tok [n], errors [C, n] float64) for the selected tokens, whether covered or not
         (an uncovered token's value is meaningless: the caller masks it)."""
-        drops = int((~keep).sum(1).max()) if keep.shape[0] else 0
-        keep = keep.to(self.order.device)
+        drops = int((~keep_mask).sum(1).max()) if keep_mask.shape[0] else 0
+        keep_mask = keep_mask.to(self.order.device)
         for tok, a in self._calls(tokens_mask, self.k + drops, chunk):
             n = tok.shape[0]
             idx = torch.arange(n, device=tok.device)
-            err = ops.subset_loss(a["gram"], a["ids"], a["logits"], keep, idx, n, self.k, self.renormalize,
+            err = ops.subset_loss(a["gram"], a["ids"], a["logits"], keep_mask, idx, n, self.k, self.renormalize,
                                   target_weights=a.get("target_weights"), cross=a.get("cross"), target_sq=a.get("target_sq"))
             yield tok, err.cpu()
 
@@ -270,7 +270,7 @@ class LazyRecorder:
     def __init__(self, adapter: MoEAdapter, block: nn.Module, store: LazyOutputs, chunk_tokens: int, first_ranks: int | None = None) -> None:
         self.adapter, self.block, self.store = adapter, block, store
         self.chunk = max(1, int(chunk_tokens))
-        self.first = min(store.max_rank, first_ranks or adapter.top_k + 1)
+        self.first = min(store.rank_bound, first_ranks or adapter.top_k + 1)
         store.first_ranks = self.first
         self.group_id = 0
         self.target: torch.Tensor | None = None
@@ -285,7 +285,7 @@ class LazyRecorder:
         for lo in range(0, x.shape[0], self.chunk):
             hi = min(x.shape[0], lo + self.chunk)
             lg = logits[lo:hi].contiguous()
-            order = ranking(lg, st.max_rank)
+            order = ranking(lg, st.rank_bound)
             xs = x[lo:hi].contiguous()
             n, d = hi - lo, self.first
             rows = torch.arange(n, device=x.device).repeat_interleave(d)

@@ -70,10 +70,10 @@ def _objective(err: torch.Tensor, objective: str) -> torch.Tensor:
 
 def _keep_masks(cands: Sequence[Dropped], num_experts: int) -> torch.Tensor:
     """[C, E] bool, False at each candidate's dropped experts (all candidates drop as many)."""
-    keep = torch.ones(len(cands), num_experts, dtype=torch.bool)
+    keep_mask = torch.ones(len(cands), num_experts, dtype=torch.bool)
     if cands and cands[0]:
-        keep.scatter_(1, torch.tensor(cands, dtype=torch.int64), False)
-    return keep
+        keep_mask.scatter_(1, torch.tensor(cands, dtype=torch.int64), False)
+    return keep_mask
 
 
 def _depth_stats(store: LazyOutputs) -> dict:
@@ -103,10 +103,10 @@ def lazy_beam(
         store.extend(need)
         losses: list[float] = []
         for lo in range(0, len(cands), candidate_chunk):
-            keep = _keep_masks(cands[lo : lo + candidate_chunk], E)
+            keep_mask = _keep_masks(cands[lo : lo + candidate_chunk], E)
 
-            def compute(keep=keep) -> torch.Tensor:
-                return store.group_errors(keep, store.num_groups_total)
+            def compute(keep_mask=keep_mask) -> torch.Tensor:
+                return store.group_errors(keep_mask, store.num_groups_total)
 
             err = compute() if reduce is None else reduce(compute)
             losses.extend(float(v) for v in _objective(err.cpu(), objective))
@@ -134,8 +134,8 @@ def lazy_exhaustive(
     G = store.num_groups_total
     cands = list(itertools.combinations(range(E), num_drop))
     C = len(cands)
-    keep = _keep_masks(cands, E)
-    dropped_dev = (~keep).to(store.order.device)
+    keep_mask = _keep_masks(cands, E)
+    dropped_dev = (~keep_mask).to(store.order.device)
     cov = torch.zeros(C, G, dtype=torch.float64)  # squared error summed over covered tokens
     uncovered = torch.zeros(C, dtype=torch.float64)  # tokens not covered yet (summed over ranks)
     counted = torch.zeros_like(store.depth)  # depth up to which tokens' covered candidates are in cov
@@ -151,7 +151,7 @@ def lazy_exhaustive(
         if idx.numel() == 0:
             counted.copy_(store.depth)
             return
-        sub_keep, sub_dropped = keep[idx], dropped_dev[idx]
+        sub_keep, sub_dropped = keep_mask[idx], dropped_dev[idx]
 
         def compute() -> torch.Tensor:
             add = torch.zeros(idx.numel(), G + 1, dtype=torch.float64)  # last column: uncovered count

@@ -45,8 +45,9 @@ def prune_plan(
     config = AutoConfig.from_pretrained(model)
     adapter = get_adapter(config)
     E, k = adapter.num_experts, adapter.top_k
-    if not k <= keep < E:
-        raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {keep}")
+    num_keep = keep
+    if not k <= num_keep < E:
+        raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {num_keep}")
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, str):
         stored = _DTYPES.get(stored, torch.float32)
@@ -56,15 +57,15 @@ def prune_plan(
         skeleton = AutoModelForCausalLM.from_config(config)
     layers = adapter.decoder_layers(skeleton)
     H = int(config.hidden_size)
-    m = k + (E - keep)  # rank bound: experts run and kept per token
+    rank_bound = k + (E - num_keep)  # M: experts run and kept per token
     batches = math.ceil(n_samples / batch_size)
     if batches < world_size:
         raise ValueError(f"{batches} calibration batches cannot be shared by {world_size} ranks")
     tokens = math.ceil(batches / world_size) * batch_size * seq_len  # per rank (upper bound)
     streams = 2 if mode == "progressive" else 1
     hidden_bytes = streams * tokens * H * nbytes
-    target = m * 4 if mode == "layerwise" else m * 4 + 4
-    stats_per_token = (m * (m + 1) // 2) * 4 + m * 4 + E * 4 + 8 + target
+    target = rank_bound * 4 if mode == "layerwise" else rank_bound * 4 + 4
+    stats_per_token = (rank_bound * (rank_bound + 1) // 2) * 4 + rank_bound * 4 + E * 4 + 8 + target
     embed_bytes = _numel(skeleton.get_input_embeddings()) * nbytes
     rows = []
     for i, layer in enumerate(layers):
@@ -75,9 +76,9 @@ def prune_plan(
             flops_expert = 2 * expert_params  # one expert MLP on one token
             row.update({
                 "stats_bytes": tokens * stats_per_token,
-                "expert_outputs_chunk_bytes": min(chunk_tokens, tokens) * m * H * nbytes,
-                "expert_flops": tokens * m * flops_expert,
-                "paper_expert_flops": tokens * (1 + math.comb(E, keep)) * k * flops_expert,
+                "expert_outputs_chunk_bytes": min(chunk_tokens, tokens) * rank_bound * H * nbytes,
+                "expert_flops": tokens * rank_bound * flops_expert,
+                "paper_expert_flops": tokens * (1 + math.comb(E, num_keep)) * k * flops_expert,
             })
         else:
             row.update({"stats_bytes": 0, "expert_outputs_chunk_bytes": 0, "expert_flops": 0, "paper_expert_flops": 0})
@@ -88,7 +89,7 @@ def prune_plan(
     paper = sum(r["paper_expert_flops"] for r in rows)
     return {
         "model": model, "model_type": config.model_type, "dtype": str(dt).replace("torch.", ""),
-        "num_experts": E, "top_k": k, "keep": keep, "rank_bound": m, "mode": mode,
+        "num_experts": E, "top_k": k, "keep": num_keep, "rank_bound": rank_bound, "mode": mode,
         "n_samples": n_samples, "seq_len": seq_len, "batch_size": batch_size, "world_size": world_size,
         "tokens_per_rank": tokens, "model_bytes": model_bytes, "embedding_bytes": embed_bytes,
         "hidden_state_bytes": hidden_bytes, "peak_bytes": max(r["peak_bytes"] for r in rows),

@@ -31,12 +31,12 @@ EXHAUSTIVE_LIMIT = 5000  # auto: enumerate when C(E, R) is at most this
 TIE_RTOL = 1e-9  # losses within this relative distance of the best remaining one are tied
 
 
-def choose_search(search: str, num_experts: int, keep: int) -> str:
+def choose_search(search: str, num_experts: int, num_keep: int) -> str:
     """Resolves ``auto``: exhaustive when C(E, R) <= EXHAUSTIVE_LIMIT, else beam."""
     if search not in ("auto", "exhaustive", "greedy", "beam"):
         raise ValueError(f"search must be auto, exhaustive, greedy or beam; got {search!r}")
     if search == "auto":
-        return "exhaustive" if math.comb(num_experts, keep) <= EXHAUSTIVE_LIMIT else "beam"
+        return "exhaustive" if math.comb(num_experts, num_keep) <= EXHAUSTIVE_LIMIT else "beam"
     return search
 
 
@@ -68,13 +68,13 @@ def make_scorer(
         bar = tqdm(total=len(cands), desc=desc, leave=False, disable=not progress)
         for lo in range(0, len(cands), candidate_chunk):
             part = cands[lo : lo + candidate_chunk]
-            keep = torch.ones(len(part), num_experts, dtype=torch.bool)
+            keep_mask = torch.ones(len(part), num_experts, dtype=torch.bool)
             for row, dropped in enumerate(part):
-                keep[row, list(dropped)] = False
+                keep_mask[row, list(dropped)] = False
 
-            def compute(keep=keep) -> torch.Tensor:
+            def compute(keep_mask=keep_mask) -> torch.Tensor:
                 return ops.subset_loss(
-                    stats["gram"], stats["ids"], stats["logits"], keep, group, num_groups,
+                    stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups,
                     top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],
                     target_sq=stats["target_sq"],
                 )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter, get_adapter
+from moe_fast.checkpoint_check import verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,17 @@ class CheckpointSource(LayerSource):
             yield module
         finally:
             module.to("meta")
+
+
+def open_source(model_or_path: nn.Module | str | os.PathLike, device: str | None, dtype: str) -> LayerSource:
+    """A loaded model as is, or a checkpoint directory (a hub name resolved), checked before any work."""
+    if isinstance(model_or_path, nn.Module):
+        return LoadedSource(model_or_path, device=device)
+    from moe_fast.models import resolve_model
+
+    path = resolve_model(os.fspath(model_or_path))
+    verify_checkpoint(path)  # a truncated or corrupt file: one clear error before any work
+    return CheckpointSource(path, device=device, dtype=dtype)
 
 
 class _LazyTensors(Mapping):

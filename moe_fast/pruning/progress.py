@@ -1,0 +1,149 @@
+"""The partial folder ``<out>.moe_fast_partial``: the run's lock and the layers it has finished.
+
+Every finished layer is saved to ``progress.json`` there, so that ``resume=True`` continues after
+an interruption with the same settings. The folder's lock (``moe_fast.staging.FolderLock``) is
+held from the start of a run to its end, so two runs into one ``out`` never interleave; a run that
+fails keeps the folder (and its progress), a run that finishes removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from typing import Iterator
+
+from moe_fast.pruning.distributed import Dist
+from moe_fast.pruning.report import LayerResult, PruneReport
+from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock, describe_holder
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".moe_fast_partial"
+PROGRESS_NAME = "progress.json"
+
+
+def partial_folder(out: str) -> str:
+    return out.rstrip("/") + PARTIAL_SUFFIX
+
+
+class Progress:
+    """The partial folder of one run, locked; ``folder`` None (no ``out``, or not rank 0) saves nothing."""
+
+    def __init__(self, folder: str | None = None, lock: FolderLock | None = None) -> None:
+        self.folder, self.lock = folder, lock
+
+    @classmethod
+    def claim(cls, out: str) -> "Progress":
+        """Takes the lock of ``out``'s partial folder; FolderBusy (naming the holder) while another run has it."""
+        folder = partial_folder(out)
+        lock = FolderLock(folder)
+        try:
+            lock.acquire()
+        except FolderBusy as err:
+            raise FolderBusy(f"another prune into {out} is running ({err.holder}); wait for it to end or choose another --out") from None
+        if lock.previous:
+            log.info("%s: taking over from a run that ended without finishing (%s)", folder, describe_holder(lock.previous))
+        return cls(folder, lock)
+
+    def start(self, settings: dict, resume: bool) -> dict[int, LayerResult]:
+        """The layers already done (``resume``; otherwise the folder is emptied, its lock kept),
+        then saves ``settings``, which a later resume checks against its own."""
+        if self.folder is None:
+            return {}
+        layers = self._load(settings) if resume else self._clear()
+        self.save(settings, PruneReport(layers=layers))
+        return layers
+
+    def save(self, settings: dict, report: PruneReport) -> None:
+        """Replaces progress.json in one rename: an interruption leaves the old or the new one."""
+        if self.folder is None:
+            return
+        tmp = os.path.join(self.folder, PROGRESS_NAME + ".tmp")
+        with naming_errors(tmp):
+            with open(tmp, "w") as f:
+                json.dump({"settings": settings, "layers": {str(i): vars(r) for i, r in report.layers.items()}}, f)
+        os.replace(tmp, os.path.join(self.folder, PROGRESS_NAME))
+
+    def release(self, finished: bool) -> None:
+        """Unlocks; a finished run removes the folder, a failed one keeps its progress for resume."""
+        if self.lock is not None:
+            self.lock.release(remove=finished)
+            self.lock = None
+
+    def _clear(self) -> dict[int, LayerResult]:
+        for name in os.listdir(self.folder):
+            if name != LOCK_NAME:
+                target = os.path.join(self.folder, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+        return {}
+
+    def _load(self, settings: dict) -> dict[int, LayerResult]:
+        path = os.path.join(self.folder, PROGRESS_NAME)
+        if not os.path.exists(path):
+            log.info("resume: no saved progress in %s, starting from the first layer", self.folder)
+            return {}
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            layers = {int(i): LayerResult(**r) for i, r in saved["layers"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"resume: {path} is unreadable ({type(err).__name__}: {err}); run without --resume to start over"
+            ) from None
+        if saved.get("settings") != json.loads(json.dumps(settings)):
+            raise ValueError(
+                f"resume: the saved progress in {self.folder} was made with other settings or calibration tokens; "
+                "run without --resume to start over"
+            )
+        log.info("resume: %d layers already done", len(layers))
+        return layers
+
+
+@contextlib.contextmanager
+def claimed(out: str | None, ctx: Dist) -> Iterator[Progress]:
+    """The run's Progress (rank 0 with ``out``), released when the block ends: the folder removed
+    if the block finished and the progress kept if it raised. Refuses a non-empty ``out`` before
+    taking the lock and again after (a run that held the lock may have just finished there)."""
+    with ctx.guard():  # rank 0 alone claims; a refusal reaches every rank
+        progress = _claim(out) if ctx.rank == 0 else Progress()
+    finished = False
+    try:
+        yield progress
+        finished = True
+    finally:
+        progress.release(finished)
+
+
+def _claim(out: str | None) -> Progress:
+    check_out(out)
+    if out is None:
+        return Progress()
+    progress = Progress.claim(out)
+    try:
+        check_out(out)
+    except BaseException:
+        progress.release(finished=False)
+        raise
+    return progress
+
+
+def check_out(out: str | None) -> None:
+    if out is not None and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"output directory {out} exists and is not empty")
+
+
+@contextlib.contextmanager
+def naming_errors(path: str) -> Iterator[None]:
+    """OSErrors (full disk, permissions) raised without a file name get ``path`` as theirs."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, path) from err
+        raise

@@ -1,0 +1,100 @@
+"""What a pruning run found: one ``LayerResult`` per MoE layer, gathered into a ``PruneReport``.
+
+The report is written as ``moe_fast_report.json`` next to the pruned checkpoint and, layer by
+layer, into the resume file; its keys are part of the user-facing format and do not change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+from torch import nn
+
+REPORT_NAME = "moe_fast_report.json"
+
+
+@dataclass
+class LayerResult:
+    kept: list[int]
+    dropped: list[int]
+    loss: dict[str, float]  # "<dropped ids comma-joined>" -> objective value
+    search: str = "exhaustive"
+    expert_outputs_per_token: float | None = None  # lazy search: (token, expert) outputs run per token
+    scored_exactly: int | None = None  # lazy search: candidates with an exact score (``loss``)
+    discarded_by_bound: int | None = None  # lazy exhaustive: candidates whose lower bound lost
+    search_state_bytes: int | None = None  # most bytes of per-token search state held (Gram, outputs, ids, ...)
+    lazy_detail: dict | None = None  # lazy search: where the outputs went (``lazy_search.LazyInfo.summary``)
+
+    def lazy_note(self) -> str:
+        """'; 2.41 expert outputs/token, 12 scored exactly, 58 discarded by bound' (empty without lazy search)."""
+        if self.expert_outputs_per_token is None:
+            return ""
+        note = f"; {self.expert_outputs_per_token:.2f} expert outputs/token, {self.scored_exactly} scored exactly"
+        if self.discarded_by_bound is not None:
+            note += f", {self.discarded_by_bound} discarded by bound"
+        return note
+
+
+def loss_key(dropped: Sequence[int]) -> str:
+    """The key of a dropped set in ``LayerResult.loss`` (JSON keys must be strings)."""
+    return ",".join(str(e) for e in dropped)
+
+
+@dataclass
+class PruneReport:
+    layers: dict[int, LayerResult] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    settings: dict = field(default_factory=dict)
+    world_size: int = 1  # ranks that shared the calibration tokens
+
+    @property
+    def kept(self) -> dict[int, list[int]]:
+        return {i: r.kept for i, r in self.layers.items()}
+
+    def pruning_record(self) -> dict:
+        """What the pruned checkpoint's config.json records about the run."""
+        s = self.settings
+        return {
+            "kept_experts": {str(i): r.kept for i, r in sorted(self.layers.items())},
+            "objective": s["objective"], "mode": s["mode"], "search": s["search"], "calibration": s["calibration"],
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": {str(i): vars(r) for i, r in sorted(self.layers.items())},
+            "timings": self.timings,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "settings": self.settings,
+            "world_size": self.world_size,
+        }
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def table(self) -> str:
+        """Readable per-layer summary: kept, dropped, best loss and the runner-up."""
+        lines = [f"{'layer':>5}  {'kept':<28} {'dropped':<16} {'loss':>14} {'runner-up':>14} {'evaluated':>9} {'bounded':>7} {'outputs/tok':>11}"]
+        for i, r in sorted(self.layers.items()):
+            values = sorted(r.loss.values())
+            best = values[0] if values else float("nan")
+            second = values[1] if len(values) > 1 else float("nan")
+            bounded = "-" if r.discarded_by_bound is None else str(r.discarded_by_bound)
+            outputs = "-" if r.expert_outputs_per_token is None else f"{r.expert_outputs_per_token:.2f}"
+            lines.append(
+                f"{i:>5}  {','.join(map(str, r.kept)):<28} {','.join(map(str, r.dropped)):<16} {best:>14.6g} {second:>14.6g} {len(values):>9}"
+                f" {bounded:>7} {outputs:>11}"
+            )
+        t = self.timings
+        lines.append("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in t.items()))
+        lines.append(f"peak memory: {self.peak_memory_bytes / 2**20:.1f} MiB ({self.settings.get('peak_memory_kind', '')})")
+        return "\n".join(lines)
+
+
+class PruneResult(NamedTuple):
+    model: nn.Module | None
+    report: PruneReport

@@ -1,0 +1,73 @@
+"""The choices of a pruning run: checked once, and recorded in the report and the resume file.
+
+A resume continues only under the same recorded settings, so everything that changes a
+selection (the search, the calibration tokens, the dtype) belongs in :func:`run_settings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_fast.adapters import MoEAdapter
+from moe_fast.pruning.search import choose_search
+from moe_fast.pruning.source import LayerSource
+
+MODES = ("layerwise", "progressive")
+OBJECTIVES = ("paper", "mse")
+
+
+def check_arguments(mode: str, objective: str, batch_size: int) -> None:
+    """Refuses bad choices before any model or calibration file is read."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be layerwise or progressive; got {mode!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be paper or mse; got {objective!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How every MoE layer's experts are chosen in one run."""
+
+    num_experts: int  # E
+    top_k: int  # k
+    num_keep: int  # R, experts kept per layer
+    method: str  # exhaustive, greedy or beam ("auto" resolved)
+    beam_width: int
+    objective: str  # paper or mse
+    lazy: bool  # expert outputs computed as candidates need them (lazy_search), not all up front
+
+    @property
+    def num_drop(self) -> int:
+        return self.num_experts - self.num_keep
+
+    @property
+    def rank_bound(self) -> int:
+        """M = k + E - R: the ranked experts per token that every candidate's routing stays within."""
+        return self.top_k + self.num_drop
+
+    @classmethod
+    def build(
+        cls, adapter: MoEAdapter, num_keep: int, search: str, beam_width: int, objective: str,
+        lazy: bool | None, data_parallel: bool,
+    ) -> "SearchSpec":
+        """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; data-parallel
+        runs always use the rank-bounded search."""
+        num_experts, top_k = adapter.num_experts, adapter.top_k
+        if not top_k <= num_keep < num_experts:
+            raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")
+        method = choose_search(search, num_experts, num_keep)
+        use_lazy = (method != "exhaustive" if lazy is None else lazy) and not data_parallel
+        return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy)
+
+
+def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: dict) -> dict:
+    """The report's ``settings`` (its keys and their order are part of the report format)."""
+    return {
+        "keep": spec.num_keep, "num_experts": spec.num_experts, "top_k": spec.top_k, "mode": mode,
+        "objective": spec.objective, "search": spec.method,
+        "beam_width": spec.beam_width if spec.method == "beam" else None, "rank_bound": spec.rank_bound,
+        "lazy": spec.lazy, "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
+        "calibration": calibration,
+    }
