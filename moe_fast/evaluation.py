@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
