@@ -26,7 +26,7 @@ _register_experts()  # experts_implementation="moe_fast" in transformers
 # Skipping and patching (imported lazily: they pull in transformers).
 _LAZY = {
     "calibrate_skipping": "moe_fast.skipping",
-    "SkipCalibration": "moe_fast.skipping",
+    "SkipCalibration": "moe_fast.betas",
     "patch": "moe_fast.patching",
     "unpatch": "moe_fast.patching",
     "save": "moe_fast.saving",

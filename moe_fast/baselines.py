@@ -43,34 +43,34 @@ def canonical_criterion(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------ per layer
-def _check(num_experts: int, keep: int) -> None:
-    if not 1 <= keep <= num_experts:
-        raise ValueError(f"keep must be in [1, {num_experts}], got {keep}")
+def _check(num_experts: int, num_keep: int) -> None:
+    if not 1 <= num_keep <= num_experts:
+        raise ValueError(f"keep must be in [1, {num_experts}], got {num_keep}")
 
 
-def select_random(num_experts: int, keep: int, seed: int | random.Random) -> list[int]:
-    """``keep`` experts drawn uniformly without replacement, sorted."""
-    _check(num_experts, keep)
+def select_random(num_experts: int, num_keep: int, seed: int | random.Random) -> list[int]:
+    """``num_keep`` experts drawn uniformly without replacement, sorted."""
+    _check(num_experts, num_keep)
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
-    return sorted(rng.sample(range(num_experts), keep))
+    return sorted(rng.sample(range(num_experts), num_keep))
 
 
-def top_scores(scores: torch.Tensor | list[float], keep: int) -> list[int]:
-    """Indices of the ``keep`` largest scores (ties: lower index first), sorted."""
+def top_scores(scores: torch.Tensor | list[float], num_keep: int) -> list[int]:
+    """Indices of the ``num_keep`` largest scores (ties: lower index first), sorted."""
     values = [float(s) for s in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
-    _check(len(values), keep)
+    _check(len(values), num_keep)
     order = sorted(range(len(values)), key=lambda e: (-values[e], e))
-    return sorted(order[:keep])
+    return sorted(order[:num_keep])
 
 
-def select_frequency(counts: torch.Tensor | list[float], keep: int) -> list[int]:
-    """The ``keep`` experts routed most often (``counts[e]``: top-k appearances of expert e)."""
-    return top_scores(counts, keep)
+def select_frequency(counts: torch.Tensor | list[float], num_keep: int) -> list[int]:
+    """The ``num_keep`` experts routed most often (``counts[e]``: top-k appearances of expert e)."""
+    return top_scores(counts, num_keep)
 
 
-def select_saliency(saliency: torch.Tensor | list[float], keep: int) -> list[int]:
-    """The ``keep`` experts of largest score (``reap`` or ``ean`` values per expert)."""
-    return top_scores(saliency, keep)
+def select_saliency(saliency: torch.Tensor | list[float], num_keep: int) -> list[int]:
+    """The ``num_keep`` experts of largest score (``reap`` or ``ean`` values per expert)."""
+    return top_scores(saliency, num_keep)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -120,12 +120,6 @@ def layer_scores_from_ranked(
     return counts, reap, ean
 
 
-def _expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Output of expert ``e`` on tokens ``x`` [n, H] from the 3-D weights (transformers' fused gate_up_proj / down_proj layout)."""
-    gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-    return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
-
-
 @torch.no_grad()
 def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, progress: bool = True) -> RoutingStats:
     """Counts and saliency of every expert of every MoE layer on ``calibration`` ids [N, L].
@@ -150,7 +144,7 @@ def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int =
                 tok, slot = torch.where(index == e)
                 if tok.numel() == 0:
                     continue
-                y = _expert_forward(module, e, hidden[tok])
+                y = adapter.expert_forward(module, e, hidden[tok])
                 norm = y.float().norm(dim=-1).double()
                 counts[layer][e] += tok.numel()
                 sal_sum[layer][e] += (weights[tok, slot].double() * norm).sum()
@@ -162,8 +156,8 @@ def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int =
     device = next(model.parameters()).device
     model.eval()
     try:
-        for i in tqdm(range(0, calibration.shape[0], batch_size), desc="routing statistics", disable=not progress):
-            model(input_ids=calibration[i : i + batch_size].to(device))
+        for batch in tqdm(calibration.split(batch_size), desc="routing statistics", disable=not progress):
+            model(input_ids=batch.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -175,15 +169,15 @@ def routing_stats(model: nn.Module, calibration: torch.Tensor, batch_size: int =
     )
 
 
-def select(criterion: str, num_experts: int, keep: int, layers: list[int], stats: RoutingStats | None = None, seed: int = 0) -> dict[int, list[int]]:
+def select(criterion: str, num_experts: int, num_keep: int, layers: list[int], stats: RoutingStats | None = None, seed: int = 0) -> dict[int, list[int]]:
     """{layer: kept experts} for a criterion; ``stats`` is needed for all but random."""
     criterion = canonical_criterion(criterion)
     if criterion == "random":
         rng = random.Random(seed)
-        return {layer: select_random(num_experts, keep, rng) for layer in layers}
+        return {layer: select_random(num_experts, num_keep, rng) for layer in layers}
     if stats is None:
         raise ValueError(f"criterion {criterion!r} needs routing statistics from calibration data")
-    return {layer: top_scores(row, keep) for layer, row in zip(stats.layers, stats.table_for(criterion))}
+    return {layer: top_scores(row, num_keep) for layer, row in zip(stats.layers, stats.table_for(criterion))}
 
 
 # ------------------------------------------------------------------------------ applying
@@ -210,7 +204,7 @@ def apply_selection(
 def prune_baseline(
     model_path: str,
     calibration,
-    keep: int,
+    num_keep: int,
     criterion: str,
     out: str | None = None,
     *,
@@ -222,27 +216,24 @@ def prune_baseline(
     stats: RoutingStats | None = None,
     progress: bool = True,
 ) -> tuple[dict[int, list[int]], dict]:
-    """Selects ``keep`` experts per layer by ``criterion`` and (with ``out``) writes the checkpoint.
+    """Selects ``num_keep`` experts per layer by ``criterion`` and (with ``out``) writes the checkpoint.
 
     Returns (kept, record); ``record`` is what goes to ``config.json`` under
     ``moe_fast.pruning`` (criterion, keep, seed, kept, and the statistics used). Pass ``stats``
     to reuse routing statistics across several calls on the same model and calibration.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_fast.adapters import get_adapter
+    from moe_fast.loading import load_tokenizer
 
     criterion = canonical_criterion(criterion)
     config = AutoConfig.from_pretrained(model_path)
     adapter = get_adapter(config)
     E = adapter.num_experts
-    if not adapter.top_k <= keep < E:
-        raise ValueError(f"keep must satisfy top-k ({adapter.top_k}) <= keep < experts ({E}), got {keep}")
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except Exception as err:  # a .pt calibration needs no tokenizer
-        log.debug("no tokenizer at %s: %s", model_path, err)
+    if not adapter.top_k <= num_keep < E:
+        raise ValueError(f"keep must satisfy top-k ({adapter.top_k}) <= keep < experts ({E}), got {num_keep}")
+    tokenizer = load_tokenizer(model_path)
     num_layers = int(config.num_hidden_layers)
     if criterion != "random" and stats is None:
         from moe_fast.calibration import load_calibration
@@ -252,8 +243,8 @@ def prune_baseline(
         stats = routing_stats(model, ids, batch_size, progress)
         del model
     layers = stats.layers if stats is not None else _moe_layers(adapter, num_layers)
-    kept = select(criterion, E, keep, layers, stats, seed)
-    record = {"criterion": criterion, "keep": keep, "seed": seed, "kept": {str(k): v for k, v in kept.items()}}
+    kept = select(criterion, E, num_keep, layers, stats, seed)
+    record = {"criterion": criterion, "keep": num_keep, "seed": seed, "kept": {str(k): v for k, v in kept.items()}}
     if criterion != "random":
         record["calibration"] = calibration if isinstance(calibration, str) else "tensor"
         record["statistics"] = stats.to_dict()

@@ -12,13 +12,14 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from moe_fast.memory import process_max_rss_bytes, reset_peak_rss, vm_hwm_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_si
     device = next(model.parameters()).device
     windows = ids[: n * seq_len].view(n, seq_len)
     total, count = 0.0, 0
-    for i in range(0, n, batch_size):
-        x = windows[i : i + batch_size].to(device)
+    for batch in windows.split(batch_size):
+        x = batch.to(device)
         logits = model(input_ids=x).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
@@ -151,10 +152,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
+            if not reset_peak_rss():
                 self.kind = "rss_peak_process"
         return self
 
@@ -162,17 +160,11 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
             return
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        self.peak_bytes = int(line.split()[1]) * 1024
-                        return
-        except OSError:
-            pass
-        import resource
-
-        self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        hwm = vm_hwm_bytes()
+        if hwm is not None:
+            self.peak_bytes = hwm
+            return
+        self.peak_bytes = process_max_rss_bytes()
         self.kind = "rss_peak_process"
 
 

@@ -19,13 +19,13 @@ from torch import nn
 NAME = "moe_fast"
 
 
-class Plan(NamedTuple):
+class DispatchPlan(NamedTuple):
     """Dispatch plan of one call: which slots each expert computes."""
 
     indices: torch.Tensor  # the exact top_k_index tensor this plan belongs to
     perm: torch.Tensor  # [T*k] int64: flat slots t*k+j grouped by expert, skipped last
-    offsets: torch.Tensor  # [E] int32: cumulative counts (grouped_mm's ``offs``)
-    active: int  # number of slots that are computed (offsets[-1])
+    ends: torch.Tensor  # [E] int32: where each expert's rows end (grouped_mm's ``offs``), RouteResult.offsets[1:]
+    active: int  # number of slots that are computed (ends[-1])
 
 
 def stash_plan(experts: nn.Module, indices: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -34,10 +34,10 @@ def stash_plan(experts: nn.Module, indices: torch.Tensor, perm: torch.Tensor, of
     ``offsets`` is the router op's [E + 1] (starting at 0) int32 tensor.
     """
     ends = offsets[1:]
-    experts._moe_fast_plan = Plan(indices, perm.long(), ends, int(ends[-1]) if ends.numel() else 0)
+    experts._moe_fast_plan = DispatchPlan(indices, perm.long(), ends, int(ends[-1]) if ends.numel() else 0)
 
 
-def _take_plan(experts: nn.Module, top_k_index: torch.Tensor) -> Plan:
+def _take_plan(experts: nn.Module, top_k_index: torch.Tensor) -> DispatchPlan:
     plan = getattr(experts, "_moe_fast_plan", None)
     if plan is not None:
         experts._moe_fast_plan = None  # one use only
@@ -46,14 +46,14 @@ def _take_plan(experts: nn.Module, top_k_index: torch.Tensor) -> Plan:
     return build_plan(top_k_index, experts.num_experts)
 
 
-def build_plan(top_k_index: torch.Tensor, num_experts: int) -> Plan:
-    """Plan from indices alone ([T, k], E = skipped): a stable sort by expert."""
+def build_plan(top_k_index: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """The plan from indices alone ([T, k], E = skipped): a stable sort by expert."""
     flat = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(flat, stable=True)
     counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    active = int(offsets[-1]) if num_experts else 0
-    return Plan(top_k_index, perm, offsets, active)
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    active = int(ends[-1]) if num_experts else 0
+    return DispatchPlan(top_k_index, perm, ends, active)
 
 
 # CPU float32: BLAS runs a 1-row product as a matrix-vector kernel at memory speed, but a 2..8-row
@@ -92,21 +92,21 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu"
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows ``offsets[e-1]:offsets[e]`` of x times ``weight[e]`` ([E, in, out]); x has offsets[-1] rows."""
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ``ends[e-1]:ends[e]`` of x times ``weight[e]`` ([E, in, out]); x has ends[-1] rows."""
     x = x.to(weight.dtype)
     cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
     if not cpu_fp32 and _grouped_mm_ok(x, weight):
-        return torch.nn.functional.grouped_mm(x, weight, offs=offsets)
+        return torch.nn.functional.grouped_mm(x, weight, offs=ends)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):  # out= has no autograd
         pieces, start = [], 0
-        for e, end in enumerate(offsets.tolist()):
+        for e, end in enumerate(ends.tolist()):
             pieces.append(x[start:end] @ weight[e])
             start = end
         return torch.cat(pieces) if pieces else x.new_empty(0, weight.shape[-1])
     out = x.new_empty(x.shape[0], weight.shape[-1])
     start = 0
-    for e, end in enumerate(offsets.tolist()):
+    for e, end in enumerate(ends.tolist()):
         rows = end - start
         if rows > SMALL_GROUP_ROWS or (rows > 1 and not cpu_fp32):
             torch.mm(x[start:end], weight[e], out=out[start:end])
@@ -141,9 +141,9 @@ def moe_fast_experts_forward(
     up_w = up_w if transposed else up_w.transpose(-2, -1)
     down_w = self.down_proj if transposed else self.down_proj.transpose(-2, -1)
 
-    h = grouped_matmul(x, up_w, plan.offsets)
+    h = grouped_matmul(x, up_w, plan.ends)
     h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
-    y = grouped_matmul(h, down_w, plan.offsets)
+    y = grouped_matmul(h, down_w, plan.ends)
     y = y * top_k_weights.reshape(-1).index_select(0, slots).unsqueeze(-1)
 
     if plan.active == T * k:

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter
+from moe_fast.config_record import PRUNING_KEY, set_record_entry
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = "moe_fast"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -32,28 +32,22 @@ TOKENIZER_FILES = (
 COMPANION_FILES = ("generation_config.json",)
 
 
-def _merged_record(existing, pruning: dict) -> dict:
-    record = dict(existing) if isinstance(existing, dict) else {}
-    record["pruning"] = pruning
-    return record
-
-
 def prune_loaded_model(model: nn.Module, adapter: MoEAdapter, kept: dict[int, list[int]], pruning_record: dict | None = None) -> nn.Module:
     """Removes the dropped experts of a loaded model in place; all layers must keep the same count."""
     counts = {len(v) for v in kept.values()}
     if len(counts) > 1:
         raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(counts)}")
     layers = adapter.decoder_layers(model)
-    for index, keep in kept.items():
+    for index, experts in kept.items():
         block = adapter.moe_block(layers[index])
-        adapter.prune_block(block, sorted(keep))
+        adapter.prune_block(block, sorted(experts))
     if counts:
         r = counts.pop()
         adapter.set_num_experts(model.config, r)
         if hasattr(model, "num_experts"):
             model.num_experts = r
     if pruning_record is not None:
-        setattr(model.config, CONFIG_KEY, _merged_record(getattr(model.config, CONFIG_KEY, None), pruning_record))
+        set_record_entry(model.config, PRUNING_KEY, pruning_record)
     return model
 
 
@@ -121,7 +115,7 @@ def export_checkpoint(
 
     config = AutoConfig.from_pretrained(source_path)  # saved back by transformers: its own key names
     adapter.set_num_experts(config, r)
-    setattr(config, CONFIG_KEY, _merged_record(getattr(config, CONFIG_KEY, None), pruning_record))
+    set_record_entry(config, PRUNING_KEY, pruning_record)
     config.save_pretrained(directory)
     _copy_tokenizer(directory, tokenizer, source_path)
 
@@ -133,13 +127,13 @@ def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]]):
         return lambda t: (key, t)
     prefix = ".".join(parts[:3]) + "."
     rel = key[len(prefix) :]
-    keep = sorted(kept[int(parts[2])])
+    layer_kept = sorted(kept[int(parts[2])])
     hit = adapter._hub_expert_key(rel)
-    if hit is not None and hit[0] not in keep:
+    if hit is not None and hit[0] not in layer_kept:
         return None
 
     def convert(tensor: torch.Tensor):
-        new_rel, new_tensor = adapter.prune_checkpoint_tensor(rel, tensor, keep)
+        new_rel, new_tensor = adapter.prune_checkpoint_tensor(rel, tensor, layer_kept)
         return prefix + new_rel, new_tensor
 
     return convert

@@ -17,9 +17,6 @@ from moe_fast.reference import RouteResult
 __all__ = ["route", "expert_gram", "subset_loss", "RouteResult"]
 
 
-_beta_list = reference.beta_values  # the one Python home of the beta rule
-
-
 def route(
     logits: torch.Tensor,
     k: int,
@@ -44,7 +41,7 @@ def route(
         are the flat slots ``t * k + j`` routed to expert e, tokens ascending; skipped slots follow
         ``offsets[E]``.
     """
-    return RouteResult(*torch.ops.moe_fast.route(logits, k, renormalize, _beta_list(beta), keep))
+    return RouteResult(*torch.ops.moe_fast.route(logits, k, renormalize, reference.beta_values(beta), keep))
 
 
 def expert_gram(

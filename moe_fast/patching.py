@@ -21,12 +21,10 @@ from torch import nn
 from moe_fast import experts as fast_experts
 from moe_fast import ops
 from moe_fast.adapters import get_adapter
-from moe_fast.skipping import BetaSpec, SkipCalibration, normalize_betas
+from moe_fast.betas import BetaSpec, SkipCalibration, normalize_betas
+from moe_fast.config_record import SKIPPING_KEY, remove_record_entry, set_record_entry
 
 log = logging.getLogger(__name__)
-
-CONFIG_KEY = "moe_fast"  # config.json entry shared with pruning ({"pruning": ..., "skipping": ...})
-RECORD_KEY = "skipping"  # our part of it: {"betas": per MoE layer or None, "layers": [...], ...}
 
 
 @dataclass
@@ -51,13 +49,13 @@ def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
     state: RouterState = self._moe_fast
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
-    plan = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
-    indices = plan.ids.long()
-    weights = plan.weights
+    routed = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
+    indices = routed.ids.long()
+    weights = routed.weights
     if torch.is_grad_enabled() and router_logits.requires_grad:
         weights = _differentiable_weights(router_logits, indices, weights, state.renormalize)
     scores = weights if state.scores_float32 else weights.to(router_logits.dtype)
-    fast_experts.stash_plan(state.experts, indices, plan.perm, plan.offsets)
+    fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
     return router_logits, scores, indices
 
 
@@ -153,10 +151,7 @@ def _record(model: nn.Module, betas: BetaSpec, per_layer: list, layers: list[int
         skipping["layers"] = layers
     if isinstance(betas, SkipCalibration):
         skipping.update(quantile=betas.quantile, calibration_tokens=betas.num_tokens, skip_rate=betas.skip_rate)
-    existing = getattr(model.config, CONFIG_KEY, None)
-    record = dict(existing) if isinstance(existing, dict) else {}
-    record[RECORD_KEY] = skipping
-    setattr(model.config, CONFIG_KEY, record)
+    set_record_entry(model.config, SKIPPING_KEY, skipping)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -171,13 +166,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         ref.router.__dict__.pop("_moe_fast", None)
         ref.experts.__dict__.pop("_moe_fast_plan", None)
     _set_experts_implementation(model, blocks, state.previous_experts_implementation)
-    record = getattr(model.config, CONFIG_KEY, None)
-    if isinstance(record, dict):
-        record = {key: value for key, value in record.items() if key != RECORD_KEY}
-        if record:
-            setattr(model.config, CONFIG_KEY, record)
-        else:
-            delattr(model.config, CONFIG_KEY)
+    remove_record_entry(model.config, SKIPPING_KEY)
     del model._moe_fast_patch
     return model
 

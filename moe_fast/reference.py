@@ -43,19 +43,32 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(x == math.inf, torch.full_like(x, _F32_MAX), x)
 
 
-def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
-    """beta as a list of floats (one for every slot, or one per slot 1..k-1); None stays None.
+def beta_entries(beta: float | Sequence[float] | torch.Tensor | None) -> list | None:
+    """beta's entries as a flat list, unconverted (a number is one entry); None stays None.
 
-    Accepts a number, a sequence or a tensor. The C++ side of the rule (count and range checks,
-    -log) is ``skip_gaps_from_beta`` in csrc/include/moe_fast/rules.h.
+    The one reading of what a beta may be: a number, a sequence or a tensor. The C++ side of
+    the rule (count and range checks, -log) is ``skip_gaps_from_beta`` in
+    csrc/include/moe_fast/rules.h; the per-layer checks with readable errors are in
+    :mod:`moe_fast.betas`.
     """
     if beta is None:
         return None
     if isinstance(beta, torch.Tensor):
-        return [float(b) for b in beta.reshape(-1).tolist()]
+        return beta.reshape(-1).tolist()
     if isinstance(beta, (int, float)):
-        return [float(beta)]
-    return [float(b) for b in beta]
+        return [beta]
+    return list(beta)
+
+
+def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
+    """beta as a list of floats (one for every slot, or one per slot 1..k-1); None stays None."""
+    entries = beta_entries(beta)
+    return None if entries is None else [float(b) for b in entries]
+
+
+def per_slot(values: list, k: int) -> list:
+    """One value for every slot 1..k-1: a single value stands for all of them (at least one slot)."""
+    return values * max(k - 1, 1) if len(values) == 1 else values
 
 
 def skip_gaps(beta: float | Sequence[float] | torch.Tensor | None, k: int) -> list[float] | None:
@@ -63,22 +76,20 @@ def skip_gaps(beta: float | Sequence[float] | torch.Tensor | None, k: int) -> li
     values = beta_values(beta)
     if values is None:
         return None
-    if len(values) == 1:
-        values = values * max(k - 1, 1)
     gaps = [math.inf]
-    for b in values[: k - 1]:
+    for b in per_slot(values, k)[: k - 1]:
         gaps.append(math.inf if b == 0.0 else -math.log(b))
     return gaps
 
 
-def rank_experts(logits: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_experts(logits: torch.Tensor, keep_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All experts of every row in routing order -> (order [T, E] int64, ranking logits [T, E]).
 
     Allowed experts come first (largest logit first, ties to the lower index); masked ones last.
     The returned logits are sanitized, with degenerate rows set to 0 on allowed experts.
     """
     lg = sanitize_logits(logits)
-    allowed = torch.ones_like(lg, dtype=torch.bool) if keep is None else keep.to(lg.device).bool().expand_as(lg)
+    allowed = torch.ones_like(lg, dtype=torch.bool) if keep_mask is None else keep_mask.to(lg.device).bool().expand_as(lg)
     best = lg.masked_fill(~allowed, -math.inf).amax(dim=-1, keepdim=True) if lg.shape[-1] else lg
     degenerate = best == -math.inf
     lg = torch.where(degenerate & allowed, torch.zeros_like(lg), lg)
@@ -183,15 +194,15 @@ def check_ranked_ids(ids: torch.Tensor, logits: torch.Tensor) -> None:
 
 
 def subset_weights(
-    ids: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor, k: int, renormalize: bool = True
+    ids: torch.Tensor, logits: torch.Tensor, keep_mask: torch.Tensor, k: int, renormalize: bool = True
 ) -> torch.Tensor:
     """Routing weights of every candidate over each token's M ranked slots: [C, T, M] float64.
 
-    ids [T, M] ranked experts, logits [T, E], keep [C, E] bool. Same rules as ``route`` with the
-    experts outside the candidate masked.
+    ids [T, M] ranked experts, logits [T, E], keep_mask [C, E] bool (one row per candidate). Same
+    rules as ``route`` with the experts outside the candidate masked.
     """
     lg = sanitize_logits(logits).double()  # [T, E]
-    kept = keep.bool()[:, ids.long()]  # [C, T, M]
+    kept = keep_mask.bool()[:, ids.long()]  # [C, T, M]
     sel = kept & (torch.cumsum(kept.to(torch.int64), dim=-1) <= k)
     ranked = torch.gather(lg, 1, ids.long()).unsqueeze(0).expand_as(sel)  # [C, T, M]
     first = torch.argmax(sel.to(torch.int8), dim=-1, keepdim=True)
@@ -201,7 +212,7 @@ def subset_weights(
     rel = torch.where(sel, rel, torch.zeros_like(rel))
     if renormalize:
         return rel / rel.sum(-1, keepdim=True)
-    allowed = keep.bool().unsqueeze(1)  # [C, 1, E]
+    allowed = keep_mask.bool().unsqueeze(1)  # [C, 1, E]
     l0_all = torch.where(degenerate, torch.zeros_like(l0), l0)
     terms = torch.where(degenerate, torch.ones_like(lg), torch.exp(lg.unsqueeze(0) - l0_all))
     z = torch.where(allowed, terms, torch.zeros_like(terms)).sum(-1, keepdim=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from moe_fast import patching
+from moe_fast.config_record import SKIPPING_KEY, has_record_entry, record_entry, set_record_entry
 from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ def save(
     out = Path(directory)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"moe_fast.save: {out} exists and is not empty (pass overwrite=True)")
-    record = getattr(model.config, patching.CONFIG_KEY, None)
-    if patching.is_patched(model) and not (isinstance(record, dict) and patching.RECORD_KEY in record):
+    if patching.is_patched(model) and not has_record_entry(model.config, SKIPPING_KEY):
         raise ValueError("moe_fast.save: patched model lost its config.moe_fast record; call moe_fast.patch again")
     with staged_directory(out, replace=True) as stage:
         tmp = Path(stage)
@@ -77,9 +77,8 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.M
     if model_class is None:
         model_class = saved_model_class(path, **kwargs)
     model = model_class.from_pretrained(path, **kwargs)
-    record = getattr(model.config, patching.CONFIG_KEY, None)
-    if isinstance(record, dict) and patching.RECORD_KEY in record:
-        skipping = record[patching.RECORD_KEY]
+    if has_record_entry(model.config, SKIPPING_KEY):
+        skipping = record_entry(model.config, SKIPPING_KEY)
         if not isinstance(skipping, dict) or "betas" not in skipping:
             raise ValueError(f"moe_fast.from_pretrained: malformed 'moe_fast.skipping' entry in {path}/config.json: {skipping!r}")
         betas = skipping["betas"]
@@ -90,6 +89,5 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.M
             betas = {int(layer): b for layer, b in zip(layers, betas)}
         patching.patch(model, betas=betas)
         # Keep what the record said about the calibration (quantile, skip rates).
-        record[patching.RECORD_KEY] = {**skipping, **getattr(model.config, patching.CONFIG_KEY)[patching.RECORD_KEY]}
-        setattr(model.config, patching.CONFIG_KEY, record)
+        set_record_entry(model.config, SKIPPING_KEY, {**skipping, **record_entry(model.config, SKIPPING_KEY)})
     return model

@@ -1,121 +1,34 @@
-"""Dynamic expert skipping: calibrating the per-layer thresholds beta and validating them.
+"""Dynamic expert skipping: calibrating the per-layer thresholds beta.
 
 The paper's rule (reference.route): slot j >= 1 of a token is skipped when ``w_j < beta_j * w_0``. beta of a
 layer is the quantile q (default the median) over calibration tokens of ``w_j / w_0``, computed
-from the softmax over all experts, so that about a fraction q of the tokens skip slot j.
+from the softmax over all experts, so that about a fraction q of the tokens skip slot j. What a
+beta may be and how it is checked: :mod:`moe_fast.betas`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from moe_fast import patching
 from moe_fast.adapters import get_adapter
+from moe_fast.betas import SkipCalibration
+
+__all__ = ["calibrate_skipping", "quantile_betas", "SkipCalibration"]
 
 log = logging.getLogger(__name__)
 
-BetaSpec = Any  # None | float | SkipCalibration | Sequence[float | Sequence[float] | None] | Mapping[int, ...]
 
-
-@dataclass
-class SkipCalibration:
-    """Result of :func:`calibrate_skipping`; pass it (or ``.betas``) to ``moe_fast.patch``."""
-
-    layers: list[int]  # decoder layer index of each MoE block
-    betas: list[list[float]]  # per MoE block: k - 1 thresholds (slots 1..k-1)
-    skip_rate: list[list[float]]  # per MoE block and slot: fraction of calibration tokens skipping it
-    quantile: float
-    num_tokens: int
-    top_k: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def saved_fraction(self) -> list[float]:
-        """Per MoE block: fraction of all expert calls (T * k) that skipping removes."""
-        return [sum(r) / self.top_k for r in self.skip_rate]
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"saved_fraction": self.saved_fraction}
-
-    def table(self) -> str:
-        """Human-readable per-layer table."""
-        slots = self.top_k - 1
-        head = ["layer"] + [f"beta_{j}" for j in range(1, slots + 1)]
-        head += [f"skip_{j}" for j in range(1, slots + 1)] + ["calls saved"]
-        rows = [head]
-        for layer, b, r, s in zip(self.layers, self.betas, self.skip_rate, self.saved_fraction):
-            rows.append([str(layer)] + [f"{x:.4f}" for x in b] + [f"{x:.1%}" for x in r] + [f"{s:.1%}"])
-        widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
-        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
-
-
-def _check_beta(value: Any, where: str) -> float:
-    try:
-        b = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"moe_fast: beta for {where} must be a number in [0, 1], got {value!r}") from None
-    if not (0.0 <= b <= 1.0) or math.isnan(b):
-        raise ValueError(f"moe_fast: beta for {where} must be in [0, 1], got {b}")
-    return b
-
-
-def _layer_betas(value: Any, k: int, where: str) -> list[float] | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.reshape(-1).tolist()
-        value = value[0] if len(value) == 1 else value
-    if isinstance(value, (int, float)):
-        return [_check_beta(value, where)] * max(k - 1, 1)
-    values = list(value)
-    if len(values) == 1:
-        values = values * max(k - 1, 1)
-    if len(values) != max(k - 1, 1):
-        raise ValueError(
-            f"moe_fast: {where} needs one beta or k - 1 = {k - 1} betas (slots 1..{k - 1}), got {len(values)}"
-        )
-    return [_check_beta(v, f"{where} slot {j + 1}") for j, v in enumerate(values)]
-
-
-def normalize_betas(betas: BetaSpec, layers: Sequence[int], k: int) -> dict[int, list[float] | None]:
-    """Validates betas and returns {decoder layer index: k - 1 thresholds or None (no skipping)}.
-
-    Accepted: None, one number for every layer, a :class:`SkipCalibration`, a sequence with one
-    entry per MoE block (a number, k - 1 numbers, or None), or a mapping {layer index: entry}.
-    """
-    layers = list(layers)
-    if betas is None:
-        return {layer: None for layer in layers}
-    if isinstance(betas, SkipCalibration):
-        if list(betas.layers) != layers:
-            raise ValueError(
-                f"moe_fast: these betas were calibrated for MoE layers {betas.layers}, the model has {layers}"
-            )
-        betas = betas.betas
-    if isinstance(betas, (int, float)) or (isinstance(betas, torch.Tensor) and betas.numel() == 1):
-        return {layer: _layer_betas(betas, k, f"layer {layer}") for layer in layers}
-    if isinstance(betas, Mapping):
-        unknown = sorted(set(int(x) for x in betas) - set(layers))
-        if unknown:
-            raise ValueError(f"moe_fast: betas given for layers {unknown}, which are not MoE layers {layers}")
-        return {layer: _layer_betas(betas.get(layer, betas.get(str(layer))), k, f"layer {layer}") for layer in layers}
-    if isinstance(betas, torch.Tensor):
-        betas = betas.tolist()
-    betas = list(betas)
-    if len(betas) != len(layers):
-        raise ValueError(
-            f"moe_fast: got {len(betas)} betas but the model has {len(layers)} MoE layers; "
-            "give one entry per MoE layer (a number, or k - 1 numbers for k > 2)"
-        )
-    return {layer: _layer_betas(b, k, f"layer {layer}") for layer, b in zip(layers, betas)}
+def quantile_betas(ratios: np.ndarray, quantile: float) -> list[float]:
+    """The calibration rule: per slot j >= 1, beta_j = the ``quantile`` of w_j / w_0 over the
+    tokens (``ratios`` [N, k-1]), clamped to [0, 1]."""
+    q = np.quantile(ratios, float(quantile), axis=0)
+    return [float(min(max(x, 0.0), 1.0)) for x in np.atleast_1d(q)]
 
 
 def _as_batches(calibration: Any, batch_size: int) -> list[torch.Tensor]:
@@ -153,8 +66,6 @@ def calibrate_skipping(
     Returns:
         :class:`SkipCalibration` with the betas and the skip rate measured on the same data.
     """
-    from moe_fast import patching  # local: patching imports this module
-
     if not 0.0 < float(quantile) < 1.0:
         raise ValueError(f"moe_fast.calibrate_skipping: quantile must be in (0, 1), got {quantile}")
     adapter = get_adapter(model)
@@ -193,9 +104,8 @@ def calibrate_skipping(
     for ref in blocks:
         r = torch.cat(ratios[ref.layer]).numpy()  # [N, k-1]
         n_tokens = r.shape[0]
-        q = np.quantile(r, float(quantile), axis=0)
+        beta = quantile_betas(r, quantile)
         # Skipped exactly as the router decides: strictly below the threshold.
-        beta = [float(min(max(x, 0.0), 1.0)) for x in np.atleast_1d(q)]
         layers.append(ref.layer)
         betas.append(beta)
         rates.append([float((r[:, j] < beta[j]).mean()) for j in range(k - 1)])

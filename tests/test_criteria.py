@@ -70,7 +70,7 @@ def test_one_pass_reconstruction_equals_prune():
     ids = torch.randint(0, 128, (4, 12))
     sels = one_pass_selections(model, ids, (4, 3), ("frequency",), ("exhaustive",), "prose", 0, batch_size=2)
     for keep in (4, 3):
-        ours = next(s for s in sels if s.method == "layer-wise" and s.keep == keep).kept_dict
+        ours = next(s for s in sels if s.method == "layer-wise" and s.num_keep == keep).kept_dict
         fresh = _tiny()
         report = prune(fresh, ids, keep, batch_size=2, return_model=False, progress=False).report
         assert ours == report.kept, keep

@@ -117,7 +117,7 @@ def test_cli_skip_writes_a_checkpoint_that_loads_with_skipping(tmp_path):
 
 def test_skip_checkpoint_in_place_on_a_pruned_checkpoint(tmp_path):
     """What ``moe-fast prune ... --skip`` runs after writing the pruned checkpoint."""
-    from moe_fast.commands.skip import skip_checkpoint
+    from moe_fast.skip_export import skip_checkpoint
     from test_patch_reference import reference_forward
 
     model = tiny_model("qwen2_moe")

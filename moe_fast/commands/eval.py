@@ -51,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moe_fast.evaluation import data_texts, evaluate, load_model, write_json
+    from moe_fast.loading import DTYPES
 
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = args.skip or args.beta is not None
-    model, tokenizer, path = load_model(args.model, getattr(torch, args.dtype), args.device, skip=skip and args.beta is None)
+    model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], args.device, skip=skip and args.beta is None)
     if args.beta is not None:
         from moe_fast.patching import patch
 

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 wrote the checkpoint and reports
         return 0
     if args.skip:
-        from moe_fast.commands.skip import skip_checkpoint
+        from moe_fast.skip_export import skip_checkpoint
 
         skipped = skip_checkpoint(
             args.out,

@@ -36,22 +36,12 @@ from moe_fast.demo.selection import (
     Selection, expert_flops_per_token, one_pass_selections, progressive_selection, random_selection,
 )
 from moe_fast.demo.settings import CALIBS, Settings
+from moe_fast.evaluation import load_model
 from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Settings", "run_demo"]
-
-
-def _load(spec: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moe_fast.models import quiet_loading, resolve_model
-
-    path = resolve_model(spec)
-    with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path), path
 
 
 def _windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tensor:
@@ -75,31 +65,32 @@ def _selections(model, tokenizer, path: str, s: Settings, bar) -> list[Selection
     out: list[Selection] = []
     for calib in calibs:
         for seed in s.calib_seeds:
-            keeps = tuple(r for r in s.keeps if seed in s.seeds_for(r))
-            if not keeps:
+            num_keeps = tuple(r for r in s.keeps if seed in s.seeds_for(r))
+            if not num_keeps:
                 continue
             ids = load_calibration(CALIBS[calib], tokenizer, s.n_samples, s.seq_len, seed)
             bar.set_postfix_str(f"one pass: {calib} seed {seed}")
-            out += one_pass_selections(model, ids, keeps, s.criteria, s.searches, calib, seed, s.batch_size, s.beam_width)
+            out += one_pass_selections(model, ids, num_keeps, s.criteria, s.searches, calib, seed, s.batch_size, s.beam_width)
             bar.update()
             if s.progressive and calib in s.progressive_calibs:
-                for keep in keeps:
-                    bar.set_postfix_str(f"progressive r={keep}: {calib} seed {seed}")
-                    out.append(progressive_selection(path, ids, keep, calib, seed, s.batch_size))
+                for num_keep in num_keeps:
+                    bar.set_postfix_str(f"progressive r={num_keep}: {calib} seed {seed}")
+                    out.append(progressive_selection(path, ids, num_keep, calib, seed, s.batch_size))
                     bar.update()
-    for keep in s.keeps:
+    for num_keep in s.keeps:
         for seed in s.random_seeds:
-            out.append(random_selection(layers, adapter.num_experts, keep, seed))
+            out.append(random_selection(layers, adapter.num_experts, num_keep, seed))
     return out
 
 
-def _jobs(s: Settings) -> int:
+def _selection_steps(s: Settings) -> int:
+    """Steps of the selection progress bar: one pass per calibration sample, one per progressive run."""
     calibs = ["prose"] + (["code"] if s.task_specific else [])
     n = 0
     for calib in calibs:
         for seed in s.calib_seeds:
-            keeps = [r for r in s.keeps if seed in s.seeds_for(r)]
-            n += bool(keeps) + (len(keeps) if s.progressive and calib in s.progressive_calibs else 0)
+            num_keeps = [r for r in s.keeps if seed in s.seeds_for(r)]
+            n += bool(num_keeps) + (len(num_keeps) if s.progressive and calib in s.progressive_calibs else 0)
     return n
 
 
@@ -115,7 +106,7 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
         raise FileExistsError(f"demo output directory {out!r} exists and is not empty")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    model, tokenizer, path = _load(s.model)
+    model, tokenizer, path = load_model(s.model, torch.float32)
     adapter = get_adapter(model)
     E, k = adapter.num_experts, adapter.top_k
     s = s.for_model(E, k)
@@ -127,38 +118,38 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
     timings["unpruned reference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bar = tqdm(total=_jobs(s), desc="demo: selecting experts", disable=not progress)
+    bar = tqdm(total=_selection_steps(s), desc="demo: selecting experts", disable=not progress)
     selections = _selections(model, tokenizer, path, s, bar)
     bar.close()
     timings["selection"] = time.perf_counter() - t0
 
     jobs: list[tuple[str, int, str | None, int | None, dict | None, dict | None]] = [("unpruned", E, None, None, None, None)]
-    jobs += [(sel.method, sel.keep, sel.calib, sel.seed, sel.kept_dict, None) for sel in selections]
+    jobs += [(sel.method, sel.num_keep, sel.calib, sel.seed, sel.kept_dict, None) for sel in selections]
     if s.skipping:
         skip_ids = load_calibration(CALIBS["prose"], tokenizer, s.n_samples, s.seq_len, s.calib_seeds[0])
         jobs.append(("skipping", E, "prose", s.calib_seeds[0], None, skip_betas(model, None, skip_ids, s.skip_quantile)))
         lw = next((x for x in selections if x.method in ("layer-wise", "greedy") and x.calib == "prose"
-                   and x.keep == max(s.keeps) and x.seed == s.calib_seeds[0]), None)
+                   and x.num_keep == max(s.keeps) and x.seed == s.calib_seeds[0]), None)
         if lw is not None:
             betas = skip_betas(model, lw.kept_dict, skip_ids, s.skip_quantile)
-            jobs.append(("layer-wise + skipping", lw.keep, "prose", lw.seed, lw.kept_dict, betas))
+            jobs.append(("layer-wise + skipping", lw.num_keep, "prose", lw.seed, lw.kept_dict, betas))
 
     t0 = time.perf_counter()
     scored: dict[tuple, dict] = {}
     variants = []
-    for method, keep, calib, seed, kept, betas in tqdm(jobs, desc="demo: scoring", disable=not progress):
+    for method, num_keep, calib, seed, kept, betas in tqdm(jobs, desc="demo: scoring", disable=not progress):
         key = (None if kept is None else tuple(sorted((l, tuple(v)) for l, v in kept.items())),
                None if betas is None else tuple(sorted((l, tuple(v)) for l, v in betas.items())))
         if key not in scored:
             scored[key] = _score(model, refs, kept, betas, num_moe, s)
         result = scored[key]
         variants.append({
-            "method": method, "keep": keep, "calib": calib, "seed": seed,
+            "method": method, "keep": num_keep, "calib": calib, "seed": seed,
             "kept": None if kept is None else {str(l): v for l, v in kept.items()},
             "betas": None if betas is None else {str(l): v for l, v in betas.items()},
             **result,
             "expert_flops_per_token": expert_flops_per_token(model.config, result["expert_outputs_per_token"], num_moe),
-            "size_bytes": pruned_weight_bytes(model, keep),
+            "size_bytes": pruned_weight_bytes(model, num_keep),
         })
     timings["scoring"] = time.perf_counter() - t0
     timings["distinct selections scored"] = float(len(scored))
@@ -211,9 +202,9 @@ def _export_checkpoints(path: str, selections: list[Selection], folder: str, tok
     os.makedirs(folder)
     for sel in selections:
         if sel.seed in (None, 0) or sel.method == "random":
-            name = f"{sel.method}_r{sel.keep}_{sel.calib or 'none'}_s{sel.seed}"
+            name = f"{sel.method}_r{sel.num_keep}_{sel.calib or 'none'}_s{sel.seed}"
             apply_selection(path, sel.kept_dict, os.path.join(folder, name),
-                            {"criterion": sel.method, "keep": sel.keep, "calibration": sel.calib, "seed": sel.seed}, tokenizer)
+                            {"criterion": sel.method, "keep": sel.num_keep, "calibration": sel.calib, "seed": sel.seed}, tokenizer)
 
 
 def _environment() -> dict:

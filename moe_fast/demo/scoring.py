@@ -13,34 +13,34 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from moe_fast import ops
 from moe_fast.adapters import get_adapter
 from moe_fast.pruning.expert_outputs import run_experts
+from moe_fast.skipping import quantile_betas
 
 
 class MaskedBlock:
-    """A block forward where only ``keep`` may route and, with ``betas``, slots may be skipped.
+    """A block forward where only the ``kept`` experts may route and, with ``betas``, slots may be skipped.
 
     Counts the expert outputs it computes and the routing slots it saw (for the skip rate).
     """
 
-    def __init__(self, adapter, block: nn.Module, keep: list[int] | None, betas: list[float] | None) -> None:
+    def __init__(self, adapter, block: nn.Module, kept: list[int] | None, betas: list[float] | None) -> None:
         self.adapter, self.block, self.betas = adapter, block, betas
         E = adapter.num_experts
-        self.mask = None
-        if keep is not None and len(keep) < E:
-            self.mask = torch.zeros(E, dtype=torch.bool)
-            self.mask[list(keep)] = True
+        self.keep_mask = None
+        if kept is not None and len(kept) < E:
+            self.keep_mask = torch.zeros(E, dtype=torch.bool)
+            self.keep_mask[list(kept)] = True
         self.computed = 0
         self.slots = 0
 
     def route(self, hidden: torch.Tensor):
         logits = self.adapter.router_logits(self.block, hidden).float().contiguous()
-        return ops.route(logits, self.adapter.top_k, self.adapter.renormalize, beta=self.betas, keep=self.mask)
+        return ops.route(logits, self.adapter.top_k, self.adapter.renormalize, beta=self.betas, keep=self.keep_mask)
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
@@ -89,8 +89,8 @@ def reference(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> R
     adapter = get_adapter(model)
     E, k = adapter.num_experts, adapter.top_k
     parts, counts = [], None
-    for lo in range(0, windows.shape[0], batch_size):
-        out = model(input_ids=windows[lo : lo + batch_size], use_cache=False, output_router_logits=True)
+    for batch in windows.split(batch_size):
+        out = model(input_ids=batch, use_cache=False, output_router_logits=True)
         parts.append(torch.log_softmax(out.logits[:, :-1].float(), -1))
         hist = torch.stack([
             torch.bincount(lg.float().topk(k, -1).indices.reshape(-1), minlength=E).double() for lg in out.router_logits
@@ -104,8 +104,7 @@ def reference(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> R
 def perplexity_and_kl(model: nn.Module, ref: Reference, batch_size: int = 8) -> tuple[float, float]:
     """(perplexity, mean KL(unpruned || this model) in nats per token) on the reference windows."""
     nll, kl, count = 0.0, 0.0, 0
-    for i, lo in enumerate(range(0, ref.windows.shape[0], batch_size)):
-        x = ref.windows[lo : lo + batch_size]
+    for i, x in enumerate(ref.windows.split(batch_size)):
         logp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
         target = x[:, 1:]
         nll -= float(logp.gather(-1, target.unsqueeze(-1)).sum())
@@ -120,8 +119,9 @@ def skip_betas(model: nn.Module, kept: dict[int, list[int]] | None, ids: torch.T
                batch_size: int = 8) -> dict[int, list[float]]:
     """Per MoE layer and slot j >= 1: the ``quantile`` of w_j / w_0 over ``ids``, among kept experts.
 
-    The same rule as :func:`moe_fast.calibrate_skipping` on the pruned checkpoint: ratios of the
-    (unskipped) routing weights, each layer seeing the inputs of the pruned, unskipped model.
+    The same rule as :func:`moe_fast.calibrate_skipping` on the pruned checkpoint
+    (:func:`moe_fast.skipping.quantile_betas`): ratios of the (unskipped) routing weights, each
+    layer seeing the inputs of the pruned, unskipped model.
     """
     ratios: dict[int, list[torch.Tensor]] = {}
     with masked(model, kept) as blocks:
@@ -135,18 +135,14 @@ def skip_betas(model: nn.Module, kept: dict[int, list[int]] | None, ids: torch.T
 
         for layer, block in blocks.items():
             block.block.forward = recorder(layer, block)
-        base = getattr(model, "base_model", None) or model.model
-        for lo in range(0, ids.shape[0], batch_size):
-            base(input_ids=ids[lo : lo + batch_size], use_cache=False)
-    betas = {}
-    for layer, parts in ratios.items():
-        q = np.quantile(torch.cat(parts).numpy(), quantile, axis=0)
-        betas[layer] = [float(min(max(v, 0.0), 1.0)) for v in np.atleast_1d(q)]
-    return betas
+        base = get_adapter(model).base_model(model)
+        for batch in ids.split(batch_size):
+            base(input_ids=batch, use_cache=False)
+    return {layer: quantile_betas(torch.cat(parts).numpy(), quantile) for layer, parts in ratios.items()}
 
 
-def pruned_weight_bytes(model: nn.Module, keep: int, bytes_per_param: int = 2) -> int:
-    """Bytes of a checkpoint keeping ``keep`` experts per MoE layer (router rows and expert weights
+def pruned_weight_bytes(model: nn.Module, num_keep: int, bytes_per_param: int = 2) -> int:
+    """Bytes of a checkpoint keeping ``num_keep`` experts per MoE layer (router rows and expert weights
     of the others removed), at ``bytes_per_param`` (the shipped models are float16)."""
     adapter = get_adapter(model)
     seen, total = set(), 0
@@ -157,5 +153,5 @@ def pruned_weight_bytes(model: nn.Module, keep: int, bytes_per_param: int = 2) -
     E = adapter.num_experts
     for ref in adapter.moe_blocks(model):
         per_expert = sum(p.numel() for p in ref.experts.parameters()) // E + ref.router.weight.shape[1]
-        total -= (E - keep) * per_expert
+        total -= (E - num_keep) * per_expert
     return total * bytes_per_param

@@ -28,7 +28,7 @@ class Selection:
     """Experts kept per MoE layer by one method at one r on one calibration sample."""
 
     method: str  # layer-wise | progressive | greedy | beam | frequency | reap | ean | random
-    keep: int
+    num_keep: int  # experts kept per layer (r)
     calib: str | None  # prose | code | None (random)
     seed: int | None  # calibration sample (or random draw)
     kept: tuple[tuple[int, tuple[int, ...]], ...]  # ((layer, kept experts), ...)
@@ -59,17 +59,17 @@ def layerwise_statistics(
     a calibration batch of ``batch_size`` sequences is one group of the paper's objective.
     """
     adapter = get_adapter(model)
-    base = getattr(model, "base_model", None) or model.model
+    base = adapter.base_model(model)
     recorders, stats = {}, {}
     for ref in adapter.moe_blocks(model):
         stats[ref.layer] = LayerStats(rank_bound=rank_bound)
         recorders[ref.layer] = StatsForward(adapter, ref.block, rank_bound, stats[ref.layer], chunk_tokens)
         ref.block.forward = recorders[ref.layer]
     try:
-        for group, lo in enumerate(range(0, ids.shape[0], batch_size)):
+        for group, batch in enumerate(ids.split(batch_size)):
             for rec in recorders.values():
                 rec.group_id = group
-            base(input_ids=ids[lo : lo + batch_size], use_cache=False)
+            base(input_ids=batch, use_cache=False)
     finally:
         for ref in adapter.moe_blocks(model):
             del ref.block.forward
@@ -87,57 +87,57 @@ def criteria_scores(tensors: dict, num_experts: int, top_k: int) -> dict[str, li
 
 
 def reconstruction_kept(
-    tensors: dict, num_experts: int, top_k: int, renormalize: bool, keep: int, search: str,
+    tensors: dict, num_experts: int, top_k: int, renormalize: bool, num_keep: int, search: str,
     objective: str = "paper", beam_width: int = 4,
 ) -> list[int]:
-    """The experts kept by the reconstruction-loss search at ``keep`` on one layer's statistics."""
+    """The experts kept by the reconstruction-loss search at ``num_keep`` on one layer's statistics."""
     score = make_scorer(
         {k: v for k, v in tensors.items() if k != "num_groups"}, num_experts, top_k, renormalize, objective,
         int(tensors["num_groups"]),
     )
-    dropped, _ = run_search(search, score, num_experts, num_experts - keep, beam_width)
+    dropped, _ = run_search(search, score, num_experts, num_experts - num_keep, beam_width)
     return [e for e in range(num_experts) if e not in dropped]
 
 
 def one_pass_selections(
-    model: nn.Module, ids: torch.Tensor, keeps: tuple[int, ...], criteria: tuple[str, ...],
+    model: nn.Module, ids: torch.Tensor, num_keeps: tuple[int, ...], criteria: tuple[str, ...],
     searches: tuple[str, ...], calib: str, seed: int, batch_size: int = 8, beam_width: int = 4,
 ) -> list[Selection]:
     """Reconstruction (each search) and every statistic criterion at every r, from one pass."""
     adapter = get_adapter(model)
     E, k = adapter.num_experts, adapter.top_k
-    rank_bound = min(E, k + E - min(keeps))
+    rank_bound = min(E, k + E - min(num_keeps))
     per_layer = layerwise_statistics(model, ids, rank_bound, batch_size)
     scores = {layer: criteria_scores(t, E, k) for layer, t in per_layer.items()}
     out = []
-    for keep in keeps:
+    for num_keep in num_keeps:
         for search in searches:
             kept = {
-                layer: reconstruction_kept(t, E, k, adapter.renormalize, keep, search, beam_width=beam_width)
+                layer: reconstruction_kept(t, E, k, adapter.renormalize, num_keep, search, beam_width=beam_width)
                 for layer, t in per_layer.items()
             }
             name = "layer-wise" if search == "exhaustive" else search
-            out.append(Selection(name, keep, calib, seed, _freeze(kept)))
+            out.append(Selection(name, num_keep, calib, seed, _freeze(kept)))
         for criterion in criteria:
-            kept = {layer: top_scores(s[criterion], keep) for layer, s in scores.items()}
-            out.append(Selection(criterion, keep, calib, seed, _freeze(kept)))
+            kept = {layer: top_scores(s[criterion], num_keep) for layer, s in scores.items()}
+            out.append(Selection(criterion, num_keep, calib, seed, _freeze(kept)))
     return out
 
 
-def progressive_selection(model_path: str, ids: torch.Tensor, keep: int, calib: str, seed: int, batch_size: int = 8) -> Selection:
+def progressive_selection(model_path: str, ids: torch.Tensor, num_keep: int, calib: str, seed: int, batch_size: int = 8) -> Selection:
     """Progressive reconstruction-loss pruning (``moe_fast.prune``) in float32, no checkpoint."""
     from moe_fast.pruning import prune
 
     result = prune(
-        model_path, ids, keep, mode="progressive", batch_size=batch_size, dtype="float32", return_model=False,
+        model_path, ids, num_keep, mode="progressive", batch_size=batch_size, dtype="float32", return_model=False,
         progress=False,
     )
-    return Selection("progressive", keep, calib, seed, _freeze(result.report.kept))
+    return Selection("progressive", num_keep, calib, seed, _freeze(result.report.kept))
 
 
-def random_selection(layers: list[int], num_experts: int, keep: int, seed: int) -> Selection:
+def random_selection(layers: list[int], num_experts: int, num_keep: int, seed: int) -> Selection:
     rng = random.Random(seed)
-    return Selection("random", keep, None, seed, _freeze({layer: select_random(num_experts, keep, rng) for layer in layers}))
+    return Selection("random", num_keep, None, seed, _freeze({layer: select_random(num_experts, num_keep, rng) for layer in layers}))
 
 
 def expert_flops_per_token(config, experts_per_token: float, num_moe_layers: int) -> float:
@@ -147,5 +147,5 @@ def expert_flops_per_token(config, experts_per_token: float, num_moe_layers: int
     return 2.0 * 3 * hidden * inter * experts_per_token * num_moe_layers
 
 
-def combinations_note(num_experts: int, keep: int) -> str:
-    return f"C({num_experts},{keep}) = {math.comb(num_experts, keep)}"
+def combinations_note(num_experts: int, num_keep: int) -> str:
+    return f"C({num_experts},{num_keep}) = {math.comb(num_experts, num_keep)}"

@@ -1,0 +1,57 @@
+"""The pieces of a checkpoint every command loads the same way: its dtype and its tokenizer.
+
+Why one home: ``--dtype auto`` must mean the checkpoint's own dtype, and a checkpoint without
+tokenizer files must still work with token-id calibration, in every command alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    """A dtype name ("float32", "bfloat16", "float16"), a dtype, or None / "auto" for ``default``."""
+    if name is None or name == "auto":
+        return default
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a transformers config records (``dtype``, formerly ``torch_dtype``); float32 when none."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored, torch.float32)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def resolve_dtype(name: str | torch.dtype | None, config) -> torch.dtype:
+    """The dtype to compute in: ``name``, or for "auto" the checkpoint's own (:func:`checkpoint_dtype`)."""
+    return parse_dtype(name, checkpoint_dtype(config))
+
+
+def from_pretrained_dtype(name: str | torch.dtype | None) -> str | torch.dtype:
+    """``dtype=`` for transformers' ``from_pretrained``: "auto" is left to transformers, which reads
+    the checkpoint's dtype the same way (and can also see the weights when the config has none)."""
+    return "auto" if name is None or name == "auto" else parse_dtype(name, torch.float32)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved with a checkpoint, or None when there is none (token ids still work)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # no tokenizer files: a .pt calibration needs no tokenizer
+        log.debug("no tokenizer at %s: %s", path, err)
+        return None

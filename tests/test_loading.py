@@ -1,0 +1,34 @@
+"""How every command reads a checkpoint's dtype and tokenizer (moe_fast.loading), and peak RSS (moe_fast.memory)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_fast.loading import checkpoint_dtype, from_pretrained_dtype, load_tokenizer, parse_dtype, resolve_dtype
+from moe_fast.memory import peak_rss_bytes, process_max_rss_bytes
+
+
+def test_auto_means_the_checkpoints_dtype():
+    assert resolve_dtype("auto", SimpleNamespace(dtype=torch.bfloat16)) == torch.bfloat16
+    assert resolve_dtype(None, SimpleNamespace(torch_dtype="float16")) == torch.float16
+    assert resolve_dtype("auto", SimpleNamespace()) == torch.float32  # none recorded
+    assert resolve_dtype("float32", SimpleNamespace(dtype=torch.bfloat16)) == torch.float32
+    assert checkpoint_dtype(SimpleNamespace(dtype="int8")) == torch.float32
+
+
+def test_dtype_names():
+    assert parse_dtype(torch.float16, torch.float32) == torch.float16
+    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16, float16"):
+        parse_dtype("float64", torch.float32)
+    assert from_pretrained_dtype("auto") == "auto" and from_pretrained_dtype("bfloat16") == torch.bfloat16
+
+
+def test_a_checkpoint_without_tokenizer_gives_none(tmp_path):
+    assert load_tokenizer(tmp_path) is None
+
+
+def test_peak_rss_is_at_least_what_is_resident_now():
+    assert peak_rss_bytes() > 0 and process_max_rss_bytes() > 0
