@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     import moe_fast
     import moe_fast.export
-    from moe_fast.pruning.memory import peak_rss_bytes
+    from moe_fast.memory import peak_rss_bytes
     from transformers import AutoModelForCausalLM, MixtralForCausalLM  # noqa: F401 - imported before the baseline
     ids = torch.load(sys.argv[2])
     base = peak_rss_bytes()  # python, torch, transformers and moe_fast imported: before any weight

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moe_fast.calibration import calibration_fingerprint, load_calibration
+from moe_fast.loading import load_tokenizer
 from moe_fast.pruning.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,4 @@ def find_tokenizer(path: str | None, model: nn.Module | None):
     source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not source or not os.path.isdir(source):
         return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
-    except Exception as err:  # no tokenizer files: token-id calibration still works
-        log.debug("no tokenizer at %s: %s", source, err)
-        return None
+    return load_tokenizer(source)

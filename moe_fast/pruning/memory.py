@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from typing import Iterator
 
 import torch
+
+from moe_fast.memory import peak_rss_bytes
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -15,19 +16,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     return peak_rss_bytes(), "cpu_max_rss"
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set: VmHWM on Linux (reset by exec, unlike ru_maxrss, which a
-    child process inherits from the parent that forked it), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class Timings:

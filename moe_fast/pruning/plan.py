@@ -16,7 +16,7 @@ import os
 import torch
 
 from moe_fast.adapters import get_adapter
-from moe_fast.pruning.source import _DTYPES
+from moe_fast.loading import resolve_dtype
 
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -48,10 +48,7 @@ def prune_plan(
     num_keep = keep
     if not k <= num_keep < E:
         raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {num_keep}")
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = _DTYPES.get(stored, torch.float32)
-    dt = _DTYPES[dtype] if dtype != "auto" else (stored if isinstance(stored, torch.dtype) else torch.float32)
+    dt = resolve_dtype(dtype, config)
     nbytes = _BYTES[dt]
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)

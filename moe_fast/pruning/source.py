@@ -20,20 +20,9 @@ from torch import nn
 
 from moe_fast.adapters import MoEAdapter, get_adapter
 from moe_fast.checkpoint_check import verify_checkpoint
+from moe_fast.loading import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
-    if name is None or name == "auto":
-        return default
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
 
 
 class LayerSource:
@@ -102,10 +91,7 @@ class CheckpointSource(LayerSource):
         self.config = AutoConfig.from_pretrained(self.path)
         self.adapter = get_adapter(self.config)
         self.device = torch.device(device or "cpu")
-        stored = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-        if isinstance(stored, str):
-            stored = _DTYPES.get(stored, torch.float32)
-        self.dtype = parse_dtype(dtype, stored if isinstance(stored, torch.dtype) else torch.float32)
+        self.dtype = resolve_dtype(dtype, self.config)
         self.weight_map = checkpoint_weight_map(self.path)
         self._handles: dict[str, object] = {}
         self.layer_keys: dict[int, list[str]] = {}
