@@ -1,11 +1,17 @@
-"""Shared test helpers: the devices to run op tests on, and deterministic seeding."""
+"""Fixtures every test file may use: the devices to run op tests on, deterministic seeding, and
+one torch thread for tiny models. Shared helper code lives in the ``helpers`` package."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-import moe_fast  # noqa: F401  (loads the kernels)
+# Helpers assert too (helpers/brute_force.py: check_layer); rewrite them like the tests' own asserts
+# so that a failure shows the values. Must run before any test module imports them.
+pytest.register_assert_rewrite("helpers")
+
+import torch  # noqa: E402
+
+import moe_fast  # noqa: E402,F401  (loads the kernels)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -18,3 +24,12 @@ def device(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread (no spin-waiting on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_fast.calibration import load_calibration, sample_blocks
-from test_prune_support import tiny_tokenizer
+from helpers.tiny_models import tiny_tokenizer
 
 
 def _words(n: int, start: int = 0) -> str:

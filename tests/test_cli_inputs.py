@@ -13,7 +13,8 @@ from moe_fast.checkpoint_check import CheckpointError, read_header, verify_check
 from moe_fast.cli import build_parser, main
 from moe_fast.data.builtin import BUILTIN_CORPORA
 from moe_fast.models import BUILTIN_MODELS
-from test_prune_support import one_thread, save_checkpoint, tiny_mixtral, tiny_tokenizer  # noqa: F401
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,8 @@ import torch
 
 from moe_fast.models import quiet_loading
 from moe_fast.staging import staged_directory
-from test_prune_support import one_thread, save_checkpoint, tiny_mixtral  # noqa: F401
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ moe_fast\.")
 

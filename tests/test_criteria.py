@@ -9,7 +9,7 @@ from transformers import MixtralForCausalLM
 
 from moe_fast import baselines
 from moe_fast.demo.selection import criteria_scores, gram_diagonal, layerwise_statistics, one_pass_selections
-from test_prune_support import tiny_mixtral
+from helpers.tiny_models import tiny_mixtral
 
 
 def test_layer_scores_hand_worked():
@@ -84,7 +84,7 @@ def test_cli_prune_by_criterion(tmp_path, criterion, recorded):
 
     from moe_fast.cli import main
     from moe_fast.calibration import load_calibration
-    from test_prune_support import save_checkpoint
+    from helpers.checkpoints import save_checkpoint
 
     model = tiny_mixtral(3, layers=2)
     src = save_checkpoint(model, tmp_path / "src")

@@ -19,8 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 import moe_fast
-from test_prune_support import one_thread  # noqa: F401
-from test_prune_support import save_checkpoint, tiny_mixtral
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral
 
 BATCH = 4
 CASES = [("layerwise", "paper", "exhaustive"), ("progressive", "paper", "exhaustive"),

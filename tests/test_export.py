@@ -12,7 +12,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moe_fast
-from test_prune_support import masked_routers, one_thread, save_checkpoint, tiny_mixtral, tiny_tokenizer  # noqa: F401
+from helpers.brute_force import masked_routers
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

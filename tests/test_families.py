@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import moe_fast
-from test_patch_reference import FAMILIES, VOCAB, moe_blocks, reference_forward, rel_err, tiny_model
+from helpers.reference_blocks import reference_forward, rel_err
+from helpers.tiny_models import FAMILIES, VOCAB, moe_blocks, tiny_model
 
 
 def _betas(model, ids):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_fast
-from test_patch_reference import FAMILIES, VOCAB, rel_err, tiny_config
+from helpers.reference_blocks import rel_err
+from helpers.tiny_models import FAMILIES, VOCAB, tiny_config
 
 KEEP = 6  # of the tiny configs' 8 experts
 TOL = 1e-5
@@ -57,14 +58,7 @@ ODD = {
     "qwen3_moe": dict(intermediate_size=37, moe_intermediate_size=12),
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run much faster on one thread on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: far faster on one thread
 
 
 def test_discovery_finds_the_families_classes():

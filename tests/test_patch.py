@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import moe_fast
 from moe_fast.experts import moe_fast_experts_forward
-from test_patch_reference import VOCAB, moe_blocks, reference_forward, rel_err, tie_free_ids, tiny_model
+from helpers.reference_blocks import reference_forward, rel_err, tie_free_ids
+from helpers.tiny_models import VOCAB, moe_blocks, tiny_model
 
 
 def _ids(b=2, s=16):

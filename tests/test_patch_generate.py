@@ -1,7 +1,7 @@
 """generate() of a patched model (KV cache, left-padded batch) against a reference decode.
 
 The reference recomputes the whole sequence without a cache, with every sparse block replaced by
-the plain reference of the paper's skipping forward (test_patch_reference.py).
+the plain reference of the paper's skipping forward (helpers/reference_blocks.py).
 
 float32: the patched model's greedy tokens equal the reference's free-running greedy decode.
 bfloat16: which of two logits within rounding of each other is larger depends on the CPU's
@@ -18,7 +18,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import moe_fast
-from test_patch_reference import VOCAB, reference_forward, tiny_model
+from helpers.reference_blocks import reference_forward
+from helpers.tiny_models import VOCAB, tiny_model
 
 NEW_TOKENS = 8
 pytestmark = pytest.mark.numerics

@@ -13,7 +13,8 @@ import moe_fast.pruning.layer_phases as phases_mod
 import moe_fast.pruning.pipeline as prune_mod
 import moe_fast.pruning.progress as progress_mod
 from moe_fast.cli import main
-from test_prune_support import one_thread, save_checkpoint, tiny_mixtral  # noqa: F401
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

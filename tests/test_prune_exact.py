@@ -8,44 +8,19 @@ import pytest
 import torch
 
 import moe_fast
-from test_prune_support import one_thread  # noqa: F401
-from test_prune_support import all_candidate_losses, brute_force, brute_force_beam, candidate_loss, capture_block_io, tiny_mixtral
-
-BATCH = 4
+from helpers.brute_force import (
+    BATCH, all_candidate_losses, brute_force, brute_force_beam, calibration_ids, candidate_loss, capture_block_io, check_layer,
+)
+from helpers.tiny_models import tiny_mixtral
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ids(seed: int, n: int = 12, length: int = 16, vocab: int = 128) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + seed)
-    return torch.randint(0, vocab, (n, length), generator=g)
-
-
-def _check_layer(ours: list[int], ref_losses: dict[tuple, float], our_losses: dict[str, float], E: int, complete: bool = True) -> None:
-    dropped = tuple(e for e in range(E) if e not in ours)
-    best = min(ref_losses, key=lambda d: (ref_losses[d], d))
-    # Every candidate scored agrees with the brute force (Gram form vs re-running the block); the
-    # lazy search scores exactly only those its bounds did not discard, the chosen one among them.
-    assert ",".join(map(str, dropped)) in our_losses
-    if complete:
-        assert len(our_losses) == len(ref_losses)
-    for d, v in ref_losses.items():
-        key = ",".join(map(str, d))
-        if key in our_losses:
-            assert our_losses[key] == pytest.approx(v, rel=2e-5, abs=1e-9)
-    values = sorted(ref_losses.values())
-    margin = values[1] - values[0] if len(values) > 1 else float("inf")
-    if margin > 1e-5 * max(values[0], 1e-12):
-        assert dropped == best
-    else:  # a float-level near tie: either choice is the argmin to working precision
-        assert ref_losses[dropped] <= values[0] * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["layerwise", "progressive"])
 @pytest.mark.parametrize("seed,lazy", [(0, True), (1, True), (2, True), (0, False)])
 def test_exhaustive_matches_brute_force(seed: int, mode: str, lazy: bool) -> None:
     model = tiny_mixtral(seed)
-    ids = _ids(seed)
+    ids = calibration_ids(seed)
     E = model.config.num_local_experts
     for keep in range(2, 8):
         ref_chosen, ref_losses = brute_force(model, ids, keep, BATCH, mode)
@@ -53,7 +28,7 @@ def test_exhaustive_matches_brute_force(seed: int, mode: str, lazy: bool) -> Non
         _, report = moe_fast.prune(work, ids, keep, mode=mode, search="exhaustive", batch_size=BATCH, progress=False, lazy=lazy)
         for layer in range(model.config.num_hidden_layers):
             r = report.layers[layer]
-            _check_layer(r.kept, ref_losses[layer], r.loss, E, complete=not lazy)
+            check_layer(r.kept, ref_losses[layer], r.loss, E, complete=not lazy)
             if lazy:  # every candidate is either scored exactly or discarded by its bound
                 assert r.scored_exactly == len(r.loss) and r.scored_exactly + r.discarded_by_bound == len(ref_losses[layer])
         if mode == "progressive":  # the paths diverge once a choice differs; check they did not
@@ -62,17 +37,17 @@ def test_exhaustive_matches_brute_force(seed: int, mode: str, lazy: bool) -> Non
 
 def test_mse_objective_matches_brute_force() -> None:
     model = tiny_mixtral(3)
-    ids = _ids(3)
+    ids = calibration_ids(3)
     ref_chosen, ref_losses = brute_force(model, ids, 5, BATCH, "layerwise", objective="mse")
     _, report = moe_fast.prune(copy.deepcopy(model), ids, 5, objective="mse", batch_size=BATCH, progress=False)
     for layer in range(2):
-        _check_layer(report.layers[layer].kept, ref_losses[layer], report.layers[layer].loss, 8)
+        check_layer(report.layers[layer].kept, ref_losses[layer], report.layers[layer].loss, 8)
 
 
 @pytest.mark.parametrize("search,width", [("greedy", 1), ("beam", 3)])
 def test_greedy_and_beam_match_brute_force_elimination(search: str, width: int) -> None:
     model = tiny_mixtral(4)
-    ids = _ids(4)
+    ids = calibration_ids(4)
     ref = brute_force_beam(model, ids, 4, BATCH, width)
     _, report = moe_fast.prune(copy.deepcopy(model), ids, 4, search=search, beam_width=width, batch_size=BATCH, progress=False)
     assert {i: tuple(r.dropped) for i, r in report.layers.items()} == ref
@@ -81,7 +56,7 @@ def test_greedy_and_beam_match_brute_force_elimination(search: str, width: int) 
 def test_fast_reference_is_the_paper_rerun() -> None:
     """The sweep's reference scores equal the literal re-run of the block per candidate."""
     model = tiny_mixtral(6)
-    batches = capture_block_io(model, _ids(6), BATCH, 1)
+    batches = capture_block_io(model, calibration_ids(6), BATCH, 1)
     block = model.model.layers[1].mlp
     cands = [(0,), (2, 5), (1, 3, 7), (0, 1, 2, 3, 4, 5)]
     fast = all_candidate_losses(block, batches, cands)
@@ -94,7 +69,7 @@ def test_many_experts_beam(experts: int, top_k: int, keep: int) -> None:
     model = tiny_mixtral(5, experts=experts, top_k=top_k, layers=1, hidden=32, ffn=8)
     with torch.no_grad():
         model.model.layers[0].mlp.gate.weight.normal_(0.0, 0.05)  # flatter routing: every expert used
-    ids = _ids(5, n=32, length=64)
+    ids = calibration_ids(5, n=32, length=64)
     batches = capture_block_io(model, ids, BATCH, 0)
     used = torch.unique(torch.topk(torch.cat([x for x, _ in batches]) @ model.model.layers[0].mlp.gate.weight.T, top_k).indices)
     assert used.numel() == experts  # no unused expert: no exact ties that float noise could break

@@ -9,9 +9,8 @@ import torch
 
 import moe_fast
 from moe_fast.pruning.lazy_outputs import kth_kept_depth
-from test_prune_exact import BATCH, _check_layer, _ids
-from test_prune_support import one_thread  # noqa: F401
-from test_prune_support import brute_force, tiny_mixtral
+from helpers.brute_force import BATCH, brute_force, calibration_ids, check_layer
+from helpers.tiny_models import tiny_mixtral
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +46,7 @@ def _wide(experts: int, top_k: int, seed: int = 5):
 )
 def test_lazy_greedy_and_beam_select_what_the_rank_bounded_search_selects(experts, top_k, keep, search, width, mode) -> None:
     model = _wide(experts, top_k)
-    ids = _ids(5, n=16, length=32)
+    ids = calibration_ids(5, n=16, length=32)
     kw = dict(mode=mode, search=search, beam_width=width, batch_size=BATCH, progress=False)
     _, full = moe_fast.prune(copy.deepcopy(model), ids, keep, lazy=False, **kw)
     _, lazy = moe_fast.prune(copy.deepcopy(model), ids, keep, lazy=True, **kw)
@@ -81,14 +80,14 @@ def _special_experts(model):
 @pytest.mark.parametrize("mode", ["layerwise", "progressive"])
 def test_lazy_exhaustive_with_ties_and_a_dead_expert_matches_brute_force(mode: str) -> None:
     model = _special_experts(tiny_mixtral(7))
-    ids = _ids(7)
+    ids = calibration_ids(7)
     for keep in (2, 4, 6):
         _, ref_losses = brute_force(model, ids, keep, BATCH, mode)
         _, report = moe_fast.prune(copy.deepcopy(model), ids, keep, mode=mode, search="exhaustive", batch_size=BATCH,
                                    progress=False, lazy=True)
         for layer in range(model.config.num_hidden_layers):
             r = report.layers[layer]
-            _check_layer(r.kept, ref_losses[layer], r.loss, 8, complete=False)
+            check_layer(r.kept, ref_losses[layer], r.loss, 8, complete=False)
             assert r.scored_exactly + r.discarded_by_bound == len(ref_losses[layer])
 
 
@@ -96,10 +95,10 @@ def test_lazy_exhaustive_exact_tie() -> None:
     """Two experts with identical weights: dropping either costs the same, and the bound must not
     discard the one of the pair that the arithmetic puts a rounding error lower."""
     model = _special_experts(tiny_mixtral(8))
-    ids = _ids(8)
+    ids = calibration_ids(8)
     chosen, ref_losses = brute_force(model, ids, 7, BATCH)
     _, report = moe_fast.prune(copy.deepcopy(model), ids, 7, search="exhaustive", batch_size=BATCH, progress=False, lazy=True)
     for layer in range(2):
         # dropping expert 1 or its copy 4 gives the same block output (up to the expert batches)
         assert ref_losses[layer][(1,)] == pytest.approx(ref_losses[layer][(4,)], rel=1e-7)
-        _check_layer(report.layers[layer].kept, ref_losses[layer], report.layers[layer].loss, 8, complete=False)
+        check_layer(report.layers[layer].kept, ref_losses[layer], report.layers[layer].loss, 8, complete=False)

@@ -17,7 +17,8 @@ import moe_fast.pruning.pipeline as prune_mod
 from moe_fast.checkpoint_check import CheckpointError, verify_checkpoint
 from moe_fast.cli import main
 from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock
-from test_prune_support import one_thread, save_checkpoint, tiny_mixtral  # noqa: F401
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

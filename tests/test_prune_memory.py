@@ -9,7 +9,8 @@ import textwrap
 
 import torch
 
-from test_prune_support import save_checkpoint, tiny_mixtral
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral
 
 FFN = 5376
 

@@ -15,8 +15,8 @@ from moe_fast.pruning.layer_phases import BoundedScores, LayerPruner, LazyScores
 from moe_fast.pruning.lazy_outputs import LazyOutputs
 from moe_fast.pruning.settings import SearchSpec
 from moe_fast.pruning.source import LoadedSource
-from test_prune_support import one_thread  # noqa: F401
-from test_prune_support import all_candidate_losses, capture_block_io, masked_routers, tiny_mixtral
+from helpers.brute_force import all_candidate_losses, capture_block_io, masked_routers
+from helpers.tiny_models import tiny_mixtral
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

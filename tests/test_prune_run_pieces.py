@@ -17,7 +17,7 @@ from moe_fast.pruning.progress import PARTIAL_SUFFIX, Progress, check_out, claim
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, loss_key
 from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
 from moe_fast.staging import LOCK_NAME
-from test_prune_support import tiny_mixtral
+from helpers.tiny_models import tiny_mixtral
 
 
 class _Adapter:

@@ -17,7 +17,8 @@ import textwrap
 import torch
 
 import moe_fast
-from test_prune_support import save_checkpoint, tiny_mixtral
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral
 
 FFN = 5376  # experts: 66 MiB per layer in float32
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import moe_fast
-from test_prune_support import one_thread, save_checkpoint, tiny_mixtral, tiny_tokenizer  # noqa: F401
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import tiny_mixtral, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

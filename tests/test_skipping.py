@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_fast
-from test_patch_reference import VOCAB, moe_blocks, tiny_model
+from helpers.tiny_models import VOCAB, moe_blocks, tiny_model
 
 
 def captured_ratios(model, ids) -> dict[int, np.ndarray]:
@@ -87,7 +87,7 @@ def test_bad_calibration_arguments():
 
 def test_cli_skip_writes_a_checkpoint_that_loads_with_skipping(tmp_path):
     from moe_fast.cli import main
-    from test_patch_reference import reference_forward
+    from helpers.reference_blocks import reference_forward
 
     model = tiny_model("olmoe")
     model.save_pretrained(tmp_path / "model")
@@ -118,7 +118,7 @@ def test_cli_skip_writes_a_checkpoint_that_loads_with_skipping(tmp_path):
 def test_skip_checkpoint_in_place_on_a_pruned_checkpoint(tmp_path):
     """What ``moe-fast prune ... --skip`` runs after writing the pruned checkpoint."""
     from moe_fast.skip_export import skip_checkpoint
-    from test_patch_reference import reference_forward
+    from helpers.reference_blocks import reference_forward
 
     model = tiny_model("qwen2_moe")
     ids = torch.randint(3, VOCAB, (4, 12))

@@ -69,9 +69,7 @@ inline std::vector<double> check_route_args(const at::Tensor& logits, int64_t k,
 // a GPU is checked on the device (no synchronization: a violation raises at the next one).
 inline void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
   if (keep.is_cpu()) {
-    const bool* p = keep.data_ptr<bool>();
-    int64_t allowed = 0;
-    for (int64_t e = 0; e < keep.numel(); ++e) allowed += p[e] ? 1 : 0;
+    const int64_t allowed = count_nonzero(keep.data_ptr<bool>(), keep.numel());
     TORCH_CHECK(allowed >= k, "moe_fast.route: keep allows ", allowed, " experts, fewer than k = ", k);
   } else {
     at::_assert_async(keep.sum().ge(k), "moe_fast.route: keep allows fewer than k experts");
@@ -191,8 +189,7 @@ inline void check_target_is_routing(const std::optional<at::Tensor>& target_weig
     const int64_t T = tw.size(0), M = tw.size(1);
     const float* p = tw.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
-      int64_t nonzero = 0;
-      for (int64_t i = 0; i < M; ++i) nonzero += p[t * M + i] != 0.f ? 1 : 0;
+      const int64_t nonzero = count_nonzero(p + t * M, M);
       TORCH_CHECK(nonzero <= k, "moe_fast.subset_loss: target_weights must have at most k = ", k,
                   " nonzero weights per token (a routing), found ", nonzero, " at token ", t);
     }
@@ -258,11 +255,11 @@ inline void check_candidate_sizes(const at::Tensor& keep_cpu, int64_t M, int64_t
   const int64_t C = keep_cpu.size(0), E = keep_cpu.size(1);
   const bool* p = keep_cpu.data_ptr<bool>();
   for (int64_t c = 0; c < C; ++c) {
-    int64_t kept = 0;
-    for (int64_t e = 0; e < E; ++e) kept += p[c * E + e] ? 1 : 0;
-    TORCH_CHECK(kept >= k, "moe_fast.subset_loss: candidate ", c, " keeps ", kept, " experts, fewer than k = ", k);
-    TORCH_CHECK(E - kept <= M - k, "moe_fast.subset_loss: candidate ", c, " drops ", E - kept,
-                " experts but ids rank only M = ", M, " per token (at most M - k = ", M - k,
+    const int64_t kept = count_nonzero(p + c * E, E);
+    TORCH_CHECK(candidate_keeps_k(kept, k), "moe_fast.subset_loss: candidate ", c, " keeps ", kept,
+                " experts, fewer than k = ", k);
+    TORCH_CHECK(candidate_drops_within_rank(kept, E, M, k), "moe_fast.subset_loss: candidate ", c, " drops ",
+                E - kept, " experts but ids rank only M = ", M, " per token (at most M - k = ", M - k,
                 " may be dropped); compute ids and gram with M >= k + dropped");
   }
 }

@@ -90,29 +90,14 @@ void route_rows_k(const scalar_t* logits, const RouteArgs& a, int64_t t_begin, i
     if (degenerate) {
       for (int j = 0; j < K; ++j) top_v[j] = 0.f;
     }
-    double rel[K];  // exp(l_j - l_0)
+    // z: softmax partition over the allowed experts relative to l_0, only for weights that are
+    // not renormalized.
+    const double z = a.renormalize ? 0.0 : degenerate ? static_cast<double>(allowed)
+                                                     : partition_sum(row, E, a.keep, top_v[0]);
     bool skipped[K];
-    double kept_sum = 0.0, topk_sum = 0.0;
-    for (int j = 0; j < K; ++j) {
-      rel[j] = j == 0 ? 1.0 : std::exp(static_cast<double>(top_v[j]) - top_v[0]);
-      skipped[j] = j > 0 && a.skip_gap != nullptr &&
-                   static_cast<double>(top_v[0]) - static_cast<double>(top_v[j]) > a.skip_gap[j];
-      topk_sum += rel[j];
-      if (!skipped[j]) kept_sum += rel[j];
-    }
-    double scale;
-    if (a.renormalize) {
-      scale = 1.0 / kept_sum;
-    } else {
-      const double z = degenerate ? static_cast<double>(allowed) : partition_sum(row, E, a.keep, top_v[0]);
-      scale = topk_sum / (kept_sum * z);
-    }
-    float* w_out = weights + t * K;
+    route_slot_weights(top_v, K, a.skip_gap != nullptr, a.skip_gap, a.renormalize, z, weights + t * K, skipped);
     int32_t* i_out = ids + t * K;
-    for (int j = 0; j < K; ++j) {
-      w_out[j] = skipped[j] ? 0.f : static_cast<float>(rel[j] * scale);
-      i_out[j] = skipped[j] ? E : top_i[j];
-    }
+    for (int j = 0; j < K; ++j) i_out[j] = skipped[j] ? E : top_i[j];
   }
 }
 
@@ -173,9 +158,7 @@ Error route(DType dtype, const void* logits, const RouteArgs& args, float* weigh
   if (const Error err = validate_route(args)) return err;
   const int32_t E = args.num_experts;
   if (args.keep != nullptr) {
-    int32_t allowed = 0;
-    for (int32_t e = 0; e < E; ++e) allowed += args.keep[e] != 0 ? 1 : 0;
-    if (allowed < args.top_k) return "route: keep allows fewer than k experts";
+    if (count_nonzero(args.keep, E) < args.top_k) return "route: keep allows fewer than k experts";
   }
   route_rows(dtype, logits, args, 0, args.num_tokens, weights, ids);
   std::vector<int32_t> hist(E + 1, 0);

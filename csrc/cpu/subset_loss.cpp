@@ -94,10 +94,7 @@ inline int32_t candidate_weights(const SubsetLossArgs& a, const ExpertMask& mask
   const int32_t m = a.rank;
   const int32_t k = a.top_k;
   const int32_t* ids = a.ids + t * m;
-  int32_t n = 0;
-  for (int32_t i = 0; i < m && n < k; ++i) {
-    if (mask_has(mask, ids[i])) slot[n++] = i;
-  }
+  const int32_t n = kept_ranked_slots(mask, ids, m, k, slot);
   if (cache.usable) {
     double denom = 0.0;
     if (a.renormalize) {

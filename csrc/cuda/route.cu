@@ -3,10 +3,11 @@
 // Routing: a group of G lanes (8, 16 or 32; G <= one warp) per token, each lane holding up to VPT
 // experts e = lane + i * G. Top-k is k rounds of a group-wide argmax ordered by (logit desc, index
 // asc), so ties go to the lower index exactly as on the CPU: ids, counts, offsets and perm are
-// the CPU's bit for bit. The weights use the CPU's float64 formula on one lane, but are not
-// promised bit-identical: exp() is CUDA's, and with renormalize=False the partition sum is added
-// per lane and then across lanes (a shuffle tree), not in expert order. They agree with the CPU
-// to a few float64 ulps before the final rounding to float32 (tests/test_cuda_ops.py: 1e-6).
+// the CPU's bit for bit. The weights use the CPU's float64 formula (route_slot_weights in
+// rules.h) on one lane, but are not promised bit-identical: exp() is CUDA's, and with
+// renormalize=False the partition sum is added per lane and then across lanes (a shuffle tree),
+// not in expert order. They agree with the CPU to a few float64 ulps before the final rounding
+// to float32 (tests/test_cuda_ops.py: 1e-6).
 // Plan: a stable radix sort of the slot ids (cub::DeviceRadixSort::SortPairs, keys = ids,
 // values = slot index) gives perm; counts and offsets are lower bounds in the sorted keys.
 #include <cub/device/device_radix_sort.cuh>
@@ -117,28 +118,12 @@ __global__ void __launch_bounds__(kBlock) route_kernel(const scalar_t* __restric
   }
   if (!valid || lane != 0) return;
 
-  double rel[kMaxTopK];
   bool skipped[kMaxTopK];
-  double kept_sum = 0.0, topk_sum = 0.0;
-#pragma unroll
-  for (int j = 0; j < kMaxTopK; ++j) {
-    rel[j] = 0.0;
-    skipped[j] = false;
-    if (j < k) {
-      rel[j] = j == 0 ? 1.0 : exp(static_cast<double>(top_v[j]) - static_cast<double>(top_v[0]));
-      skipped[j] = j > 0 && p.has_skip &&
-                   static_cast<double>(top_v[0]) - static_cast<double>(top_v[j]) > p.skip_gap[j];
-      topk_sum += rel[j];
-      if (!skipped[j]) kept_sum += rel[j];
-    }
-  }
-  const double scale = p.renormalize ? 1.0 / kept_sum : topk_sum / (kept_sum * z);
-  float* w_out = weights + t * k;
+  route_slot_weights(top_v, k, p.has_skip, p.skip_gap, p.renormalize, z, weights + t * k, skipped);
   int32_t* i_out = ids + t * k;
 #pragma unroll
   for (int j = 0; j < kMaxTopK; ++j) {
     if (j < k) {
-      w_out[j] = skipped[j] ? 0.f : static_cast<float>(rel[j] * scale);
       i_out[j] = skipped[j] || top_i[j] == kNone ? E : top_i[j];  // kNone: keep allowed < k experts
     }
   }

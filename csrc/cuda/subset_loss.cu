@@ -35,10 +35,7 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
   // The first k ranked experts that the candidate keeps, and their weights.
   int32_t slot[kMaxTopK];
   double w[kMaxTopK];
-  int32_t n = 0;
-  for (int32_t i = 0; i < m && n < k; ++i) {
-    if (mask_has(mask, ids[i])) slot[n++] = i;
-  }
+  const int32_t n = kept_ranked_slots(mask, ids, m, k, slot);
   if (n == 0) return 0.0;  // cannot happen: the binding checks every candidate keeps k ranked experts
   float l0 = sanitize(lg[ids[slot[0]]]);
   const bool degenerate = l0 == -INFINITY;  // no finite kept logit: all taken as equal

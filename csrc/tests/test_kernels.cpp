@@ -323,9 +323,40 @@ void test_gram_index_packing() {
     }
 }
 
+void test_route_slot_weights() {
+  // Logits 2, 1, 0 (gaps 1 and 2 to the top); the third slot's gap 2 exceeds its threshold 1.5.
+  const float top_v[3] = {2.0f, 1.0f, 0.0f};
+  const double gaps[3] = {std::numeric_limits<double>::infinity(), 1.5, 1.5};
+  float w[3];
+  bool skipped[3];
+  moe_fast::route_slot_weights(top_v, 3, true, gaps, true, 0.0, w, skipped);
+  EXPECT(!skipped[0] && !skipped[1] && skipped[2]);
+  const double w0 = 1.0 / (1.0 + std::exp(-1.0));
+  EXPECT(near(w[0], w0, 1e-6) && near(w[1], 1.0 - w0, 1e-6) && w[2] == 0.0f);
+  // Not renormalized: the kept slots carry the top-3's softmax mass over a partition z.
+  const double z = 1.0 + std::exp(-1.0) + std::exp(-2.0) + 1.0;  // one more allowed expert at l = 2
+  moe_fast::route_slot_weights(top_v, 3, false, gaps, false, z, w, skipped);
+  EXPECT(!skipped[2] && near(w[0], 1.0 / z, 1e-6) && near(w[2], std::exp(-2.0) / z, 1e-6));
+}
+
+void test_candidate_rules() {
+  moe_fast::ExpertMask mask{};
+  mask.words[0] = (uint64_t{1} << 0) | (uint64_t{1} << 3) | (uint64_t{1} << 5);  // keeps 0, 3, 5
+  const int32_t ids[4] = {5, 1, 3, 0};
+  int32_t slot[2];
+  EXPECT(moe_fast::kept_ranked_slots(mask, ids, 4, 2, slot) == 2 && slot[0] == 0 && slot[1] == 2);
+  const uint8_t keep[5] = {1, 0, 1, 1, 0};
+  EXPECT(moe_fast::count_nonzero(keep, 5) == 3);
+  // E = 8, M = 4, k = 2: keep at least 2, drop at most 2.
+  EXPECT(moe_fast::candidate_keeps_k(2, 2) && !moe_fast::candidate_keeps_k(1, 2));
+  EXPECT(moe_fast::candidate_drops_within_rank(6, 8, 4, 2) && !moe_fast::candidate_drops_within_rank(5, 8, 4, 2));
+}
+
 }  // namespace
 
 int main() {
+  test_route_slot_weights();
+  test_candidate_rules();
   test_expert_gram_target_with_zero_hidden();
   test_route_checks_its_limits();
   test_skip_gaps_from_beta();

@@ -125,10 +125,11 @@ inline Error validate_subset_loss_data(const SubsetLossArgs& a, const uint8_t* k
                                        const int64_t* group, int64_t num_groups) {
   const int32_t m = a.rank, E = a.num_experts;
   for (int64_t c = 0; c < num_candidates; ++c) {
-    int32_t kept = 0;
-    for (int32_t e = 0; e < E; ++e) kept += keep[c * E + e] != 0 ? 1 : 0;
-    if (kept < a.top_k) return "subset_loss: a candidate keeps fewer than k experts";
-    if (E - kept > m - a.top_k) return "subset_loss: a candidate drops more than M - k experts";
+    const int64_t kept = count_nonzero(keep + c * E, E);
+    if (!candidate_keeps_k(kept, a.top_k)) return "subset_loss: a candidate keeps fewer than k experts";
+    if (!candidate_drops_within_rank(kept, E, m, a.top_k)) {
+      return "subset_loss: a candidate drops more than M - k experts";
+    }
   }
   for (int64_t t = 0; t < a.num_tokens; ++t) {
     if (group[t] < 0 || group[t] >= num_groups) return "subset_loss: group ids must lie in [0, num_groups)";
@@ -136,9 +137,9 @@ inline Error validate_subset_loss_data(const SubsetLossArgs& a, const uint8_t* k
       return "subset_loss: an ids row is not ranked (ids in [0, E), each expert once, in route's order)";
     }
     if (a.target_weights != nullptr) {
-      int32_t nonzero = 0;
-      for (int32_t i = 0; i < m; ++i) nonzero += a.target_weights[t * m + i] != 0.f ? 1 : 0;
-      if (nonzero > a.top_k) return "subset_loss: target_weights must have at most k nonzero weights per token";
+      if (count_nonzero(a.target_weights + t * m, m) > a.top_k) {
+        return "subset_loss: target_weights must have at most k nonzero weights per token";
+      }
     }
   }
   return nullptr;

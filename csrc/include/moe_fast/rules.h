@@ -1,13 +1,23 @@
 // The rules that the CPU kernels, the CUDA kernels and the torch bindings share, each in one
 // place: limits, logit sanitizing, the Gram packing, expert bit masks, what a ranked ids row is,
-// and the skip threshold. Plain C++ callable from host and device code (MOE_FAST_HD); no torch
-// header. moe_fast/reference.py states the same rules in PyTorch.
+// the skip threshold and route's slot weights, the experts a candidate keeps among a token's
+// ranked ones, and what a candidate keep-set may drop. Plain C++ callable from host and device
+// code (MOE_FAST_HD); no torch header. moe_fast/reference.py states the same rules in PyTorch;
+// docs/ARCHITECTURE.md says where each layer sits.
 #pragma once
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 
 #include "moe_fast/dtype.h"
+
+// Unrolls the next loop in device code (small fixed-size arrays then stay in registers); the
+// host compilers unroll on their own (and in nvcc's host pass would warn about the pragma).
+#if defined(__CUDA_ARCH__)
+#define MOE_FAST_UNROLL _Pragma("unroll")
+#else
+#define MOE_FAST_UNROLL
+#endif
 
 namespace moe_fast {
 
@@ -81,6 +91,69 @@ inline const char* skip_gaps_from_beta(const double* beta, int64_t count, int32_
     gaps[j] = b == 0.0 ? static_cast<double>(INFINITY) : -std::log(b);
   }
   return nullptr;
+}
+
+// The skip test of one slot, in float64 so that a gap of -log(beta) is met exactly as the CPU
+// and the GPU both compute it: l_0 is the top slot's logit, l_j the slot's, gap = skip_gaps[j].
+MOE_FAST_HD bool skips_slot(float l_0, float l_j, double gap) {
+  return static_cast<double>(l_0) - static_cast<double>(l_j) > gap;
+}
+
+// Route's weights of one token's slots 0..k-1 (k <= N), on every device. top_v: the chosen
+// experts' sanitized logits, largest first (all 0 for a row without a finite allowed logit).
+// skip_gap [k], read only when has_skip. z: the sum over the allowed experts of exp(l_e - l_0),
+// read only when !renormalize. Writes w[0..k) (0 for a skipped slot) and skipped[0..k). The
+// sums run in slot order in float64, so CPU and GPU differ only by their exp(). (Fixed-size
+// arrays and a separate has_skip let nvcc keep everything in registers and parameter space.)
+template <int N>
+MOE_FAST_HD void route_slot_weights(const float (&top_v)[N], int32_t k, bool has_skip, const double* skip_gap,
+                                    bool renormalize, double z, float* w, bool (&skipped)[N]) {
+  double rel[N];  // exp(l_j - l_0)
+  double kept_sum = 0.0, topk_sum = 0.0;
+  MOE_FAST_UNROLL
+  for (int j = 0; j < N; ++j) {
+    rel[j] = 0.0;
+    skipped[j] = false;
+    if (j < k) {
+      rel[j] = j == 0 ? 1.0 : exp(static_cast<double>(top_v[j]) - static_cast<double>(top_v[0]));
+      skipped[j] = j > 0 && has_skip && skips_slot(top_v[0], top_v[j], skip_gap[j]);
+      topk_sum += rel[j];
+      if (!skipped[j]) kept_sum += rel[j];
+    }
+  }
+  const double scale = renormalize ? 1.0 / kept_sum : topk_sum / (kept_sum * z);
+  MOE_FAST_UNROLL
+  for (int j = 0; j < N; ++j) {
+    if (j < k) w[j] = skipped[j] ? 0.f : static_cast<float>(rel[j] * scale);
+  }
+}
+
+// The experts a candidate (mask) keeps among a token's M ranked ones: the first k of them, as
+// positions slot[0..n) into the ids row (ascending). Returns n (k when the candidate keeps k of
+// the row, as subset_loss's callers guarantee).
+MOE_FAST_HD int32_t kept_ranked_slots(const ExpertMask& mask, const int32_t* ids, int32_t m, int32_t k,
+                                      int32_t* slot) {
+  int32_t n = 0;
+  for (int32_t i = 0; i < m && n < k; ++i) {
+    if (mask_has(mask, ids[i])) slot[n++] = i;
+  }
+  return n;
+}
+
+// How many of values[0..n) are nonzero: experts a keep mask allows, weights a target sets.
+template <typename T>
+inline int64_t count_nonzero(const T* values, int64_t n) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += values[i] != T(0) ? 1 : 0;
+  return count;
+}
+
+// A subset_loss candidate that keeps `kept` of E experts fits ids ranked M deep when it keeps at
+// least k and drops at most M - k: then each token's top k among the kept lie within its M
+// ranked experts (the Gram entries cover them).
+inline bool candidate_keeps_k(int64_t kept, int64_t k) { return kept >= k; }
+inline bool candidate_drops_within_rank(int64_t kept, int64_t num_experts, int64_t m, int64_t k) {
+  return num_experts - kept <= m - k;
 }
 
 }  // namespace moe_fast

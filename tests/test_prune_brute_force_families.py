@@ -1,4 +1,5 @@
-"""Pruning on every supported family: exactly the paper's brute-force choice, and an exact export.
+"""Pruning a tiny model of every supported family in memory: exactly the paper's brute-force
+choice, an exact export, and a pruned model that still patches and skips like the reference.
 
 The brute force re-runs the stock transformers block (shared expert and all) once per candidate
 dropped set, with that set's router logits at -inf and the family's own routing rule (softmax,
@@ -18,18 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import moe_fast
-from test_patch_reference import FAMILIES, VOCAB, moe_blocks, reference_forward, rel_err, tiny_model
+from helpers.reference_blocks import reference_forward, rel_err
+from helpers.tiny_models import FAMILIES, VOCAB, moe_blocks, tiny_model
 
 BATCH = 3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run much faster on one thread on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: far faster on one thread
 
 
 def _masked_router(gate, dropped: tuple, renormalize: bool, float_scores: bool):

@@ -1,11 +1,10 @@
-"""Tiny models of each family and a plain reference of the paper's skipping forward.
+"""A plain reference of the paper's skipping forward, and inputs on which it is unambiguous.
 
 The reference (the paper's skip rule) is written from the rule itself, not from moe_fast's code:
 float64 softmax over all experts, top-k, slot j >= 1 dropped when ``w_j < beta_j * w_0``, the
 kept weights renormalized (or, without ``norm_topk_prob``, rescaled to the top-k's sum as in
-``moe_fast.reference.route``), then a loop over experts with the stock weights. Other test
-files import these helpers; the tests here check the reference itself against stock
-transformers (without skipping it must be the stock eager block).
+``moe_fast.reference.route``), then a loop over experts with the stock weights.
+tests/test_reference_blocks.py checks it against stock transformers.
 """
 
 from __future__ import annotations
@@ -13,61 +12,10 @@ from __future__ import annotations
 import contextlib
 import types
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
-VOCAB = 96
-
-
-def tiny_config(family: str, **overrides):
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
-
-    common = dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    if family == "mixtral":
-        cfg = MixtralConfig(**common, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
-    elif family == "qwen2_moe":
-        cfg = Qwen2MoeConfig(
-            **common | dict(num_hidden_layers=3), intermediate_size=40, moe_intermediate_size=24,
-            shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-            mlp_only_layers=[1], decoder_sparse_step=1,
-        )
-    elif family == "qwen3_moe":
-        cfg = Qwen3MoeConfig(
-            **common, intermediate_size=40, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=4,
-            norm_topk_prob=True, head_dim=8,
-        )
-    elif family == "olmoe":
-        cfg = OlmoeConfig(**common, intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
-    else:
-        raise ValueError(family)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, experts_implementation=None, **overrides):
-    """A randomly initialized tiny causal LM with clearly separated logits (stable greedy tokens)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = tiny_config(family, **overrides)
-    kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
-    model = AutoModelForCausalLM.from_config(cfg, **kwargs)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.25 if "lm_head" in name or "embed" in name else 0.12)
-    return model.to(dtype).eval()
-
-
-def moe_blocks(model):
-    """(layer index, block) of every sparse block, found without moe_fast's adapters."""
-    return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+from helpers.tiny_models import VOCAB, moe_blocks
 
 
 def reference_moe_forward(block, hidden: torch.Tensor, betas, renormalize: bool) -> torch.Tensor:
@@ -152,25 +100,3 @@ def tie_free_ids(model, batch: int = 2, length: int = 16, tries: int = 20) -> to
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
-
-
-@pytest.mark.numerics
-@pytest.mark.parametrize("family", FAMILIES)
-def test_reference_without_skipping_is_stock_eager(family):
-    model = tiny_model(family, experts_implementation="eager")
-    ids = torch.randint(3, VOCAB, (2, 12))
-    with torch.no_grad():
-        stock = model(ids).logits
-        with reference_forward(model):
-            ref = model(ids).logits
-    assert rel_err(ref, stock) < 1e-5
-
-
-def test_reference_skipping_changes_the_output():
-    model = tiny_model("mixtral", experts_implementation="eager")
-    ids = torch.randint(3, VOCAB, (2, 12))
-    with torch.no_grad():
-        stock = model(ids).logits
-        with reference_forward(model, {0: [0.9], 1: [0.9]}):
-            ref = model(ids).logits
-    assert rel_err(ref, stock) > 1e-3

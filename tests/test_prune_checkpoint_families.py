@@ -1,4 +1,6 @@
-"""Pruning goes through the adapters: Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE end to end."""
+"""Pruning a checkpoint on disk into an output directory goes through the adapters of Qwen2-MoE
+(shared expert), Qwen3-MoE and OLMoE: the exported model equals the original with the dropped
+experts masked. (tests/test_prune_brute_force_families.py checks the choice itself.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from transformers import (
 )
 
 import moe_fast
-from test_prune_support import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
