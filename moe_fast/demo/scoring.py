@@ -16,46 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import ops
 from moe_fast.adapters import get_adapter
-from moe_fast.pruning.expert_outputs import run_experts
+from moe_fast.masked_forward import MaskedForward
 from moe_fast.skipping import quantile_betas
-
-
-class MaskedBlock:
-    """A block forward where only the ``kept`` experts may route and, with ``betas``, slots may be skipped.
-
-    Counts the expert outputs it computes and the routing slots it saw (for the skip rate).
-    """
-
-    def __init__(self, adapter, block: nn.Module, kept: list[int] | None, betas: list[float] | None) -> None:
-        self.adapter, self.block, self.betas = adapter, block, betas
-        E = adapter.num_experts
-        self.keep_mask = None
-        if kept is not None and len(kept) < E:
-            self.keep_mask = torch.zeros(E, dtype=torch.bool)
-            self.keep_mask[list(kept)] = True
-        self.computed = 0
-        self.slots = 0
-
-    def route(self, hidden: torch.Tensor):
-        logits = self.adapter.router_logits(self.block, hidden).float().contiguous()
-        return ops.route(logits, self.adapter.top_k, self.adapter.renormalize, beta=self.betas, keep=self.keep_mask)
-
-    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        k = self.adapter.top_k
-        r = self.route(x)
-        offsets = r.offsets.tolist()
-        y = run_experts(self.adapter, self.block.experts, x, offsets, r.perm, k)
-        out = (r.weights.unsqueeze(-1) * y.float()).sum(1).to(x.dtype)
-        extra = self.adapter.extra_output(self.block, x)
-        if extra is not None:
-            out = out + extra.to(out.dtype)
-        self.computed += offsets[-1]
-        self.slots += r.ids.numel()
-        return out.view(shape)
 
 
 @contextlib.contextmanager
@@ -64,8 +27,8 @@ def masked(model: nn.Module, kept: dict[int, list[int]] | None = None, betas: di
     adapter = get_adapter(model)
     blocks = {}
     for ref in adapter.moe_blocks(model):
-        blocks[ref.layer] = MaskedBlock(adapter, ref.block, None if kept is None else kept[ref.layer],
-                                        None if betas is None else betas.get(ref.layer))
+        blocks[ref.layer] = MaskedForward(adapter, ref.block, None if kept is None else kept[ref.layer],
+                                          None if betas is None else betas.get(ref.layer))
         ref.block.forward = blocks[ref.layer]
     try:
         yield blocks
@@ -125,7 +88,7 @@ def skip_betas(model: nn.Module, kept: dict[int, list[int]] | None, ids: torch.T
     """
     ratios: dict[int, list[torch.Tensor]] = {}
     with masked(model, kept) as blocks:
-        def recorder(layer: int, block: MaskedBlock):
+        def recorder(layer: int, block: MaskedForward):
             def call(hidden_states, *args, **kwargs):
                 r = block.route(hidden_states.reshape(-1, hidden_states.shape[-1]))
                 w = r.weights.double()

@@ -16,6 +16,7 @@ from torch import nn
 
 from moe_fast import ops, reference
 from moe_fast.adapters import MoEAdapter
+from moe_fast.masked_forward import run_experts
 
 
 def ranked_plan(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
@@ -32,22 +33,6 @@ def ranked_plan(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int], 
     ids = order[:, :m].to(torch.int32).contiguous()
     _, offsets, perm = reference.dispatch_plan(ids.cpu(), num_experts)
     return ids, offsets.tolist(), perm.to(logits.device)
-
-
-def run_experts(
-    adapter: MoEAdapter, experts: nn.Module, hidden: torch.Tensor, offsets: list[int], perm: torch.Tensor, m: int
-) -> torch.Tensor:
-    """Outputs [T, m, H] of each token's m planned experts (slot t * m + j in ``perm``)."""
-    T, H = hidden.shape
-    out = hidden.new_zeros(T * m, H)
-    perm = perm.long()
-    for e in range(len(offsets) - 1):
-        lo, hi = offsets[e], offsets[e + 1]
-        if lo == hi:
-            continue
-        slots = perm[lo:hi]
-        out[slots] = adapter.expert_forward(experts, e, hidden[slots // m]).to(out.dtype)
-    return out.view(T, m, H)
 
 
 @dataclass
@@ -125,34 +110,6 @@ class StatsForward:
             st.group.append(torch.full((hi - lo,), self.group_id, dtype=torch.int64, device=x.device))
             del y
         st.num_groups = max(st.num_groups, self.group_id + 1)
-        if extra is not None:
-            out = out + extra.to(out.dtype)
-        return out.view(shape)
-
-
-class PrunedForward:
-    """A block forward where only the ``kept`` experts may route (dropped experts at logit -inf)."""
-
-    def __init__(self, adapter: MoEAdapter, block: nn.Module, kept: list[int], chunk_tokens: int) -> None:
-        self.adapter, self.block = adapter, block
-        num_experts = adapter.num_experts
-        self.keep_mask = torch.zeros(num_experts, dtype=torch.bool)
-        self.keep_mask[list(kept)] = True
-        self.chunk = max(1, int(chunk_tokens))
-
-    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter, k = self.adapter, self.adapter.top_k
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        logits = adapter.router_logits(self.block, x).float().contiguous()
-        keep_mask = self.keep_mask.to(x.device)
-        out = torch.empty_like(x)
-        for lo in range(0, x.shape[0], self.chunk):
-            hi = min(x.shape[0], lo + self.chunk)
-            r = ops.route(logits[lo:hi].contiguous(), k, adapter.renormalize, keep=keep_mask)
-            y = run_experts(adapter, self.block.experts, x[lo:hi], r.offsets.tolist(), r.perm, k)
-            out[lo:hi] = (r.weights.unsqueeze(-1) * y.float()).sum(1).to(out.dtype)
-        extra = adapter.extra_output(self.block, x)
         if extra is not None:
             out = out + extra.to(out.dtype)
         return out.view(shape)

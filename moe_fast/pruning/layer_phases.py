@@ -23,7 +23,8 @@ from torch import nn
 
 from moe_fast.adapters import MoEAdapter
 from moe_fast.pruning.distributed import Dist
-from moe_fast.pruning.expert_outputs import LayerStats, PrunedForward, StatsForward
+from moe_fast.masked_forward import MaskedForward
+from moe_fast.pruning.expert_outputs import LayerStats, StatsForward
 from moe_fast.pruning.hidden_states import HiddenStates
 from moe_fast.pruning.lazy_outputs import LazyOutputs, LazyRecorder
 from moe_fast.pruning.lazy_search import run_lazy_search
@@ -115,7 +116,7 @@ class LayerPruner:
         """Rank-local: progressive, the pruned stream passes the layer with only ``kept`` routable
         (None: whole, a dense layer). Layer-wise: nothing (collect moved the unpruned stream on)."""
         if stream.progressive:
-            pruned_block = None if kept is None else PrunedForward(self.adapter, block, kept, self.chunk_tokens)
+            pruned_block = None if kept is None else MaskedForward(self.adapter, block, kept, chunk_tokens=self.chunk_tokens)
             stream.forward_pruned(layer, block, pruned_block)
 
     def replay(self, stream: HiddenStates, layer: nn.Module, block: nn.Module | None, done: LayerResult | None) -> None:
