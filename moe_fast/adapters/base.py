@@ -2,7 +2,8 @@
 
 One subclass per family, each in its own small file. Everything family-specific (config key
 names, whether top-k weights are renormalized, extra paths such as Qwen2-MoE's shared expert)
-lives in the subclass; pruning, skipping and export only talk to this interface.
+lives in the subclass; pruning, skipping and export only talk to this interface. Where a new
+family's pieces go: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
