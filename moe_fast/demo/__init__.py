@@ -132,7 +132,7 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
                    and x.num_keep == max(s.keeps) and x.seed == s.calib_seeds[0]), None)
         if lw is not None:
             betas = skip_betas(model, lw.kept_dict, skip_ids, s.skip_quantile)
-            jobs.append(("layer-wise + skipping", lw.num_keep, "prose", lw.seed, lw.kept_dict, betas))
+            jobs.append((f"{lw.method} + skipping", lw.num_keep, "prose", lw.seed, lw.kept_dict, betas))
 
     t0 = time.perf_counter()
     scored: dict[tuple, dict] = {}

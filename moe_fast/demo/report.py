@@ -12,7 +12,8 @@ from typing import Any
 
 RECONSTRUCTION = ("layer-wise", "progressive", "greedy", "beam")
 ORDER = ["unpruned", "layer-wise", "progressive", "greedy", "beam", "frequency", "reap", "ean", "random",
-         "skipping", "layer-wise + skipping"]
+         "skipping", "layer-wise + skipping", "greedy + skipping"]
+COMBINED = ("layer-wise + skipping", "greedy + skipping")  # pruned, then skipping calibrated on the pruned model
 LABELS = {
     "unpruned": "Unpruned",
     "layer-wise": "Reconstruction, layer-wise (exhaustive)",
@@ -25,6 +26,7 @@ LABELS = {
     "random": "Random",
     "skipping": "Dynamic skipping",
     "layer-wise + skipping": "Layer-wise + skipping",
+    "greedy + skipping": "Greedy + skipping",
 }
 SPLITS = ("prose", "code")
 
@@ -139,12 +141,13 @@ def findings(rows: list[dict]) -> list[str]:
             f"{unpruned['expert_mflops_per_token']:.2f} -> {skip['expert_mflops_per_token']:.2f} M; prose perplexity "
             f"{unpruned['ppl_prose']:.2f} -> {skip['ppl_prose']:.2f}, code {unpruned['ppl_code']:.2f} -> {skip['ppl_code']:.2f}."
         )
-    both = [r for r in rows if r["method"] == "layer-wise + skipping"]
+    both = [r for r in rows if r["method"] in COMBINED]
     for r in both:
-        lw = find(rows, "layer-wise", r["keep"])
+        pruned_by = r["method"].split(" + ")[0]
+        lw = find(rows, pruned_by, r["keep"])
         if lw:
             out.append(
-                f"Layer-wise r={r['keep']} + skipping: expert FLOPs per token {r['expert_mflops_per_token']:.2f} M "
+                f"{pruned_by.capitalize()} r={r['keep']} + skipping: expert FLOPs per token {r['expert_mflops_per_token']:.2f} M "
                 f"(pruned alone {lw['expert_mflops_per_token']:.2f} M), size {r['size_mib']:.2f} MiB; prose perplexity "
                 f"{lw['ppl_prose']:.2f} -> {r['ppl_prose']:.2f}, code {lw['ppl_code']:.2f} -> {r['ppl_code']:.2f}."
             )
@@ -176,7 +179,7 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     series: dict[str, list[dict]] = {}
     for r in rows:
-        if r["method"] in ("unpruned", "skipping", "layer-wise + skipping"):
+        if r["method"] in ("unpruned", "skipping", *COMBINED):
             continue
         if r["calib"] == "code" and r["method"] != "layer-wise":
             continue
@@ -194,7 +197,7 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
         if unpruned:
             ax.axhline(unpruned[f"ppl_{split}"], color="black", linewidth=0.8, label="Unpruned")
         for r in rows:
-            if r["method"] in ("skipping", "layer-wise + skipping"):
+            if r["method"] in ("skipping", *COMBINED):
                 ax.scatter([r["keep"]], [r[f"ppl_{split}"]], marker="*", s=140, color="gold", edgecolors="black",
                            zorder=5, label=LABELS[r["method"]])
         ax.set_yscale("log")
