@@ -335,7 +335,8 @@ def test_softmax_skip_equals_the_logit_gap_rule() -> None:
 
 
 def test_softmax_skip_ratios_are_what_calibration_measured() -> None:
-    # skipping.calibrate_skipping's hook: exp of the top-k logits' differences, in float64.
+    # What calibrate_skipping measured before it called skip_ratios: exp of the top-k logits'
+    # differences, in float64. Its betas stay the same to the bit.
     x = torch.randn(3000, 60)
     top = torch.topk(x, 4, dim=-1).values
     want = torch.exp(top[:, 1:].double() - top[:, :1].double())
