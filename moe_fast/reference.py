@@ -16,6 +16,26 @@ these. This module is the specification: routing, skipping and the subset losses
   ``w_j < beta_j * w_0``; ties do not skip, beta = 0 never skips). A skipped slot has id E and
   weight 0. With ``renormalize`` the other slots sum to 1; without it they keep their softmax
   probabilities scaled so that they still sum to what the top-k summed before skipping.
+
+``route_spec`` generalizes ``route`` to any router described by a
+:class:`~moe_fast.routing_spec.RoutingSpec` (docs/ROUTING.md); for a softmax spec it is ``route``:
+
+* ``sigmoid`` scoring: scores ``s = sigmoid(l)`` (float32, of the sanitized logits, so NaN scores 0
+  and +inf scores 1); experts are chosen by ``s + selection_bias`` (float32), ties to the lower
+  index. With groups, experts ``g * E/n_group ..`` form group g; a group's score is the float32 sum
+  of its two best allowed biased scores (its one allowed score when only one is allowed, -inf
+  when none is); the ``topk_group`` best groups are eligible, ties to the lower group. Routing
+  order: allowed experts of eligible groups, then the other allowed experts, then masked ones,
+  each by biased score. Weights are the unbiased ``s`` of the chosen experts, divided by
+  ``sum + 1e-20`` with ``renormalize`` (as transformers does), times ``scaling``.
+* ``softmax_topk`` scoring: chosen as by ``route`` (by logit); weights are the softmax of the k
+  chosen logits only, times ``scaling``.
+* Skipping for any scoring: slot j >= 1 is skipped when ``w_j < beta_j * w_0`` on the final
+  weights, decided in float64 as ``log w_0 - log w_j > -log(beta_j)`` where the log-ratio is taken
+  from what the weights are proportional to: the logits for the softmax scorings (exactly the rule
+  above), ``log s`` of the float32 scores for sigmoid. The surviving weights are scaled so that
+  they sum to what the k final weights summed before skipping. ``skip_ratios`` gives
+  ``w_j / w_0 = exp(-(log w_0 - log w_j))`` for calibration.
 """
 
 from __future__ import annotations
@@ -24,6 +44,8 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+
+from moe_fast.routing_spec import RoutingSpec, softmax_routing
 
 _F32_MAX = torch.finfo(torch.float32).max
 
@@ -106,27 +128,135 @@ def route(
     beta: float | Sequence[float] | None = None,
     keep: torch.Tensor | None = None,
 ) -> RouteResult:
-    """Reference of ``moe_fast.ops.route``: logits [T, E] -> RouteResult."""
-    T, E = logits.shape
-    order, lg = rank_experts(logits, keep)
+    """Reference of ``moe_fast.ops.route``: logits [T, E] -> RouteResult (a softmax ``route_spec``)."""
+    return route_spec(logits, softmax_routing(k, renormalize), beta, keep)
+
+
+def sigmoid_choice(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores [T, E] and the biased scores experts are chosen by [T, E] (both float32)."""
+    scores = torch.sigmoid(sanitize_logits(logits))
+    bias = spec.selection_bias
+    if bias is None:
+        return scores, scores
+    if bias.shape != (logits.shape[-1],):
+        raise ValueError(f"route_spec: selection_bias has shape {tuple(bias.shape)}, expected [{logits.shape[-1]}]")
+    bias = bias.to(device=scores.device, dtype=torch.float32)
+    if not torch.isfinite(bias).all():
+        raise ValueError("route_spec: selection_bias must be finite")
+    return scores, scores + bias
+
+
+def eligible_experts(choice: torch.Tensor, allowed: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """[T, E] bool: the experts of each token's ``topk_group`` best groups (masked ones excluded)."""
+    T, E = choice.shape
+    G = spec.n_group
+    if E % G:
+        raise ValueError(f"route_spec: {E} experts do not split into n_group = {G} equal groups")
+    size = E // G
+    grouped = choice.masked_fill(~allowed, -math.inf).view(T, G, size)
+    best = torch.topk(grouped, min(2, size), dim=-1).values  # [T, G, <=2], largest first
+    score = best[..., 0]
+    if size >= 2:  # a lone allowed expert scores alone (its masked partner counts 0)
+        second = best[..., 1]
+        score = score + torch.where(second == -math.inf, torch.zeros_like(second), second)
+    top_groups = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : spec.topk_group]
+    chosen = torch.zeros(T, G, dtype=torch.bool, device=choice.device).scatter_(1, top_groups, True)
+    return chosen.repeat_interleave(size, dim=1) & allowed
+
+
+def rank_spec(logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """All experts of every row in ``spec``'s routing order: order [T, E] int64.
+
+    Softmax scorings rank as ``rank_experts``. Sigmoid: allowed experts of eligible groups first,
+    then the other allowed experts, then masked ones; within each, by biased score, ties to the
+    lower index.
+    """
+    if spec.scoring != "sigmoid":
+        return rank_experts(logits, keep_mask)[0]
+    _, choice = sigmoid_choice(logits, spec)
+    allowed = torch.ones_like(choice, dtype=torch.bool) if keep_mask is None else keep_mask.to(choice.device).bool().expand_as(choice)
+    tier = torch.where(allowed, 1, 2).to(torch.int8)
+    if spec.n_group > 1:
+        tier = torch.where(eligible_experts(choice, allowed, spec), torch.zeros_like(tier), tier)
+    else:
+        tier = torch.where(allowed, torch.zeros_like(tier), tier)
+    order = torch.sort(choice.masked_fill(~allowed, -math.inf), dim=-1, descending=True, stable=True).indices
+    tiers = torch.gather(tier, -1, order)
+    return torch.gather(order, -1, torch.sort(tiers, dim=-1, stable=True).indices)
+
+
+def top_scores(
+    logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k chosen experts before skipping -> (ids [T, k] int64, raw weights [T, k] float32,
+    log-weights [T, k] float64 up to a per-row constant: what the skip rule compares)."""
+    T = logits.shape[0]
+    k = spec.top_k
+    if spec.scoring == "sigmoid":
+        idx = rank_spec(logits, spec, keep_mask)[:, :k]
+        scores, _ = sigmoid_choice(logits, spec)
+        top = torch.gather(scores, -1, idx)
+        return idx, top, torch.log(top.double())
+    order, lg = rank_experts(logits, keep_mask)
     idx = order[:, :k]
     top_l = torch.gather(lg, -1, idx)
-    probs = torch.softmax(lg, dim=-1) if T else lg
-    top_p = torch.gather(probs, -1, idx)
-    skipped = torch.zeros_like(top_p, dtype=torch.bool)
+    if spec.scoring == "softmax":
+        probs = torch.softmax(lg, dim=-1) if T else lg
+        top = torch.gather(probs, -1, idx)
+    else:  # softmax_topk
+        top = torch.softmax(top_l, dim=-1) if T else top_l
+    return idx, top, top_l.double()
+
+
+def skipped_slots(log_top: torch.Tensor, beta: float | Sequence[float] | torch.Tensor | None) -> torch.Tensor:
+    """[T, k] bool: slot j >= 1 skipped when ``log w_0 - log w_j > -log(beta_j)`` (float64)."""
+    k = log_top.shape[-1]
+    skipped = torch.zeros_like(log_top, dtype=torch.bool)
     gaps = skip_gaps(beta, k)
     if gaps is not None:
-        gap = top_l[:, :1].double() - top_l.double()
+        gap = log_top[:, :1] - log_top
         thr = torch.tensor(gaps[:k], dtype=torch.float64)
         skipped = gap > thr
         skipped[:, 0] = False
-    kept_p = top_p.masked_fill(skipped, 0.0)
-    if renormalize:
-        weights = kept_p / kept_p.sum(-1, keepdim=True)
-    else:
-        weights = kept_p * (top_p.sum(-1, keepdim=True) / kept_p.sum(-1, keepdim=True))
+    return skipped
+
+
+def route_spec(
+    logits: torch.Tensor,
+    spec: RoutingSpec,
+    beta: float | Sequence[float] | torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+) -> RouteResult:
+    """Routing of any ``spec`` (module docstring): logits [T, E] -> RouteResult.
+
+    ``logits`` are the router's output index 0 (gpt-oss: with its bias; DeepSeek: without the
+    selection bias). ``keep_mask`` [E] bool: experts outside it are never chosen (while enough
+    are allowed) and do not count in group scores.
+    """
+    T, E = logits.shape
+    idx, top, log_top = top_scores(logits, spec, keep_mask)
+    skipped = skipped_slots(log_top, beta)
+    kept = top.masked_fill(skipped, 0.0)
+    if spec.renormalize:
+        total = kept.sum(-1, keepdim=True)
+        weights = kept / (total + 1e-20 if spec.scoring == "sigmoid" else total)
+    else:  # survivors keep the mass the k weights had before skipping
+        rescaled = kept * (top.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
+        weights = torch.where(skipped.any(-1, keepdim=True), rescaled, kept)
+    if spec.scaling != 1.0:
+        weights = weights * spec.scaling
     ids = idx.masked_fill(skipped, E).to(torch.int32)
     return RouteResult(weights.float(), ids, *dispatch_plan(ids, E))
+
+
+def skip_ratios(logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """w_j / w_0 of the final weights for slots j = 1..k-1, before skipping: [T, k-1] float64.
+
+    What skipping calibration takes the quantile of: slot j is skipped for beta_j above it. The
+    ratio is ``exp`` of the log-ratio the skip rule compares, so renormalizing and scaling cancel.
+    """
+    _, _, log_top = top_scores(logits, spec, keep_mask)
+    return torch.exp(log_top[:, 1:] - log_top[:, :1])
 
 
 def dispatch_plan(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

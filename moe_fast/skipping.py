@@ -1,9 +1,10 @@
 """Dynamic expert skipping: calibrating the per-layer thresholds beta.
 
-The paper's rule (reference.route): slot j >= 1 of a token is skipped when ``w_j < beta_j * w_0``. beta of a
-layer is the quantile q (default the median) over calibration tokens of ``w_j / w_0``, computed
-from the softmax over all experts, so that about a fraction q of the tokens skip slot j. What a
-beta may be and how it is checked: :mod:`moe_fast.betas`.
+The paper's rule (reference.route_spec): slot j >= 1 of a token is skipped when ``w_j < beta_j * w_0``
+on the final weights. beta of a layer is the quantile q (default the median) over calibration
+tokens of ``w_j / w_0`` (``reference.skip_ratios`` under the family's routing, docs/ROUTING.md), so
+that about a fraction q of the tokens skip slot j. What a beta may be and how it is checked:
+:mod:`moe_fast.betas`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_fast import patching
+from moe_fast import patching, reference
 from moe_fast.adapters import get_adapter
 from moe_fast.betas import SkipCalibration
 
@@ -78,15 +79,14 @@ def calibrate_skipping(
 
     ratios: dict[int, list[torch.Tensor]] = {ref.layer: [] for ref in blocks}
 
-    def make_hook(layer: int):
+    def make_hook(layer: int, spec):
         def hook(module, args, output):
             logits = output[0] if isinstance(output, tuple) else output
-            top = torch.topk(logits.detach().reshape(-1, logits.shape[-1]).float(), k, dim=-1).values
-            ratios[layer].append(torch.exp(top[:, 1:].double() - top[:, :1].double()).cpu())
+            ratios[layer].append(reference.skip_ratios(logits.detach().reshape(-1, logits.shape[-1]), spec).cpu())
 
         return hook
 
-    handles = [ref.router.register_forward_hook(make_hook(ref.layer)) for ref in blocks]
+    handles = [ref.router.register_forward_hook(make_hook(ref.layer, adapter.routing(ref.block))) for ref in blocks]
     saved = patching.suspend_skipping(model)
     base = adapter.base_model(model)  # runs no head: every model class, same hidden states
     try:

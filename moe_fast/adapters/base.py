@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from moe_fast.routing_spec import RoutingSpec, softmax_routing
+
 
 @dataclass
 class MoEBlockRef:
@@ -57,6 +59,14 @@ class MoEAdapter:
     def renormalize(self) -> bool:
         """Whether the top-k weights are renormalized to sum to 1."""
         return bool(getattr(self.config, "norm_topk_prob", True))
+
+    def routing(self, block: nn.Module | None = None) -> RoutingSpec:
+        """How the family's router chooses and weights experts (docs/ROUTING.md).
+
+        ``block`` (an MoE block of a loaded model) supplies per-layer routing data such as a
+        selection bias; without it the spec is the config's alone. Softmax families need none.
+        """
+        return softmax_routing(self.top_k, self.renormalize)
 
     def set_num_experts(self, config, num_experts: int) -> None:
         setattr(config, self.num_experts_key, num_experts)
