@@ -30,11 +30,11 @@ import itertools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 
 from child_process import run_json_child
+from results import finish
 
 from moe_fast.memory import peak_rss_bytes
 
@@ -216,11 +216,7 @@ def main() -> None:
     for r in rows:
         for name in ("moe_fast", "rank"):
             print(f"R={r['keep']} {name} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r[f"{name}_timings"].items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    if not all(r["same_selection"] for r in rows):
-        sys.exit("selections differ")
+    finish(args, rows)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 from child_process import run_json_child
+from results import finish
 
 from moe_fast.memory import peak_rss_bytes
 
@@ -154,11 +154,7 @@ def main() -> None:
     for r in rows:
         print(f"{label[r['search']]}: lazy vs rank-bounded {r['rank']['seconds'] / r['lazy']['seconds']:.2f}x faster "
               f"(phases {r['rank']['phases'] / r['lazy']['phases']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    if not all(r["same_selection"] for r in rows):
-        sys.exit("selections differ")
+    finish(args, rows)
 
 
 if __name__ == "__main__":
