@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_prune import build_checkpoint  # noqa: E402  (same model and tokens as the pruning benchmark)
+from bench_prune import add_checkpoint_arguments, build_checkpoint  # noqa: E402  (same model and tokens as the pruning benchmark)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,18 +61,9 @@ def run(path: str, out: str, keep: int, batch_size: int, ranks: int, threads: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--ffn", type=int, default=3584)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--n-samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    add_checkpoint_arguments(p, layers=2, n_samples=16)
     p.add_argument("--keep", type=int, default=6)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     configs = [("1 rank x 2 threads", 1, 2), ("1 rank x 1 thread", 1, 1), ("2 ranks x 1 thread (Gloo)", 2, 1)]

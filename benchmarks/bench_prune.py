@@ -30,11 +30,28 @@ import itertools
 import json
 import math
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
+
+from child_process import run_json_child
+from results import finish
+
+from moe_fast.memory import peak_rss_bytes
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser, layers: int, n_samples: int) -> None:
+    """The options ``build_checkpoint`` reads (also those of bench_distributed.py, which prunes the
+    same checkpoint), and the calibration batch size."""
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=3584)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--n-samples", type=int, default=n_samples)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def build_checkpoint(args, path: str) -> None:
@@ -94,7 +111,7 @@ def run_paper(path: str, keep: int, batch_size: int) -> dict:
                     loss += torch.linalg.norm(z.double() - out.double()).item()
                 losses[dropped] = loss
             chosen[i] = list(min(losses, key=losses.get))
-    return {"seconds": time.perf_counter() - t0, "dropped": chosen, "peak_rss": _rss()}
+    return {"seconds": time.perf_counter() - t0, "dropped": chosen, "peak_rss": peak_rss_bytes()}
 
 
 def run_moe_fast(path: str, keep: int, batch_size: int, lazy: bool = True) -> dict:
@@ -111,7 +128,7 @@ def run_moe_fast(path: str, keep: int, batch_size: int, lazy: bool = True) -> di
     shutil.rmtree(out, ignore_errors=True)
     layers = report.layers.values()
     E, k = report.settings["num_experts"], report.settings["top_k"]
-    return {"seconds": seconds, "dropped": {i: r.dropped for i, r in report.layers.items()}, "peak_rss": _rss(),
+    return {"seconds": seconds, "dropped": {i: r.dropped for i, r in report.layers.items()}, "peak_rss": peak_rss_bytes(),
             "timings": report.timings,
             "outputs_per_token": [r.expert_outputs_per_token if lazy else k + E - keep for r in layers],
             "scored": [r.scored_exactly if lazy else math.comb(E, keep) for r in layers],
@@ -120,36 +137,14 @@ def run_moe_fast(path: str, keep: int, batch_size: int, lazy: bool = True) -> di
             "detail": [r.lazy_detail for r in layers]}
 
 
-def _rss() -> int:
-    """Peak resident set of this process (VmHWM: ru_maxrss would include the parent's at fork)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _child(which: str, path: str, keep: int, batch_size: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, "--path", path, "--child-keep", str(keep), "--batch-size", str(batch_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{which} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, "--child", which, "--path", path, "--child-keep", str(keep), "--batch-size", str(batch_size))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--ffn", type=int, default=3584)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    add_checkpoint_arguments(p, layers=4, n_samples=32)
     p.add_argument("--keep", type=int, nargs="+", default=[6, 4])
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--no-paper", action="store_true", help="skip the paper's enumeration (lazy vs rank-bounded only)")
     p.add_argument("--child", choices=["paper", "moe_fast", "moe_fast_rank"], help=argparse.SUPPRESS)
@@ -221,11 +216,7 @@ def main() -> None:
     for r in rows:
         for name in ("moe_fast", "rank"):
             print(f"R={r['keep']} {name} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r[f"{name}_timings"].items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    if not all(r["same_selection"] for r in rows):
-        sys.exit("selections differ")
+    finish(args, rows)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+from child_process import run_json_child
+from results import finish
+
+from moe_fast.memory import peak_rss_bytes
 
 
 def build_checkpoint(args, path: str) -> None:
@@ -63,7 +66,7 @@ def run_forward(path: str, batch_size: int) -> dict:
         for lo in range(0, ids.shape[0], batch_size):
             model(ids[lo : lo + batch_size])
         seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss": _rss()}
+    return {"seconds": seconds, "peak_rss": peak_rss_bytes()}
 
 
 def run_prune(path: str, keep: int, batch_size: int, search: str, width: int, lazy: bool) -> dict:
@@ -78,23 +81,11 @@ def run_prune(path: str, keep: int, batch_size: int, search: str, width: int, la
     per_token = [r.expert_outputs_per_token if lazy else k + E - keep for r in layers]
     return {"seconds": seconds, "phases": report.timings["expert_outputs"] + report.timings["search"],
             "outputs_per_token": per_token, "state_bytes": max(r.search_state_bytes for r in layers),
-            "dropped": {str(i): r.dropped for i, r in report.layers.items()}, "peak_rss": _rss(), "top_k": k}
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            "dropped": {str(i): r.dropped for i, r in report.layers.items()}, "peak_rss": peak_rss_bytes(), "top_k": k}
 
 
 def _child(path: str, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--path", path, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{extra} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, "--path", path, *extra)
 
 
 def main() -> None:
@@ -163,11 +154,7 @@ def main() -> None:
     for r in rows:
         print(f"{label[r['search']]}: lazy vs rank-bounded {r['rank']['seconds'] / r['lazy']['seconds']:.2f}x faster "
               f"(phases {r['rank']['phases'] / r['lazy']['phases']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    if not all(r["same_selection"] for r in rows):
-        sys.exit("selections differ")
+    finish(args, rows)
 
 
 if __name__ == "__main__":

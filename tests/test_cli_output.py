@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moe_fast.models import quiet_loading
 from moe_fast.staging import staged_directory
-from helpers.checkpoints import save_checkpoint
+from helpers.checkpoints import save_checkpoint, save_pruning_checkpoint
 from helpers.tiny_models import tiny_mixtral
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ moe_fast\.")
@@ -51,10 +50,9 @@ def test_quiet_loading_hides_the_loading_weights_bar(tmp_path, capsys) -> None:
 @pytest.mark.usefixtures("one_thread")
 def test_prune_skip_output(tmp_path) -> None:
     """`moe-fast prune --skip` with progress bars on, as a user runs it (a fresh process)."""
-    src = save_checkpoint(tiny_mixtral(11, layers=4), tmp_path / "src")
-    torch.save(torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "ids.pt")
+    src, calib = save_pruning_checkpoint(tmp_path)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "moe_fast", "prune", src, "--keep", "6", "--calib", str(tmp_path / "ids.pt"),
+    argv = [sys.executable, "-m", "moe_fast", "prune", src, "--keep", "6", "--calib", calib,
             "--out", str(out), "--batch-size", "4", "--skip"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)

@@ -13,18 +13,26 @@ import moe_fast.pruning.layer_phases as phases_mod
 import moe_fast.pruning.pipeline as prune_mod
 import moe_fast.pruning.progress as progress_mod
 from moe_fast.cli import main
-from helpers.checkpoints import save_checkpoint
-from helpers.tiny_models import tiny_mixtral
+from helpers.checkpoints import save_checkpoint, save_pruning_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    src = save_checkpoint(tiny_mixtral(11, layers=4), tmp_path / "src")
-    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    return src, str(tmp_path / "ids.pt")
+    return save_pruning_checkpoint(tmp_path)
+
+
+def _interrupt_at_first_search(monkeypatch, src: str, calib: str, keep: int, out: str) -> None:
+    """A run stopped (Ctrl-C) before its first layer's search: a partial folder, nothing done."""
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phases_mod, "run_search", boom)
+    with pytest.raises(KeyboardInterrupt):
+        moe_fast.prune(src, calib, keep, batch_size=4, out=out, progress=False)
+    monkeypatch.undo()
 
 
 def test_cli_prune_writes_checkpoint_and_table(checkpoint, tmp_path, capsys) -> None:
@@ -148,13 +156,7 @@ def test_resume_refuses_other_settings(checkpoint, tmp_path, monkeypatch) -> Non
     src, calib = checkpoint
     out = str(tmp_path / "out")
 
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(phases_mod, "run_search", boom)
-    with pytest.raises(KeyboardInterrupt):
-        moe_fast.prune(src, calib, 5, batch_size=4, out=out, progress=False)
-    monkeypatch.undo()
+    _interrupt_at_first_search(monkeypatch, src, calib, 5, out)
     with pytest.raises(ValueError, match="other settings"):
         moe_fast.prune(src, calib, 6, batch_size=4, out=out, resume=True, progress=False)
 
@@ -244,13 +246,7 @@ def test_truncated_progress_json_is_one_line(checkpoint, tmp_path, monkeypatch, 
     src, calib = checkpoint
     out = str(tmp_path / "out")
 
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(phases_mod, "run_search", boom)
-    with pytest.raises(KeyboardInterrupt):
-        moe_fast.prune(src, calib, 6, batch_size=4, out=out, progress=False)
-    monkeypatch.undo()
+    _interrupt_at_first_search(monkeypatch, src, calib, 6, out)
     progress = os.path.join(out + prune_mod.PARTIAL_SUFFIX, "progress.json")
     with open(progress, "r+") as f:
         f.truncate(13)

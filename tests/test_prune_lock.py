@@ -10,15 +10,13 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 import moe_fast
 import moe_fast.pruning.pipeline as prune_mod
 from moe_fast.checkpoint_check import CheckpointError, verify_checkpoint
 from moe_fast.cli import main
 from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock
-from helpers.checkpoints import save_checkpoint
-from helpers.tiny_models import tiny_mixtral
+from helpers.checkpoints import save_pruning_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,10 +54,7 @@ RACER = textwrap.dedent(
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    src = save_checkpoint(tiny_mixtral(11, layers=4), tmp_path / "src")
-    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    torch.save(ids, tmp_path / "ids.pt")
-    return src, str(tmp_path / "ids.pt")
+    return save_pruning_checkpoint(tmp_path)
 
 
 def _wait_for(path: str, procs, timeout: float = 300.0) -> None:

@@ -76,6 +76,20 @@ inline void check_keep_leaves_k(const at::Tensor& keep, int64_t k) {
   }
 }
 
+// The kernels' view of the route op's (checked) arguments: logits [T, E], gaps [k] or empty,
+// keep [E] bool. Holds pointers into gaps and keep, which must outlive it.
+inline RouteArgs route_args(const at::Tensor& logits, int64_t k, bool renormalize, const std::vector<double>& gaps,
+                            const std::optional<at::Tensor>& keep) {
+  RouteArgs a;
+  a.num_tokens = logits.size(0);
+  a.num_experts = static_cast<int32_t>(logits.size(1));
+  a.top_k = static_cast<int32_t>(k);
+  a.renormalize = renormalize;
+  a.skip_gap = gaps.empty() ? nullptr : gaps.data();  // host memory (CUDA: passed by value to the kernel)
+  a.keep = keep.has_value() ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  return a;
+}
+
 // Allocates the route op's outputs: weights, ids, counts, offsets, perm.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> alloc_route_outputs(
     const at::Tensor& logits, int64_t k) {

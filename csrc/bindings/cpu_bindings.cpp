@@ -47,15 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   const std::vector<double> gaps = check_route_args(logits, k, beta, keep);
   if (keep.has_value()) check_keep_leaves_k(*keep, k);
   auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
-  const int64_t T = logits.size(0);
-  const int32_t E = static_cast<int32_t>(logits.size(1));
-  RouteArgs a;
-  a.num_tokens = T;
-  a.num_experts = E;
-  a.top_k = static_cast<int32_t>(k);
-  a.renormalize = renormalize;
-  a.skip_gap = gaps.empty() ? nullptr : gaps.data();
-  a.keep = keep.has_value() ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  const RouteArgs a = route_args(logits, k, renormalize, gaps, keep);
+  const int64_t T = a.num_tokens;
+  const int32_t E = a.num_experts;
   const DType dtype = dtype_of(logits, "logits");
   const void* src = logits.data_ptr();
   float* w = weights.data_ptr<float>();

@@ -23,13 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cud
   const c10::cuda::CUDAGuard guard(logits.device());
   if (keep.has_value()) check_keep_leaves_k(*keep, k);  // on the device: no synchronization
   auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
-  RouteArgs a;
-  a.num_tokens = logits.size(0);
-  a.num_experts = static_cast<int32_t>(logits.size(1));
-  a.top_k = static_cast<int32_t>(k);
-  a.renormalize = renormalize;
-  a.skip_gap = gaps.empty() ? nullptr : gaps.data();  // host memory: passed by value to the kernel
-  a.keep = keep.has_value() ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  const RouteArgs a = route_args(logits, k, renormalize, gaps, keep);
   const size_t ws_bytes = cuda::route_workspace_bytes(a.num_tokens * k, a.num_experts);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
   C10_CUDA_CHECK(cuda::route(dtype_of(logits, "logits"), logits.data_ptr(), a, weights.data_ptr<float>(),

@@ -27,21 +27,36 @@ bool near(double a, double b, double tol) { return std::fabs(a - b) <= tol * (1.
 using moe_fast::DType;
 using moe_fast::RouteArgs;
 
+// What route writes: weights [T, k], ids [T, k], counts [E], offsets [E + 1], perm [T * k].
+struct Routed {
+  std::vector<float> w;
+  std::vector<int32_t> ids, counts, offsets, perm;
+};
+
+// Routes float32 logits [T, E] with the CPU kernel; gaps [k] and keep [E] may be null.
+Routed route_float32(const std::vector<float>& logits, int64_t T, int32_t E, int32_t k, const double* gaps,
+                     const uint8_t* keep) {
+  RouteArgs a;
+  a.num_tokens = T;
+  a.num_experts = E;
+  a.top_k = k;
+  a.skip_gap = gaps;
+  a.keep = keep;
+  Routed r{std::vector<float>(T * k), std::vector<int32_t>(T * k), std::vector<int32_t>(E),
+           std::vector<int32_t>(E + 1), std::vector<int32_t>(T * k)};
+  const char* err = moe_fast::cpu::route(DType::Float32, logits.data(), a, r.w.data(), r.ids.data(), r.counts.data(),
+                                         r.offsets.data(), r.perm.data());
+  EXPECT(err == nullptr);
+  return r;
+}
+
 void test_route_top2_with_skip() {
   // Two tokens, 4 experts, top-2. Token 0: experts 2 and 0 (gap 0.5); token 1: experts 1 and 3
   // (gap 2.0). beta = exp(-1): token 1's second slot is skipped.
   const std::vector<float> logits = {1.0f, -1.0f, 1.5f, 0.0f,  //
                                      0.0f, 3.0f, -2.0f, 1.0f};
   const double gaps[2] = {std::numeric_limits<double>::infinity(), 1.0};
-  RouteArgs a;
-  a.num_tokens = 2;
-  a.num_experts = 4;
-  a.top_k = 2;
-  a.skip_gap = gaps;
-  std::vector<float> w(4);
-  std::vector<int32_t> ids(4), counts(4), offsets(5), perm(4);
-  moe_fast::cpu::route(DType::Float32, logits.data(), a, w.data(), ids.data(), counts.data(), offsets.data(),
-                       perm.data());
+  const auto [w, ids, counts, offsets, perm] = route_float32(logits, 2, 4, 2, gaps, nullptr);
   EXPECT(ids[0] == 2 && ids[1] == 0 && ids[2] == 1 && ids[3] == 4);
   const double w0 = 1.0 / (1.0 + std::exp(-0.5));
   EXPECT(near(w[0], w0, 1e-6) && near(w[1], 1.0 - w0, 1e-6));
@@ -61,15 +76,7 @@ void test_route_ties_mask_and_degenerate_rows() {
                                      -inf, -inf, -inf, -inf,  //
                                      nan, 5.0f, nan, 0.0f};
   const uint8_t keep[4] = {1, 0, 1, 1};
-  RouteArgs a;
-  a.num_tokens = 3;
-  a.num_experts = 4;
-  a.top_k = 2;
-  a.keep = keep;
-  std::vector<float> w(6);
-  std::vector<int32_t> ids(6), counts(4), offsets(5), perm(6);
-  moe_fast::cpu::route(DType::Float32, logits.data(), a, w.data(), ids.data(), counts.data(), offsets.data(),
-                       perm.data());
+  const auto [w, ids, counts, offsets, perm] = route_float32(logits, 3, 4, 2, nullptr, keep);
   EXPECT(ids[0] == 0 && ids[1] == 2);
   EXPECT(ids[2] == 0 && ids[3] == 2 && w[2] == 0.5f && w[3] == 0.5f);
   EXPECT(ids[4] == 3 && ids[5] == 0 && w[4] == 1.0f && w[5] == 0.0f);

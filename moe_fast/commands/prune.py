@@ -106,17 +106,20 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             quantile=args.skip_quantile,
             batch_size=args.skip_batch_size,
-            n_samples=args.n_samples,
-            seq_len=args.seq_len,
-            seed=args.seed,
             device=args.device or "cpu",
             dtype=args.dtype,
-            progress=not args.no_progress,
+            **_calibration_options(args),
         )
         print(skipped["table"])
         print(f"expert calls saved on the calibration data: {skipped['saved_fraction_mean']:.1%}")
     print(f"pruned checkpoint: {args.out}")
     return 0
+
+
+def _calibration_options(args: argparse.Namespace) -> dict:
+    """The calibration sample and progress options that pruning, the baselines and skipping
+    calibration all take from the same flags."""
+    return dict(n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, progress=not args.no_progress)
 
 
 def run_baseline(args: argparse.Namespace) -> None:
@@ -128,12 +131,9 @@ def run_baseline(args: argparse.Namespace) -> None:
         args.keep,
         args.criterion,
         args.out,
-        seed=args.seed,
-        n_samples=args.n_samples,
-        seq_len=args.seq_len,
         batch_size=args.batch_size,
         device=args.device or "cpu",
-        progress=not args.no_progress,
+        **_calibration_options(args),
     )
     print(f"criterion {args.criterion}: kept experts per layer")
     for layer, experts in sorted(kept.items()):
@@ -168,16 +168,13 @@ def _prune(args: argparse.Namespace, prune, device):
             objective=args.objective,
             search=args.search,
             beam_width=args.beam_width,
-            n_samples=args.n_samples,
-            seq_len=args.seq_len,
             batch_size=args.batch_size,
-            seed=args.seed,
             device=device,
             dtype=args.dtype,
             resume=args.resume,
             chunk_tokens=args.chunk_tokens,
             return_model=False,
-            progress=not args.no_progress,
+            **_calibration_options(args),
         )
     except RankFailed as err:
         raise ValueError(str(err)) from err  # reported as a command error (exit status 2)

@@ -17,6 +17,7 @@ from torch import nn
 from moe_fast import ops, reference
 from moe_fast.adapters import MoEAdapter
 from moe_fast.masked_forward import run_experts
+from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
 
 
 def ranked_plan(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
@@ -62,54 +63,31 @@ class LayerStats:
         }
 
 
-class StatsForward:
-    """Replaces a block's forward while the calibration batches pass: records LayerStats.
+class StatsForward(BlockRecorder):
+    """Records LayerStats: every token's M = rank_bound first ranks run up front.
 
-    Layer-wise (``targets`` None) it returns the unpruned block output, assembled from the
-    outputs already computed, so the layer forward that feeds the next layer costs no extra
-    expert work. Progressive it records against the given target and returns the unpruned
-    output too (the caller discards it).
+    Layer-wise (``target`` None) it keeps the unpruned routing weights as the target; progressive
+    the cross products with the given target. It returns the unpruned block output either way.
     """
 
     def __init__(self, adapter: MoEAdapter, block: nn.Module, rank_bound: int, stats: LayerStats, chunk_tokens: int) -> None:
-        self.adapter, self.block, self.rank_bound, self.stats = adapter, block, rank_bound, stats
-        self.chunk = max(1, int(chunk_tokens))
-        self.group_id = 0
-        self.target: torch.Tensor | None = None  # [T, H] progressive target of the current batch
+        super().__init__(adapter, block, stats, chunk_tokens)
+        self.rank_bound = rank_bound
 
-    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter, k, m = self.adapter, self.adapter.top_k, self.rank_bound
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        logits = adapter.router_logits(self.block, x).float().contiguous()
-        extra = adapter.extra_output(self.block, x)
-        out = torch.empty_like(x)
-        st = self.stats
-        for lo in range(0, x.shape[0], self.chunk):
-            hi = min(x.shape[0], lo + self.chunk)
-            lg = logits[lo:hi].contiguous()
-            ids, offsets, perm = ranked_plan(lg, m)
-            y = run_experts(adapter, self.block.experts, x[lo:hi], offsets, perm, m)
-            w = ops.route(lg, k, adapter.renormalize).weights  # unpruned weights = first k ranked slots
-            out[lo:hi] = (w.unsqueeze(-1) * y[:, :k].float()).sum(1).to(out.dtype)
-            if self.target is None:
-                gram, _, _ = ops.expert_gram(y)
-                tw = torch.zeros(hi - lo, m, dtype=torch.float32, device=x.device)
-                tw[:, :k] = w
-                st.target_weights.append(tw)
-            else:
-                target = self.target[lo:hi]
-                if extra is not None:  # the shared path on this input does not depend on pruning
-                    target = target - extra[lo:hi]
-                gram, cross, tsq = ops.expert_gram(y, target.to(y.dtype).contiguous())
-                st.cross.append(cross)
-                st.target_sq.append(tsq)
-            st.gram.append(gram)
-            st.ids.append(ids)
-            st.logits.append(lg)
-            st.group.append(torch.full((hi - lo,), self.group_id, dtype=torch.int64, device=x.device))
-            del y
-        st.num_groups = max(st.num_groups, self.group_id + 1)
-        if extra is not None:
-            out = out + extra.to(out.dtype)
-        return out.view(shape)
+    def ranked_outputs(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, offsets, perm = ranked_plan(logits, self.rank_bound)
+        return ids, run_experts(self.adapter, self.block.experts, x, offsets, perm, self.rank_bound)
+
+    def keep(self, chunk: RecordedChunk) -> None:
+        st, k = self.store, self.adapter.top_k
+        if chunk.target is None:
+            tw = torch.zeros(chunk.x.shape[0], self.rank_bound, dtype=torch.float32, device=chunk.x.device)
+            tw[:, :k] = chunk.weights
+            st.target_weights.append(tw)
+        else:
+            st.cross.append(chunk.cross)
+            st.target_sq.append(chunk.target_sq)
+        st.gram.append(chunk.gram)
+        st.ids.append(chunk.ranked)
+        st.logits.append(chunk.logits)
+        st.group.append(chunk.group)

@@ -23,6 +23,7 @@ from torch import nn
 
 from moe_fast import ops, reference
 from moe_fast.adapters import MoEAdapter
+from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
 
 
 def ranking(logits: torch.Tensor, m: int) -> torch.Tensor:
@@ -262,48 +263,24 @@ class LazyOutputs:
             yield tok, err.cpu()
 
 
-class LazyRecorder:
-    """Replaces a block's forward while the calibration batches pass: the first k + 1 ranks of
-    every token, into a LazyOutputs (same contract as ``StatsForward``: it returns the unpruned
-    block output; progressive with ``target`` set it records against that target)."""
+class LazyRecorder(BlockRecorder):
+    """Records the first k + 1 ranks of every token into a LazyOutputs (the others wait until
+    a candidate needs them: ``LazyOutputs.extend``)."""
 
     def __init__(self, adapter: MoEAdapter, block: nn.Module, store: LazyOutputs, chunk_tokens: int, first_ranks: int | None = None) -> None:
-        self.adapter, self.block, self.store = adapter, block, store
-        self.chunk = max(1, int(chunk_tokens))
+        super().__init__(adapter, block, store, chunk_tokens)
         self.first = min(store.rank_bound, first_ranks or adapter.top_k + 1)
         store.first_ranks = self.first
-        self.group_id = 0
-        self.target: torch.Tensor | None = None
 
-    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter, k, st = self.adapter, self.adapter.top_k, self.store
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        logits = adapter.router_logits(self.block, x).float().contiguous()
-        extra = adapter.extra_output(self.block, x)
-        out = torch.empty_like(x)
-        for lo in range(0, x.shape[0], self.chunk):
-            hi = min(x.shape[0], lo + self.chunk)
-            lg = logits[lo:hi].contiguous()
-            order = ranking(lg, st.rank_bound)
-            xs = x[lo:hi].contiguous()
-            n, d = hi - lo, self.first
-            rows = torch.arange(n, device=x.device).repeat_interleave(d)
-            y = run_pairs(adapter, self.block.experts, xs, rows, order[:, :d].reshape(-1)).view(n, d, -1)
-            w = ops.route(lg, k, adapter.renormalize).weights
-            out[lo:hi] = (w.unsqueeze(-1) * y[:, :k].float()).sum(1).to(out.dtype)
-            group = torch.full((n,), self.group_id, dtype=torch.int64, device=x.device)
-            if self.target is None:
-                gram = ops.expert_gram(y)[0]
-                st.add_chunk(xs, lg, order, group, y, gram, tw=w)
-            else:
-                z = self.target[lo:hi]
-                if extra is not None:
-                    z = z - extra[lo:hi]
-                z = z.to(y.dtype).contiguous()
-                gram, cross, tsq = ops.expert_gram(y, z)
-                st.add_chunk(xs, lg, order, group, y, gram, z=z, cross=cross, tsq=tsq)
-        st.num_groups = max(st.num_groups, self.group_id + 1)
-        if extra is not None:
-            out = out + extra.to(out.dtype)
-        return out.view(shape)
+    def ranked_outputs(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = ranking(logits, self.store.rank_bound)
+        n, d = x.shape[0], self.first
+        rows = torch.arange(n, device=x.device).repeat_interleave(d)
+        return order, run_pairs(self.adapter, self.block.experts, x, rows, order[:, :d].reshape(-1)).view(n, d, -1)
+
+    def keep(self, chunk: RecordedChunk) -> None:
+        c = chunk
+        if c.target is None:
+            self.store.add_chunk(c.x, c.logits, c.ranked, c.group, c.outputs, c.gram, tw=c.weights)
+        else:
+            self.store.add_chunk(c.x, c.logits, c.ranked, c.group, c.outputs, c.gram, z=c.target, cross=c.cross, tsq=c.target_sq)

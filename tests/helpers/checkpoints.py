@@ -10,3 +10,16 @@ def save_checkpoint(model, path, tokenizer=None, shard: str | None = "40KB") -> 
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return str(path)
+
+
+def save_pruning_checkpoint(tmp_path) -> tuple[str, str]:
+    """The command-line pruning tests' input: a sharded 4-layer tiny Mixtral in ``tmp_path/src``
+    and 8 x 16 calibration ids in ``tmp_path/ids.pt``; returns (model folder, ids file)."""
+    import torch
+
+    from helpers.tiny_models import tiny_mixtral
+
+    src = save_checkpoint(tiny_mixtral(11, layers=4), tmp_path / "src")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    return src, str(tmp_path / "ids.pt")
