@@ -1,7 +1,7 @@
 """The CPU route kernel at each instruction level (scalar, AVX2) gives the same routing.
 
 The level is fixed when the extension first routes (MOE_FAST_CPU_CAPABILITY, else
-ATEN_CPU_CAPABILITY; docs/ARCHITECTURE.md), so each level runs in its own Python process on the
+ATEN_CPU_CAPABILITY; CpuLevel in moe_fast/kernels.h), so each level runs in its own process on the
 same inputs: ids, counts, offsets and perm must be identical, weights within 2 float32 ulps.
 """
 
