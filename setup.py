@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -81,8 +82,21 @@ def _config_stamp(cuda: bool) -> str:
     return os.path.relpath(path, ROOT)
 
 
+# Kernels that use instructions beyond baseline x86-64, each folder with its own flags. The rest
+# of the build stays baseline, so one build runs on every x86 CPU; the kernels pick at run time
+# (moe_fast/kernels.h, CpuLevel). Without the flags (another CPU or compiler) these files compile
+# to stubs and the scalar code runs.
+_ISA_SOURCES = {"csrc/cpu/avx2/*.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+
+
+def _isa_flags(compiler_type: str, flags: list[str]) -> list[str]:
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return flags if x86 and compiler_type == "unix" else []
+
+
 class _BuildExt(BuildExtension.with_options(use_ninja=True)):
-    """torch's BuildExtension with a persistent object folder, so that rebuilds are incremental."""
+    """torch's BuildExtension with a persistent object folder, so that rebuilds are incremental,
+    and per-folder instruction-set flags (_ISA_SOURCES), which torch's one set of flags lacks."""
 
     def finalize_options(self) -> None:
         super().finalize_options()
@@ -92,13 +106,36 @@ class _BuildExt(BuildExtension.with_options(use_ninja=True)):
         # extension is out of date, so an up-to-date extension is neither recompiled nor relinked.
         self.force = False
 
+    def build_extension(self, ext) -> None:
+        # Compiled first, in their own ninja file (own folder), then linked in as extra objects.
+        base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        for pattern, flags in _ISA_SOURCES.items():
+            sources = _sources(pattern)
+            if not sources:
+                continue
+            objects = self.compiler.compile(
+                sources,
+                output_dir=os.path.join(self.build_temp, "isa", os.path.basename(os.path.dirname(pattern))),
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": [*base, *_isa_flags(self.compiler.compiler_type, flags)]},
+                depends=ext.depends,
+            )
+            ext.extra_objects = [o for o in ext.extra_objects if o not in objects] + objects
+        super().build_extension(ext)
+
 
 def _extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     sources = ["csrc/registration.cpp", "csrc/bindings/cpu_bindings.cpp", *_sources("csrc/cpu/*.cpp")]
     cuda = _want_cuda()
-    depends = [*_sources("csrc/include/moe_fast/*.h"), *_sources("csrc/bindings/*.h"), _config_stamp(cuda)]
+    isa_sources = [p for pattern in _ISA_SOURCES for p in (*_sources(pattern), *_sources(pattern[:-3] + "h"))]
+    depends = [
+        *_sources("csrc/include/moe_fast/*.h"),
+        *_sources("csrc/bindings/*.h"),
+        *isa_sources,
+        _config_stamp(cuda),
+    ]
     if cuda:
         sources += ["csrc/bindings/cuda_bindings.cpp", *_sources("csrc/cuda/*.cu")]
         # No -std: torch's cpp_extension passes the standard its headers need (C++17 up to torch

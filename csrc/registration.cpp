@@ -3,9 +3,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "moe_fast/kernels.h"
+
+namespace {
+
+// moe_fast._C.route_cpu_capability() -> "default" | "avx2": the CPU level the route kernel runs
+// at (kernels.h, CpuLevel; MOE_FAST_CPU_CAPABILITY / ATEN_CPU_CAPABILITY lower it).
+PyObject* route_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(moe_fast::cpu::cpu_level_name(moe_fast::cpu::route_cpu_level()));
+}
+
+PyMethodDef module_methods[] = {
+    {"route_cpu_capability", route_cpu_capability, METH_NOARGS, "CPU level of the route kernel: default or avx2"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import moe_fast._C` only has to load this library: the static registrations below run then.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 

@@ -1,4 +1,6 @@
-// Op 1 on the CPU: fused routing with threshold skipping, and the dispatch plan.
+// Op 1 on the CPU: fused routing with threshold skipping, and the dispatch plan. The scalar row
+// kernel lives here; route_rows hands the rows to the AVX2 one (avx2/route_avx2.cpp) where the
+// CPU has it (cpu_level.cpp).
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -6,6 +8,7 @@
 #include <vector>
 
 #include "moe_fast/kernels.h"
+#include "avx2/route_avx2.h"
 
 namespace moe_fast {
 namespace cpu {
@@ -122,10 +125,8 @@ void route_rows_typed(const scalar_t* logits, const RouteArgs& a, int64_t t_begi
   }
 }
 
-}  // namespace
-
-void route_rows(DType dtype, const void* logits, const RouteArgs& args, int64_t t_begin,
-                int64_t t_end, float* weights, int32_t* ids) {
+void route_rows_scalar(DType dtype, const void* logits, const RouteArgs& args, int64_t t_begin, int64_t t_end,
+                       float* weights, int32_t* ids) {
   switch (dtype) {
     case DType::Float32:
       return route_rows_typed(static_cast<const float*>(logits), args, t_begin, t_end, weights, ids);
@@ -134,6 +135,22 @@ void route_rows(DType dtype, const void* logits, const RouteArgs& args, int64_t 
     case DType::Float16:
       return route_rows_typed(static_cast<const fp16_t*>(logits), args, t_begin, t_end, weights, ids);
   }
+}
+
+}  // namespace
+
+void route_rows_at(CpuLevel level, DType dtype, const void* logits, const RouteArgs& args, int64_t t_begin,
+                   int64_t t_end, float* weights, int32_t* ids) {
+  if (level == CpuLevel::Avx2 && cpu_level_supported(CpuLevel::Avx2) &&
+      route_rows_avx2(dtype, logits, args, t_begin, t_end, weights, ids)) {
+    return;
+  }
+  route_rows_scalar(dtype, logits, args, t_begin, t_end, weights, ids);
+}
+
+void route_rows(DType dtype, const void* logits, const RouteArgs& args, int64_t t_begin,
+                int64_t t_end, float* weights, int32_t* ids) {
+  route_rows_at(route_cpu_level(), dtype, logits, args, t_begin, t_end, weights, ids);
 }
 
 // Both plan passes count into a local copy: the callers' per-range arrays sit side by side, and

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <vector>
@@ -359,9 +361,141 @@ void test_candidate_rules() {
   EXPECT(moe_fast::candidate_drops_within_rank(6, 8, 4, 2) && !moe_fast::candidate_drops_within_rank(5, 8, 4, 2));
 }
 
+// Logits for comparing the CPU levels: random, with ties, NaN, +-inf, -0, all--inf and all-NaN
+// rows, and rows whose gap to the top lies exactly on a skip threshold (see skip_border_gaps).
+std::vector<float> adversarial_logits(int64_t T, int32_t E, uint32_t seed) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::uniform_int_distribution<int> small(-2, 2), pick(0, 15);
+  std::vector<float> x(static_cast<size_t>(T) * E);
+  for (int64_t t = 0; t < T; ++t) {
+    const int kind = pick(rng);
+    for (int32_t e = 0; e < E; ++e) {
+      float v = kind < 6 ? normal(rng) : static_cast<float>(small(rng));  // kinds 6+: many ties
+      const int special = pick(rng);
+      if (kind >= 10 && special == 0) v = nan;
+      if (kind >= 10 && special == 1) v = -inf;
+      if (kind >= 10 && special == 2) v = inf;
+      if (kind >= 10 && special == 3) v = -0.0f;
+      if (kind == 14) v = -inf;
+      if (kind == 15) v = (e % 2 == 0) ? nan : -inf;
+      x[static_cast<size_t>(t) * E + e] = v;
+    }
+  }
+  return x;
+}
+
+// Gaps that some rows meet exactly: l_0 - l_j in float64 of the first row with finite logits
+// (the skip test is strict, so that slot stays), and one a hair below it (that slot goes).
+std::vector<double> skip_border_gaps(const std::vector<float>& x, int32_t E, int32_t k, bool just_below) {
+  std::vector<double> gaps(k, 1.0);
+  gaps[0] = std::numeric_limits<double>::infinity();
+  std::vector<float> row(x.begin(), x.begin() + E);
+  for (float& v : row) v = std::isfinite(v) ? v : -1e30f;
+  std::sort(row.begin(), row.end(), std::greater<float>());
+  for (int32_t j = 1; j < k; ++j) {
+    const double gap = static_cast<double>(row[0]) - static_cast<double>(row[j]);
+    gaps[j] = just_below ? std::nextafter(gap, 0.0) : gap;
+  }
+  return gaps;
+}
+
+uint16_t to_bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return static_cast<uint16_t>(u >> 16);  // truncation: any bf16 pattern will do
+}
+
+uint16_t to_fp16_bits(float v) {  // round toward zero, with inf/NaN/overflow; enough for a test
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  if (v != v) return static_cast<uint16_t>(sign | 0x7E00u);
+  const float a = std::fabs(v);
+  if (a >= 65520.0f) return static_cast<uint16_t>(sign | 0x7C00u);
+  if (a < 6.1035156e-05f) return static_cast<uint16_t>(sign | static_cast<uint16_t>(a / 5.9604645e-08f));
+  const int32_t exp = static_cast<int32_t>((u >> 23) & 0xFF) - 127 + 15;
+  return static_cast<uint16_t>(sign | (exp << 10) | ((u >> 13) & 0x3FFu));
+}
+
+int64_t ulp_distance(float a, float b) {
+  auto ordered = [](float v) {
+    int32_t i;
+    std::memcpy(&i, &v, sizeof(i));
+    return i < 0 ? static_cast<int64_t>(INT32_MIN) - i : static_cast<int64_t>(i);
+  };
+  return std::llabs(ordered(a) - ordered(b));
+}
+
+// route_rows at every level against the scalar code: the same ids, weights within 2 ulps, for
+// every dtype, E, k, skip and renormalize setting, keep mask, and token range (unaligned ones too).
+void test_route_levels_agree() {
+  using moe_fast::cpu::CpuLevel;
+  EXPECT(moe_fast::cpu::cpu_level_supported(CpuLevel::Default));
+  if (!moe_fast::cpu::cpu_level_supported(CpuLevel::Avx2)) {
+    std::printf("test_route_levels_agree: this build or CPU has no AVX2 kernel; skipped\n");
+    return;
+  }
+  int64_t worst_ulps = 0, cases = 0;
+  const int32_t experts[] = {1, 2, 3, 7, 8, 9, 16, 60, 64, 256};
+  for (const int32_t E : experts) {
+    const int64_t T = E >= 64 ? 45 : 203;
+    const std::vector<float> x = adversarial_logits(T, E, static_cast<uint32_t>(E));
+    std::vector<uint16_t> xb(x.size()), xh(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      xb[i] = to_bf16_bits(x[i]);
+      xh[i] = to_fp16_bits(x[i]);
+    }
+    std::vector<uint8_t> keep(E, 1);
+    for (int32_t e = 0; e < E; e += 3) keep[e] = 0;
+    for (int32_t k = 1; k <= std::min(8, E); ++k) {
+      const bool can_mask = moe_fast::count_nonzero(keep.data(), E) >= k;
+      const std::vector<double> border = skip_border_gaps(x, E, k, false), below = skip_border_gaps(x, E, k, true);
+      const std::vector<double> half(k, -std::log(0.5));
+      for (int variant = 0; variant < 16; ++variant) {
+        const int dtype = variant % 3;
+        const int skip = (variant / 3) % 4;  // none, 0.5, exactly at a border, just below it
+        RouteArgs a;
+        a.num_tokens = T;
+        a.num_experts = E;
+        a.top_k = k;
+        a.renormalize = (variant & 1) == 0;
+        a.skip_gap = skip == 1 ? half.data() : skip == 2 ? border.data() : skip == 3 ? below.data() : nullptr;
+        a.keep = (variant >= 8 && can_mask) ? keep.data() : nullptr;
+        const void* src = dtype == 0 ? static_cast<const void*>(x.data())
+                                     : dtype == 1 ? static_cast<const void*>(xb.data()) : xh.data();
+        const DType dt = dtype == 0 ? DType::Float32 : dtype == 1 ? DType::BFloat16 : DType::Float16;
+        std::vector<float> w0(T * k, -1.f), w1(T * k, -2.f);
+        std::vector<int32_t> i0(T * k, -1), i1(T * k, -2);
+        const int64_t cut = 1 + variant % 13;  // two ranges, the first unaligned
+        for (const CpuLevel level : {CpuLevel::Default, CpuLevel::Avx2}) {
+          float* w = level == CpuLevel::Default ? w0.data() : w1.data();
+          int32_t* id = level == CpuLevel::Default ? i0.data() : i1.data();
+          moe_fast::cpu::route_rows_at(level, dt, src, a, 0, cut, w, id);
+          moe_fast::cpu::route_rows_at(level, dt, src, a, cut, T, w, id);
+        }
+        ++cases;
+        bool same_ids = true;
+        for (int64_t s = 0; s < T * k; ++s) {
+          same_ids = same_ids && i0[s] == i1[s];
+          worst_ulps = std::max(worst_ulps, ulp_distance(w0[s], w1[s]));
+        }
+        if (!same_ids) std::fprintf(stderr, "levels differ in ids: E=%d k=%d variant=%d\n", E, k, variant);
+        EXPECT(same_ids);
+      }
+    }
+  }
+  EXPECT(worst_ulps <= 2);
+  std::printf("test_route_levels_agree: %lld cases, weights within %lld ulps\n", static_cast<long long>(cases),
+              static_cast<long long>(worst_ulps));
+}
+
 }  // namespace
 
 int main() {
+  test_route_levels_agree();
   test_route_slot_weights();
   test_candidate_rules();
   test_expert_gram_target_with_zero_hidden();

@@ -185,10 +185,34 @@ inline void build_loss_chunks(const int64_t* start, int64_t num_groups, std::vec
 
 namespace cpu {
 
+// CPU instruction levels of the route kernel: the scalar code (baseline x86-64, or any CPU) and
+// an AVX2 + FMA + F16C kernel, eight tokens per register. Both give the same ids (and so the
+// same plan); weights agree within 2 float32 ulps. One build holds both; route_rows picks at run
+// time, like ATen's CPU dispatch.
+enum class CpuLevel : int32_t { Default = 0, Avx2 = 1 };
+
+// Whether this build and this CPU can run `level` (Default: always).
+bool cpu_level_supported(CpuLevel level);
+
+// The level route_rows uses, fixed at the first call: the best supported one, unless the
+// environment asks for less. MOE_FAST_CPU_CAPABILITY, or when unset ATEN_CPU_CAPABILITY (the
+// variable that sets PyTorch's own level), = "default" selects the scalar code; any other value
+// (avx2, avx512, ...) the best supported level.
+CpuLevel route_cpu_level();
+
+// "default" or "avx2".
+const char* cpu_level_name(CpuLevel level);
+
 // Routes tokens [t_begin, t_end) of logits [T, E] (element type `dtype`) into
-// weights [T, k] float32 and ids [T, k] int32 (a skipped slot: id E, weight 0).
+// weights [T, k] float32 and ids [T, k] int32 (a skipped slot: id E, weight 0), at
+// route_cpu_level().
 void route_rows(DType dtype, const void* logits, const RouteArgs& args, int64_t t_begin,
                 int64_t t_end, float* weights, int32_t* ids);
+
+// route_rows at a given level (the tests compare the levels); a level this CPU or build lacks
+// runs the scalar code.
+void route_rows_at(CpuLevel level, DType dtype, const void* logits, const RouteArgs& args, int64_t t_begin,
+                   int64_t t_end, float* weights, int32_t* ids);
 
 // Adds the slots of tokens [t_begin, t_end) to counts[E + 1] (bucket E: skipped slots).
 void plan_histogram(const int32_t* ids, int64_t t_begin, int64_t t_end, int32_t top_k,
