@@ -58,12 +58,14 @@ void mark_groups(const RouteSpecArgs& a, TokenScores& ts) {
   }
 }
 
-// The K largest routing keys, largest first (max/min exchanges: no data-dependent branches).
+// The K largest routing keys, largest first: an insertion as max/min exchanges, skipped for the
+// (after the first few, most) keys below the K-th best so far.
 template <int K>
 void top_keys(const TokenScores& ts, int32_t num_experts, uint64_t (&top)[K]) {
   for (int j = 0; j < K; ++j) top[j] = 0;
   for (int32_t e = 0; e < num_experts; ++e) {
     uint64_t key = route_key(ts.tier[e], ts.value[e], e);
+    if (key <= top[K - 1]) continue;
     for (int j = 0; j < K; ++j) {
       const uint64_t hi = key > top[j] ? key : top[j];
       key = key > top[j] ? top[j] : key;
