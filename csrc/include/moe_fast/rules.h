@@ -1,7 +1,8 @@
 // The rules that the CPU kernels, the CUDA kernels and the torch bindings share, each in one
 // place: limits, logit sanitizing, the Gram packing, expert bit masks, what a ranked ids row is,
 // the skip threshold and route's slot weights, the experts a candidate keeps among a token's
-// ranked ones, and what a candidate keep-set may drop. Plain C++ callable from host and device
+// ranked ones, what a candidate keep-set may drop, and the general router's rules (sigmoid
+// scores, group scores and eligibility, routing keys, the skip test on log-weights). Plain C++ callable from host and device
 // code (MOE_FAST_HD); no torch header. moe_fast/reference.py states the same rules in PyTorch;
 // docs/ARCHITECTURE.md says where each layer sits.
 #pragma once
