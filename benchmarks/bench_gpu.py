@@ -5,6 +5,9 @@ Rows (CUDA-event medians after warm-up, random data, bf16 logits):
     (MixtralTopKRouter.forward after its F.linear, then MixtralExperts.forward's index work) and vs
     the fastest plain-torch formulation (softmax, topk, stable sort of the flat ids, bincount);
     T in {1, 64, 4096, 65536}, E in {8, 64}, k = 2.
+  * route DeepSeek-V3: moe_fast.ops.route_spec (sigmoid, selection bias, 8 groups with 4 eligible,
+    k = 8, E = 256, scaling 2.5) vs DeepseekV3TopkRouter.forward after its F.linear + the
+    one_hot/where dispatch (hf_routers.py); T in {64, 4096, 65536}.
   * subset_loss: C(8,4) = 70 candidates over 262144 tokens, and a 64-expert greedy step
     (64 candidates), vs the same objective in plain torch on the GPU (moe_fast.reference's math).
   * Mixtral-8x7B MoE block (hidden 4096, ffn 14336, 8 experts, top-2, bf16), prefill T=4096 and
@@ -38,8 +41,10 @@ import torch
 
 import moe_fast
 from moe_fast import ops, reference
+from moe_fast.routing_spec import RoutingSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_routers import deepseek_v3_route_dispatch  # noqa: E402
 from timing import format_table  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
@@ -168,6 +173,35 @@ def bench_route(quick: bool) -> list[list]:
             case = f"T={T} E={E} k=2 bf16"
             rows.append(["route", case, "transformers Mixtral router + one_hot/where", hf, fast, hf / fast, ""])
             rows.append(["route", case, "plain torch softmax+topk+sort", plain, fast, plain / fast, ""])
+    return rows
+
+
+def selection_agreement(ids: torch.Tensor, want: torch.Tensor) -> float:
+    """Share of tokens whose chosen expert sets agree (order inside a row ignored: transformers'
+    topk(sorted=False) does not rank them). The GPU's sigmoid (expf) may differ from the CPU's by
+    an ulp, which can flip a choice between two experts whose float32 scores are that close."""
+    if ids.shape[0] == 0:
+        return 1.0
+    same = ids.long().cpu().sort(-1).values == want.long().cpu().sort(-1).values
+    return float(same.all(-1).float().mean())
+
+
+def bench_route_deepseek(quick: bool) -> list[list]:
+    E, k, n_group, topk_group, scaling = 256, 8, 8, 4, 2.5
+    bias = torch.randn(E, device="cuda") * 0.05
+    spec = RoutingSpec("sigmoid", k, True, scaling, bias, n_group, topk_group)
+    rows = []
+    for T in (64, 4096, 65536):
+        logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+        got = ops.route_spec(logits, spec)
+        agree = selection_agreement(got.ids, reference.route_spec(logits.cpu(), spec.with_selection_bias(bias.cpu())).ids)
+        assert agree >= 0.999, f"DeepSeek-V3 routing differs from the reference on {1 - agree:.2%} of the tokens"
+        reps = 10 if quick else 50
+        fast = cuda_ms(lambda: ops.route_spec(logits, spec), reps)
+        hf = cuda_ms(lambda: deepseek_v3_route_dispatch(logits, bias, n_group, topk_group, k, scaling), reps)
+        rows.append(["route", f"DeepSeek-V3 T={T} E={E} k={k} 8 groups bf16",
+                     "transformers DeepseekV3TopkRouter + one_hot/where", hf, fast, hf / fast,
+                     f"{agree:.4%} same selection as the reference"])
     return rows
 
 
@@ -365,7 +399,7 @@ def main() -> int:
         failed += 1
         traceback.print_exc()
         roof = [["roofline", "FAILED", f"{type(err).__name__}: {err}"[:200]] + [""] * 8]
-    for section in (bench_route, bench_subset, bench_block, bench_search):
+    for section in (bench_route, bench_route_deepseek, bench_subset, bench_block, bench_search):
         t0 = time.perf_counter()
         try:
             rows += section(args.quick)

@@ -4,6 +4,8 @@ Both start from router logits (the gate matmul is the same for both and left out
 transformers baseline is MixtralTopKRouter's softmax/top-k/renormalize followed by the
 one_hot/permute/nonzero/where dispatch of MixtralExperts.forward; "torch sort" is the fastest
 plain-torch formulation we know (softmax, topk, a stable sort of the flat ids for the plan).
+A second table routes DeepSeek-V3's way (ops.route_spec: sigmoid, selection bias, expert groups)
+against DeepseekV3TopkRouter + DeepseekV3Experts' dispatch (hf_routers.py).
 
     python benchmarks/bench_route.py [--quick]
 """
@@ -15,7 +17,9 @@ import argparse
 import torch
 
 import moe_fast  # noqa: F401
+from hf_routers import deepseek_v3_route_dispatch
 from moe_fast import ops
+from moe_fast.routing_spec import RoutingSpec
 from timing import format_table, machine_line, median_seconds
 
 
@@ -52,6 +56,25 @@ def torch_sort_route(logits: torch.Tensor, k: int, beta: float | None):
     return top, idx, perm, counts
 
 
+def deepseek_v3_rows(quick: bool) -> list[list]:
+    """DeepSeek-V3-shaped routing (256 experts, top-8, 8 groups, topk_group 4, a selection bias,
+    routed_scaling_factor 2.5) against DeepseekV3TopkRouter + one_hot/where (hf_routers.py)."""
+    E, k, n_group, topk_group, scaling = 256, 8, 8, 4, 2.5
+    bias = torch.randn(E) * 0.05
+    spec = RoutingSpec("sigmoid", k, True, scaling, bias, n_group, topk_group)
+    rows = []
+    for T in [1, 64, 4096] if quick else [1, 64, 4096, 32768]:
+        logits = torch.randn(T, E) * 2
+        got = ops.route_spec(logits, spec)
+        _, want_ids, _ = deepseek_v3_route_dispatch(logits, bias, n_group, topk_group, k, scaling)
+        assert torch.equal(got.ids.long().sort(-1).values, want_ids.sort(-1).values), "DeepSeek-V3 selection differs"
+        reps = 3 if quick or T > 4096 else 10
+        t_hf = median_seconds(lambda: deepseek_v3_route_dispatch(logits, bias, n_group, topk_group, k, scaling), reps)
+        t_op = median_seconds(lambda: ops.route_spec(logits, spec), reps)
+        rows.append([E, T, t_hf * 1e6, t_op * 1e6, t_hf / t_op])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -78,6 +101,10 @@ def main() -> None:
             rows,
         )
     )
+
+    print()
+    print("DeepSeek-V3 routing + dispatch plan: sigmoid, bias, 8 groups (4 eligible), k=8, float32 logits; median microseconds")
+    print(format_table(["E", "T", "transformers us", "moe_fast us", "x vs transformers"], deepseek_v3_rows(args.quick)))
 
 
 if __name__ == "__main__":

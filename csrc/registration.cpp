@@ -27,10 +27,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(moe_fast, m) {
   // logits [T, E] f32/bf16/f16; beta: one value for every slot, or k - 1 values for slots
-  // 1..k-1, each in [0, 1]; keep [E] bool (True = may be chosen).
+  // 1..k-1, each in [0, 1]; keep [E] bool (True = may be chosen). The routing descriptor
+  // (docs/ROUTING.md): scoring "softmax" | "sigmoid" | "softmax_topk"; selection_bias [E] f32
+  // and groups (n_group, topk_group) with sigmoid only; scaling > 0 multiplies the weights.
   // -> weights [T, k] f32, ids [T, k] i32, counts [E] i32, offsets [E + 1] i32, perm [T * k] i32
   m.def(
-      "route(Tensor logits, int k, bool renormalize=True, float[]? beta=None, Tensor? keep=None) "
+      "route(Tensor logits, int k, bool renormalize=True, float[]? beta=None, Tensor? keep=None, "
+      "str scoring=\"softmax\", Tensor? selection_bias=None, int n_group=1, int topk_group=1, float scaling=1.0) "
       "-> (Tensor weights, Tensor ids, Tensor counts, Tensor offsets, Tensor perm)");
   // outputs [T, M, H], target [T, H] (same dtype) ->
   // gram [T, M(M+1)/2] f32, cross [T, M] f32 (or [T, 0]), target_sq [T] f32 (or [0])

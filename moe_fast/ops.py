@@ -13,8 +13,9 @@ import torch
 from moe_fast import _extension  # noqa: F401  (registers torch.ops.moe_fast)
 from moe_fast import reference
 from moe_fast.reference import RouteResult
+from moe_fast.routing_spec import RoutingSpec
 
-__all__ = ["route", "expert_gram", "subset_loss", "RouteResult"]
+__all__ = ["route", "route_spec", "routing_op_args", "expert_gram", "subset_loss", "RouteResult"]
 
 
 def route(
@@ -42,6 +43,61 @@ def route(
         ``offsets[E]``.
     """
     return RouteResult(*torch.ops.moe_fast.route(logits, k, renormalize, reference.beta_values(beta), keep))
+
+
+def routing_op_args(spec: RoutingSpec, device: torch.device | str | None = None) -> dict:
+    """The route op's descriptor arguments for ``spec``: the one place a RoutingSpec meets the schema.
+
+    Returns the keyword arguments ``k, renormalize, scoring, selection_bias, n_group, topk_group,
+    scaling`` of ``torch.ops.moe_fast.route`` (the bias as float32 on ``device``). ``router_bias``
+    is not among them: it is already part of the logits.
+    """
+    bias = spec.selection_bias
+    if bias is not None:
+        bias = bias.detach().to(device=device, dtype=torch.float32).contiguous()
+    return dict(
+        k=int(spec.top_k),
+        renormalize=bool(spec.renormalize),
+        scoring=spec.scoring,
+        selection_bias=bias,
+        n_group=int(spec.n_group),
+        topk_group=int(spec.topk_group),
+        scaling=float(spec.scaling),
+    )
+
+
+def route_spec(
+    logits: torch.Tensor,
+    spec: RoutingSpec,
+    beta: float | Sequence[float] | torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> RouteResult:
+    """The fused router for any routing descriptor (docs/ROUTING.md), and the dispatch plan.
+
+    The kernel of ``moe_fast.reference.route_spec``: the same ids, counts, offsets and perm, the
+    weights within float32 rounding. A plain softmax spec (scaling 1) runs ``route``'s kernel
+    unchanged; every other spec a general kernel.
+
+    Args:
+        logits: [T, E] float32, bfloat16 or float16, contiguous; 1 <= E <= 256. The router's
+            output 0 (gpt-oss: with its bias; DeepSeek: without the selection bias).
+        spec: the router's RoutingSpec; ``top_k`` 1..8. Its selection_bias ([E]) is moved to the
+            logits' device as float32; it must be finite.
+        beta: skip threshold in [0, 1], one for all slots or k - 1 values. Slot j is skipped when
+            w_j < beta_j * w_0 on the final weights. None: no skipping.
+        keep: [E] bool on the logits' device; False experts are never chosen and do not count in
+            group scores.
+
+    Returns:
+        RouteResult as :func:`route`: weights [T, k] float32 (times ``spec.scaling``), ids [T, k]
+        int32 (E marks a skipped slot), counts [E], offsets [E + 1], perm [T * k] int32.
+    """
+    args = routing_op_args(spec, logits.device)
+    k = args.pop("k")
+    renormalize = args.pop("renormalize")
+    return RouteResult(
+        *torch.ops.moe_fast.route(logits, k, renormalize, reference.beta_values(beta), keep, **args)
+    )
 
 
 def expert_gram(
@@ -102,7 +158,10 @@ def subset_loss(
 
 
 @torch.library.register_fake("moe_fast::route")
-def _route_fake(logits, k, renormalize=True, beta=None, keep=None):
+def _route_fake(
+    logits, k, renormalize=True, beta=None, keep=None, scoring="softmax", selection_bias=None, n_group=1,
+    topk_group=1, scaling=1.0,
+):
     torch._check(logits.dim() == 2, lambda: "moe_fast.route: logits must be [T, E]")
     T, E = logits.shape
     torch._check(1 <= k <= min(8, E), lambda: f"moe_fast.route: k must be in 1..8 and at most E = {E}, got {k}")
@@ -110,6 +169,19 @@ def _route_fake(logits, k, renormalize=True, beta=None, keep=None):
         torch._check(
             keep.device == logits.device,
             lambda: f"moe_fast.route: keep must be on {logits.device} like the other inputs, got {keep.device}",
+        )
+    torch._check(
+        scoring in ("softmax", "sigmoid", "softmax_topk"),
+        lambda: f"moe_fast.route: scoring must be 'softmax', 'sigmoid' or 'softmax_topk', got {scoring!r}",
+    )
+    if selection_bias is not None:
+        torch._check(
+            selection_bias.dim() == 1 and selection_bias.shape[0] == E and selection_bias.dtype == torch.float32,
+            lambda: f"moe_fast.route: selection_bias must be [E] = [{E}] float32",
+        )
+        torch._check(
+            selection_bias.device == logits.device,
+            lambda: f"moe_fast.route: selection_bias must be on {logits.device} like the other inputs, got {selection_bias.device}",
         )
     i32 = dict(dtype=torch.int32, device=logits.device)
     return (

@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -59,3 +60,28 @@ def test_bench_gpu_main_without_a_gpu(bench, capsys, monkeypatch) -> None:
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     assert bench.main() == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_selection_agreement_ignores_order(bench) -> None:
+    ids = torch.tensor([[3, 1], [0, 2], [5, 4]], dtype=torch.int32)
+    want = torch.tensor([[1, 3], [0, 2], [4, 6]])
+    assert bench.selection_agreement(ids, want) == pytest.approx(2 / 3)
+    assert bench.selection_agreement(ids[:0], want[:0]) == 1.0
+
+
+def test_deepseek_baseline_routes_as_the_reference(bench) -> None:
+    # The GPU row's baseline is DeepSeek-V3's routing: same selection, same weights as route_spec.
+    from moe_fast import reference
+    from moe_fast.routing_spec import RoutingSpec
+
+    torch.manual_seed(0)
+    E, k = 64, 6
+    bias = torch.randn(E) * 0.1
+    logits = torch.randn(200, E)
+    w, idx, plan = bench.deepseek_v3_route_dispatch(logits, bias, 8, 3, k, 2.5)
+    want = reference.route_spec(logits, RoutingSpec("sigmoid", k, True, 2.5, bias, 8, 3))
+    assert bench.selection_agreement(idx, want.ids) == 1.0
+    order = idx.argsort(-1)
+    torch.testing.assert_close(w.gather(1, order), want.weights.gather(1, want.ids.long().argsort(-1)))
+    assert sum(len(tokens) for _, tokens in plan) == 200 * k
+

@@ -19,6 +19,7 @@ import torch
 
 import moe_fast
 from moe_fast import ops, reference
+from moe_fast.routing_spec import RoutingSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 
@@ -193,6 +194,57 @@ def test_subset_loss_bad_input_on_cuda() -> None:
         ops.subset_loss(*dev[:3], _candidates(8, 3).cuda(), torch.zeros(16, dtype=torch.long, device="cuda"), 1, 2,
                         target_weights=tw)
 
+
+
+def _route_specs(E: int, k: int) -> list[RoutingSpec]:
+    """Every scoring; sigmoid with a bias, scaling and groups where E splits into 8 or 2."""
+    bias = torch.randn(E) * 0.3
+    out = [RoutingSpec("softmax", k, False, scaling=2.5), RoutingSpec("softmax_topk", k, False),
+           RoutingSpec("sigmoid", k, True), RoutingSpec("sigmoid", k, False, 2.5, bias)]
+    for groups, topk_group in ((8, 4), (2, 1)):
+        if E % groups == 0 and topk_group * (E // groups) >= k:
+            out.append(RoutingSpec("sigmoid", k, True, 2.5, bias, groups, topk_group))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (60, 4), (256, 8)])
+def test_route_spec_matches_reference_and_cpu(E: int, k: int, dtype: torch.dtype) -> None:
+    # The general kernel (route_spec.cu): the CPU's ids and plan bit for bit (its sigmoid is CUDA's
+    # expf; these inputs hold no two scores an ulp apart at a decision), weights to 1e-6.
+    keep = torch.arange(E) % 5 != 3 if E >= 2 * k + 2 else None
+    for T in (0, 7, 700):
+        for ties in (False, True):
+            x = _logits(T, E, dtype, ties)
+            for spec in _route_specs(E, k):
+                for beta in (None, 0.4):
+                    for mask in (None, keep):
+                        what = f"{spec.scoring} groups={spec.n_group}/{spec.topk_group} T={T} ties={ties} beta={beta}"
+                        got = ops.route_spec(x.cuda(), spec, beta, None if mask is None else mask.cuda())
+                        _assert_route_equal(got, reference.route_spec(x, spec, beta, mask), what + " vs reference")
+                        _assert_route_equal(got, ops.route_spec(x, spec, beta, mask), what + " vs cpu")
+
+
+def test_route_spec_bias_checked_on_device_without_sync() -> None:
+    x = torch.randn(4096, 256, device="cuda")
+    spec = RoutingSpec("sigmoid", 8, True, 2.5, (torch.randn(256) * 0.1).cuda(), 8, 4)
+    ops.route_spec(x, spec)  # warm-up
+    assert _count_syncs(lambda: ops.route_spec(x, spec, 0.3)) == 0
+    # A non-finite bias on the GPU is caught on the device (it ends the CUDA context: own process).
+    code = textwrap.dedent(
+        """
+        import torch, moe_fast
+        from moe_fast import ops
+        from moe_fast.routing_spec import RoutingSpec
+        spec = RoutingSpec("sigmoid", 2, True, selection_bias=torch.full((8,), float("inf"), device="cuda"))
+        ops.route_spec(torch.randn(4, 8, device="cuda"), spec)
+        torch.cuda.synchronize()
+        print("NO ERROR")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "NO ERROR" not in proc.stdout, proc.stdout + proc.stderr
+    assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]
 
 def _count_syncs(fn) -> int:
     """Host synchronizations fn() makes, as torch's sync debug mode reports them."""

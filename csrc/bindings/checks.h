@@ -90,6 +90,73 @@ inline RouteArgs route_args(const at::Tensor& logits, int64_t k, bool renormaliz
   return a;
 }
 
+// The route op's routing descriptor (docs/ROUTING.md) as its schema passes it.
+struct RouteSpecInputs {
+  c10::string_view scoring;
+  const std::optional<at::Tensor>& selection_bias;
+  int64_t n_group;
+  int64_t topk_group;
+  double scaling;
+};
+
+inline Scoring scoring_of(c10::string_view name) {
+  if (name == "softmax") return Scoring::Softmax;
+  if (name == "sigmoid") return Scoring::Sigmoid;
+  if (name == "softmax_topk") return Scoring::SoftmaxTopK;
+  TORCH_CHECK(false, "moe_fast.route: scoring must be 'softmax', 'sigmoid' or 'softmax_topk', got '", name, "'");
+}
+
+// The router the plain kernels serve (route.cpp, route.cu): softmax over all experts, scaling 1.
+inline bool is_plain_softmax(const RouteSpecInputs& spec) {
+  return scoring_of(spec.scoring) == Scoring::Softmax && spec.scaling == 1.0;
+}
+
+// Validates the descriptor against logits [T, E] and k (check_route_args ran first). A bias on
+// the CPU is checked finite on the host; on a GPU on the device (no synchronization).
+inline void check_route_spec(const at::Tensor& logits, int64_t k, const RouteSpecInputs& spec) {
+  const Scoring scoring = scoring_of(spec.scoring);
+  const int64_t E = logits.size(1);
+  const int64_t G = spec.n_group, topk_group = spec.topk_group;
+  TORCH_CHECK(std::isfinite(spec.scaling) && spec.scaling > 0.0,
+              "moe_fast.route: scaling must be a finite number > 0, got ", spec.scaling);
+  TORCH_CHECK(G >= 1 && topk_group >= 1 && topk_group <= G,
+              "moe_fast.route: need n_group >= 1 and 1 <= topk_group <= n_group, got n_group = ", G,
+              ", topk_group = ", topk_group);
+  if (scoring != Scoring::Sigmoid) {
+    TORCH_CHECK(!spec.selection_bias.has_value() && topk_group == G, "moe_fast.route: a selection_bias and expert ",
+                "groups (topk_group < n_group) need scoring 'sigmoid', got scoring '", spec.scoring, "'");
+    return;
+  }
+  TORCH_CHECK(E % G == 0, "moe_fast.route: n_group (", G, ") must divide the number of experts E (", E, ")");
+  TORCH_CHECK(topk_group * (E / G) >= k, "moe_fast.route: the topk_group = ", topk_group, " eligible groups of ",
+              E / G, " experts hold fewer than k = ", k, " experts");
+  if (!spec.selection_bias.has_value()) return;
+  const at::Tensor& bias = *spec.selection_bias;
+  check_tensor(bias, "selection_bias", 1, logits.device());
+  check_dtype(bias, "selection_bias", at::kFloat);
+  TORCH_CHECK(bias.size(0) == E, "moe_fast.route: selection_bias must be [E] = [", E, "], got ", bias.sizes());
+  if (bias.is_cpu()) {
+    const float* b = bias.data_ptr<float>();
+    for (int64_t e = 0; e < E; ++e) {
+      TORCH_CHECK(std::isfinite(b[e]), "moe_fast.route: selection_bias must be finite, got ", b[e], " at expert ", e);
+    }
+  } else {
+    at::_assert_async(at::isfinite(bias).all(), "moe_fast.route: selection_bias must be finite");
+  }
+}
+
+// The kernels' view of a checked descriptor on top of route_args; holds a pointer into the bias.
+inline RouteSpecArgs route_spec_args(const RouteArgs& base, const RouteSpecInputs& spec) {
+  RouteSpecArgs a;
+  a.route = base;
+  a.scoring = scoring_of(spec.scoring);
+  a.selection_bias = spec.selection_bias.has_value() ? spec.selection_bias->data_ptr<float>() : nullptr;
+  a.n_group = static_cast<int32_t>(spec.n_group);
+  a.topk_group = static_cast<int32_t>(spec.topk_group);
+  a.scaling = static_cast<float>(spec.scaling);
+  return a;
+}
+
 // Allocates the route op's outputs: weights, ids, counts, offsets, perm.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> alloc_route_outputs(
     const at::Tensor& logits, int64_t k) {

@@ -11,6 +11,7 @@ namespace moe_fast {
 namespace {
 
 constexpr int64_t kRouteGrain = 1024;  // tokens per task: routing one token is ~E operations
+constexpr int64_t kRouteSpecGrain = 64;  // tokens per task for the general router: ~E sigmoids each
 constexpr int64_t kPlanChunk = 16384;  // tokens per histogram/scatter chunk
 constexpr int64_t kGramGrain = 16;     // tokens per task: one token is M^2 / 2 dot products of H
 
@@ -41,10 +42,15 @@ void build_plan(const int32_t* ids, int64_t T, int32_t k, int32_t E, int32_t* co
   });
 }
 
+// Plain softmax routers (scaling 1) take route.cpp's kernel unchanged; every other descriptor
+// the general one (route_spec.cpp). Both share the dispatch plan.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& logits, int64_t k, bool renormalize, std::optional<at::ArrayRef<double>> beta,
-    const std::optional<at::Tensor>& keep) {
+    const std::optional<at::Tensor>& keep, c10::string_view scoring, const std::optional<at::Tensor>& selection_bias,
+    int64_t n_group, int64_t topk_group, double scaling) {
   const std::vector<double> gaps = check_route_args(logits, k, beta, keep);
+  const RouteSpecInputs spec{scoring, selection_bias, n_group, topk_group, scaling};
+  check_route_spec(logits, k, spec);
   if (keep.has_value()) check_keep_leaves_k(*keep, k);
   auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
   const RouteArgs a = route_args(logits, k, renormalize, gaps, keep);
@@ -54,7 +60,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   const void* src = logits.data_ptr();
   float* w = weights.data_ptr<float>();
   int32_t* id = ids.data_ptr<int32_t>();
-  at::parallel_for(0, T, kRouteGrain, [&](int64_t b, int64_t e) { cpu::route_rows(dtype, src, a, b, e, w, id); });
+  if (is_plain_softmax(spec)) {
+    at::parallel_for(0, T, kRouteGrain, [&](int64_t b, int64_t e) { cpu::route_rows(dtype, src, a, b, e, w, id); });
+  } else {
+    const RouteSpecArgs sa = route_spec_args(a, spec);
+    const Error err = validate_route_spec(sa);  // the checks above give the readable messages
+    TORCH_CHECK(err == nullptr, "moe_fast.", err);
+    at::parallel_for(0, T, kRouteSpecGrain,
+                     [&](int64_t b, int64_t e) { cpu::route_spec_rows(dtype, src, sa, b, e, w, id); });
+  }
   build_plan(id, T, a.top_k, E, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>());
   return {weights, ids, counts, offsets, perm};
 }

@@ -16,20 +16,35 @@
 namespace moe_fast {
 namespace {
 
+// Plain softmax routers (scaling 1) take route.cu's kernel unchanged; every other descriptor the
+// general one (route_spec.cu). Both end in the same dispatch plan. No host synchronization.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& logits, int64_t k, bool renormalize, std::optional<at::ArrayRef<double>> beta,
-    const std::optional<at::Tensor>& keep) {
+    const std::optional<at::Tensor>& keep, c10::string_view scoring, const std::optional<at::Tensor>& selection_bias,
+    int64_t n_group, int64_t topk_group, double scaling) {
   const std::vector<double> gaps = check_route_args(logits, k, beta, keep);
   const c10::cuda::CUDAGuard guard(logits.device());
+  const RouteSpecInputs spec{scoring, selection_bias, n_group, topk_group, scaling};
+  check_route_spec(logits, k, spec);                    // a GPU bias is checked finite on the device
   if (keep.has_value()) check_keep_leaves_k(*keep, k);  // on the device: no synchronization
   auto [weights, ids, counts, offsets, perm] = alloc_route_outputs(logits, k);
   const RouteArgs a = route_args(logits, k, renormalize, gaps, keep);
   const size_t ws_bytes = cuda::route_workspace_bytes(a.num_tokens * k, a.num_experts);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cuda::route(dtype_of(logits, "logits"), logits.data_ptr(), a, weights.data_ptr<float>(),
-                             ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
-                             perm.data_ptr<int32_t>(), workspace.data_ptr(), ws_bytes,
-                             c10::cuda::getCurrentCUDAStream()));
+  const DType dtype = dtype_of(logits, "logits");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (is_plain_softmax(spec)) {
+    C10_CUDA_CHECK(cuda::route(dtype, logits.data_ptr(), a, weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                               counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(),
+                               workspace.data_ptr(), ws_bytes, stream));
+  } else {
+    const RouteSpecArgs sa = route_spec_args(a, spec);
+    const Error err = validate_route_spec(sa);  // the checks above give the readable messages
+    TORCH_CHECK(err == nullptr, "moe_fast.", err);
+    C10_CUDA_CHECK(cuda::route_spec(dtype, logits.data_ptr(), sa, weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                    counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(),
+                                    workspace.data_ptr(), ws_bytes, stream));
+  }
   return {weights, ids, counts, offsets, perm};
 }
 

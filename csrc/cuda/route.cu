@@ -230,9 +230,20 @@ cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float*
       default:
         return cudaErrorInvalidValue;
     }
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+  }
+  return dispatch_plan(ids, n, E, counts, offsets, perm, workspace, workspace_bytes, stream);
+}
 
+cudaError_t dispatch_plan(const int32_t* ids, int64_t num_slots, int32_t num_experts, int32_t* counts,
+                          int32_t* offsets, int32_t* perm, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream) {
+  const int64_t n = num_slots;
+  const int32_t E = num_experts;
+  if (n < 0 || n > INT32_MAX || E < 1 || E > kMaxExperts) return cudaErrorInvalidValue;
+  if (workspace_bytes < route_workspace_bytes(n, E)) return cudaErrorInvalidValue;
+  if (n > 0) {
     char* base = static_cast<char*>(workspace);
     const size_t slot_bytes = align_up(static_cast<size_t>(n) * sizeof(int32_t));
     uint32_t* sorted_keys = reinterpret_cast<uint32_t*>(base);
@@ -240,7 +251,7 @@ cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float*
     void* temp = base + 2 * slot_bytes;
     size_t temp_bytes = sort_temp_bytes(n, E);
     iota_kernel<<<static_cast<unsigned>((n + kBlock - 1) / kBlock), kBlock, 0, stream>>>(slot_index, n);
-    err = cudaGetLastError();
+    cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     // ids hold 0..E, so reading them as unsigned keeps their order. Radix sort is stable.
     err = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, reinterpret_cast<const uint32_t*>(ids), sorted_keys,

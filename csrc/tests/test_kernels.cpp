@@ -490,6 +490,135 @@ void test_route_levels_agree() {
   EXPECT(worst_ulps <= 2);
   std::printf("test_route_levels_agree: %lld cases, weights within %lld ulps\n", static_cast<long long>(cases),
               static_cast<long long>(worst_ulps));
+// Routes float32 logits [T, E] with the general CPU kernel (cpu::route_spec); gaps [k] may be null.
+Routed route_spec_float32(const std::vector<float>& logits, int64_t T, moe_fast::RouteSpecArgs a, int32_t E,
+                          int32_t k, const double* gaps) {
+  a.route.num_tokens = T;
+  a.route.num_experts = E;
+  a.route.top_k = k;
+  a.route.skip_gap = gaps;
+  Routed r{std::vector<float>(T * k), std::vector<int32_t>(T * k), std::vector<int32_t>(E),
+           std::vector<int32_t>(E + 1), std::vector<int32_t>(T * k)};
+  const char* err = moe_fast::cpu::route_spec(DType::Float32, logits.data(), a, r.w.data(), r.ids.data(),
+                                              r.counts.data(), r.offsets.data(), r.perm.data());
+  EXPECT(err == nullptr);
+  return r;
+}
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+void test_route_spec_groups_and_bias() {
+  // E = 4 in groups {0, 1} and {2, 3}, one eligible group, k = 1. Scores s = sigmoid(l):
+  // group 0 scores s(2) + s(-3) = 0.928 < group 1's 2 s(1) = 1.462, so expert 2 (the tie with 3
+  // goes to the lower index) although expert 0 scores best.
+  const std::vector<float> logits = {2.0f, -3.0f, 1.0f, 1.0f};
+  moe_fast::RouteSpecArgs a;
+  a.scoring = moe_fast::Scoring::Sigmoid;
+  a.n_group = 2;
+  a.topk_group = 1;
+  Routed r = route_spec_float32(logits, 1, a, 4, 1, nullptr);
+  EXPECT(r.ids[0] == 2 && r.w[0] == 1.0f);
+  // Without groups expert 0 wins.
+  moe_fast::RouteSpecArgs flat = a;
+  flat.n_group = 1;
+  flat.topk_group = 1;
+  r = route_spec_float32(logits, 1, flat, 4, 1, nullptr);
+  EXPECT(r.ids[0] == 0);
+  // A bias of 0.5 on expert 3 picks it (group 1 still wins); its weight is its unbiased score
+  // times the scaling (no renormalizing).
+  const float bias[4] = {0.0f, 0.0f, 0.0f, 0.5f};
+  a.selection_bias = bias;
+  a.route.renormalize = false;
+  a.scaling = 2.0f;
+  r = route_spec_float32(logits, 1, a, 4, 1, nullptr);
+  EXPECT(r.ids[0] == 3 && near(r.w[0], 2.0 * sigmoid(1.0), 1e-6));
+  // A bias of 1.0 on expert 1 lifts group 0 to s(2) + s(-3) + 1 = 1.928 and picks expert 1 by
+  // biased score (1.047 > 0.881), weighted s(-3) before renormalizing: k = 2 gives experts 1, 0.
+  const float bias1[4] = {0.0f, 1.0f, 0.0f, 0.0f};
+  a.selection_bias = bias1;
+  a.route.renormalize = true;
+  a.scaling = 1.0f;
+  r = route_spec_float32(logits, 1, a, 4, 2, nullptr);
+  EXPECT(r.ids[0] == 1 && r.ids[1] == 0);
+  const double total = sigmoid(-3.0) + sigmoid(2.0);
+  EXPECT(near(r.w[0], sigmoid(-3.0) / total, 1e-6) && near(r.w[1], sigmoid(2.0) / total, 1e-6));
+  EXPECT(r.counts[0] == 1 && r.counts[1] == 1 && r.offsets[2] == 2 && r.perm[0] == 1 && r.perm[1] == 0);
+}
+
+void test_route_spec_masked_group_and_skip() {
+  // E = 4, groups {0, 1} {2, 3}; expert 2 masked: group 1 scores s(3) alone (0.953) against
+  // group 0's s(0) + s(-1) = 0.769, so expert 3 first; then the other group fills slot 1 with
+  // expert 0, whose s(0) / s(3) = 0.525 is below beta = 0.6: skipped.
+  const std::vector<float> logits = {0.0f, -1.0f, 5.0f, 3.0f};
+  const uint8_t keep[4] = {1, 1, 0, 1};
+  moe_fast::RouteSpecArgs a;
+  a.scoring = moe_fast::Scoring::Sigmoid;
+  a.n_group = 2;
+  a.topk_group = 1;
+  a.route.keep = keep;
+  const double gaps[2] = {std::numeric_limits<double>::infinity(), -std::log(0.6)};
+  Routed r = route_spec_float32(logits, 1, a, 4, 2, gaps);
+  EXPECT(r.ids[0] == 3 && r.ids[1] == 4 && near(r.w[0], 1.0, 1e-6) && r.w[1] == 0.0f);
+  EXPECT(r.offsets[4] == 1 && r.perm[1] == 1);
+  r = route_spec_float32(logits, 1, a, 4, 2, nullptr);
+  EXPECT(r.ids[0] == 3 && r.ids[1] == 0);
+}
+
+void test_route_spec_softmax_topk_and_scaling() {
+  // softmax over the 2 chosen logits only (2 and 1), times 1.5: expert 3 (logit 0) is ignored.
+  const std::vector<float> logits = {1.0f, 2.0f, -4.0f, 0.0f};
+  moe_fast::RouteSpecArgs a;
+  a.scoring = moe_fast::Scoring::SoftmaxTopK;
+  a.route.renormalize = false;
+  a.scaling = 1.5f;
+  const Routed r = route_spec_float32(logits, 1, a, 4, 2, nullptr);
+  const double w0 = 1.0 / (1.0 + std::exp(-1.0));
+  EXPECT(r.ids[0] == 1 && r.ids[1] == 0);
+  EXPECT(near(r.w[0], 1.5 * w0, 1e-6) && near(r.w[1], 1.5 * (1.0 - w0), 1e-6));
+}
+
+void test_route_spec_checks_its_limits() {
+  moe_fast::RouteSpecArgs a;
+  a.route.num_tokens = 1;
+  a.route.num_experts = 8;
+  a.route.top_k = 2;
+  EXPECT(moe_fast::validate_route_spec(a) == nullptr);
+  a.scoring = moe_fast::Scoring::Sigmoid;
+  a.n_group = 3;  // does not divide 8
+  a.topk_group = 1;
+  EXPECT(moe_fast::validate_route_spec(a) != nullptr);
+  a.n_group = 8;  // one eligible group of one expert < k
+  EXPECT(moe_fast::validate_route_spec(a) != nullptr);
+  a.topk_group = 2;
+  EXPECT(moe_fast::validate_route_spec(a) == nullptr);
+  a.scoring = moe_fast::Scoring::Softmax;  // groups need sigmoid
+  EXPECT(moe_fast::validate_route_spec(a) != nullptr);
+  a.n_group = a.topk_group = 1;
+  a.scaling = 0.0f;
+  EXPECT(moe_fast::validate_route_spec(a) != nullptr);
+  // cpu::route_spec reports a non-finite bias before writing anything (outputs null here).
+  a.scaling = 1.0f;
+  a.scoring = moe_fast::Scoring::Sigmoid;
+  const float bias[8] = {0, 0, 0, std::numeric_limits<float>::infinity(), 0, 0, 0, 0};
+  a.selection_bias = bias;
+  const float logits[8] = {};
+  EXPECT(moe_fast::cpu::route_spec(DType::Float32, logits, a, nullptr, nullptr, nullptr, nullptr, nullptr) != nullptr);
+}
+
+void test_route_keys_and_group_rules() {
+  // Lower tier first, then larger value (-0 == +0), then lower index.
+  EXPECT(moe_fast::route_key(0, -5.0f, 7) > moe_fast::route_key(1, 5.0f, 0));
+  EXPECT(moe_fast::route_key(0, 0.0f, 1) > moe_fast::route_key(0, -0.0f, 2));
+  EXPECT(moe_fast::route_key(0, -0.0f, 1) > moe_fast::route_key(0, 0.0f, 2));
+  EXPECT(moe_fast::route_key(2, -std::numeric_limits<float>::infinity(), 255) != 0);
+  EXPECT(moe_fast::route_key_expert(moe_fast::route_key(1, 0.25f, 200)) == 200);
+  EXPECT(moe_fast::route_key_value(moe_fast::route_key(1, -0.25f, 200)) == -0.25f);
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT(moe_fast::group_score(0.5f, -inf) == 0.5f && moe_fast::group_score(-inf, -inf) == -inf);
+  // Scores 1, 3, 3, 2 with 2 eligible: groups 1 and 2 (the tie keeps both, then 3 is out).
+  const float scores[4] = {1.0f, 3.0f, 3.0f, 2.0f};
+  EXPECT(!moe_fast::group_is_eligible(scores, 4, 0, 2) && moe_fast::group_is_eligible(scores, 4, 1, 2));
+  EXPECT(moe_fast::group_is_eligible(scores, 4, 2, 2) && !moe_fast::group_is_eligible(scores, 4, 3, 2));
 }
 
 }  // namespace
@@ -508,6 +637,11 @@ int main() {
   test_route_ties_mask_and_degenerate_rows();
   test_bf16_and_fp16_conversion();
   test_subset_loss_against_brute_force();
+  test_route_keys_and_group_rules();
+  test_route_spec_checks_its_limits();
+  test_route_spec_groups_and_bias();
+  test_route_spec_masked_group_and_skip();
+  test_route_spec_softmax_topk_and_scaling();
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return EXIT_FAILURE;

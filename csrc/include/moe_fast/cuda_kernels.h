@@ -37,6 +37,20 @@ cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float*
                   int32_t* counts, int32_t* offsets, int32_t* perm, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream);
 
+// The dispatch plan of ids [T * k] = num_slots (device, values 0..E, E = skipped): counts [E],
+// offsets [E + 1], perm [num_slots] (device), as route() writes them. workspace:
+// route_workspace_bytes(num_slots, E) bytes. Shared by route() and route_spec().
+cudaError_t dispatch_plan(const int32_t* ids, int64_t num_slots, int32_t num_experts, int32_t* counts,
+                          int32_t* offsets, int32_t* perm, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream);
+
+// route() for any router (RouteSpecArgs in kernels.h; route_spec.cu): same outputs and workspace.
+// args.route.skip_gap: HOST pointer [k] or nullptr; args.route.keep and args.selection_bias:
+// device pointers [E] or nullptr (the caller guarantees a finite bias and at least k allowed).
+cudaError_t route_spec(DType dtype, const void* logits, const RouteSpecArgs& args, float* weights, int32_t* ids,
+                       int32_t* counts, int32_t* offsets, int32_t* perm, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream);
+
 // ---------------------------------------------------------------------------------------------
 // Op 2a: per-token Gram entries (float32 accumulation), packed as in kernels.h.
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 // subset_loss_tokens) do not check: validate first.
 #pragma once
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -41,6 +42,25 @@ struct RouteArgs {
   // are never chosen, whatever the row holds.
   const uint8_t* keep = nullptr;
 };
+
+// Op 1 for any router (docs/ROUTING.md; semantics: route_spec in moe_fast/reference.py): the
+// scoring, a selection bias, expert groups and a scaling factor on top of RouteArgs. Same
+// outputs as Op 1. The skip test compares log-weights (rules.h: skips_by_log_ratio): the logits
+// for the softmax scorings (exactly Op 1's rule), the logs of the float32 sigmoid scores for
+// sigmoid. Plain softmax with scaling 1 is Op 1 itself; the bindings send it there.
+struct RouteSpecArgs {
+  RouteArgs route;                        // T, E, k, renormalize, skip_gap [k], keep [E]: as for Op 1
+  Scoring scoring = Scoring::Softmax;
+  const float* selection_bias = nullptr;  // [E] finite, or nullptr; sigmoid only: added for choosing
+  int32_t n_group = 1;                    // groups of E / n_group consecutive experts (sigmoid only)
+  int32_t topk_group = 1;                 // eligible groups, 1..n_group (== n_group: no group limit)
+  float scaling = 1.0f;                   // finite, > 0: multiplies the final weights
+};
+
+// Whether expert groups can exclude experts (more than one group and not all eligible).
+inline bool route_spec_grouped(const RouteSpecArgs& a) {
+  return a.scoring == Scoring::Sigmoid && a.topk_group < a.n_group;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Op 2b: squared reconstruction error of candidate keep-sets, per token.
@@ -78,6 +98,30 @@ inline Error validate_route(const RouteArgs& a) {
       if (!(a.skip_gap[j] >= 0.0)) return "route: skip gaps must be >= 0 (-log(beta) with beta in [0, 1])";
     }
   }
+  return nullptr;
+}
+
+// Limits of the general Op 1: those of validate_route, a known scoring, 1 <= topk_group <=
+// n_group; for sigmoid n_group divides E and the eligible groups hold at least k experts; a bias
+// and groups only with sigmoid; scaling finite and > 0. The bias values are not read (on the GPU
+// they are device memory): cpu::route_spec checks that they are finite.
+inline Error validate_route_spec(const RouteSpecArgs& a) {
+  if (const Error err = validate_route(a.route)) return err;
+  if (a.scoring != Scoring::Softmax && a.scoring != Scoring::Sigmoid && a.scoring != Scoring::SoftmaxTopK) {
+    return "route: scoring must be softmax, sigmoid or softmax_topk";
+  }
+  if (a.n_group < 1 || a.topk_group < 1 || a.topk_group > a.n_group) {
+    return "route: need n_group >= 1 and 1 <= topk_group <= n_group";
+  }
+  if (a.scoring == Scoring::Sigmoid) {
+    if (a.route.num_experts % a.n_group != 0) return "route: n_group must divide the number of experts E";
+    if (static_cast<int64_t>(a.topk_group) * (a.route.num_experts / a.n_group) < a.route.top_k) {
+      return "route: the topk_group eligible groups must hold at least k experts";
+    }
+  } else if (a.selection_bias != nullptr || a.topk_group != a.n_group) {
+    return "route: a selection bias and expert groups need scoring sigmoid";
+  }
+  if (!(std::isfinite(a.scaling) && a.scaling > 0.0f)) return "route: scaling must be finite and > 0";
   return nullptr;
 }
 
@@ -228,6 +272,17 @@ void plan_scatter(const int32_t* ids, int64_t t_begin, int64_t t_end, int32_t to
 // Checks validate_route and that keep (if any) allows at least k experts.
 Error route(DType dtype, const void* logits, const RouteArgs& args, float* weights, int32_t* ids,
            int32_t* counts, int32_t* offsets, int32_t* perm);
+
+// The general Op 1 (RouteSpecArgs) for tokens [t_begin, t_end): weights [T, k], ids [T, k] as
+// route_rows gives them. One scalar pass per token (route_spec.cpp).
+void route_spec_rows(DType dtype, const void* logits, const RouteSpecArgs& args, int64_t t_begin, int64_t t_end,
+                     float* weights, int32_t* ids);
+
+// Whole general op on one thread: weights [T, k], ids [T, k], counts [E], offsets [E + 1],
+// perm [T * k]. Checks validate_route_spec, that keep (if any) allows at least k experts and that
+// the selection bias is finite.
+Error route_spec(DType dtype, const void* logits, const RouteSpecArgs& args, float* weights, int32_t* ids,
+                 int32_t* counts, int32_t* offsets, int32_t* perm);
 
 // ---------------------------------------------------------------------------------------------
 // Op 2a: per-token Gram entries of the rank-bounded expert outputs.

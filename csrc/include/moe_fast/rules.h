@@ -1,13 +1,15 @@
 // The rules that the CPU kernels, the CUDA kernels and the torch bindings share, each in one
 // place: limits, logit sanitizing, the Gram packing, expert bit masks, what a ranked ids row is,
 // the skip threshold and route's slot weights, the experts a candidate keeps among a token's
-// ranked ones, and what a candidate keep-set may drop. Plain C++ callable from host and device
+// ranked ones, what a candidate keep-set may drop, and the general router's rules (sigmoid
+// scores, group scores and eligibility, routing keys, the skip test on log-weights). Plain C++ callable from host and device
 // code (MOE_FAST_HD); no torch header. moe_fast/reference.py states the same rules in PyTorch;
 // docs/ARCHITECTURE.md says where each layer sits.
 #pragma once
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "moe_fast/dtype.h"
 
@@ -154,6 +156,101 @@ inline int64_t count_nonzero(const T* values, int64_t n) {
 inline bool candidate_keeps_k(int64_t kept, int64_t k) { return kept >= k; }
 inline bool candidate_drops_within_rank(int64_t kept, int64_t num_experts, int64_t m, int64_t k) {
   return num_experts - kept <= m - k;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing descriptors (docs/ROUTING.md; semantics: route_spec in moe_fast/reference.py): the
+// rules of the general route kernels (csrc/cpu/route_spec.cpp, csrc/cuda/route_spec.cu).
+// ---------------------------------------------------------------------------------------------
+
+// How a router scores experts. The values match nothing in Python on purpose: bindings map names.
+enum class Scoring : int32_t { Softmax = 0, Sigmoid = 1, SoftmaxTopK = 2 };
+
+// An expert's sigmoid score from its sanitized logit, in float32 exactly as torch's scalar
+// sigmoid computes it (1 / (1 + exp(-l))): -inf scores 0, the largest float 1.
+MOE_FAST_HD float sigmoid_score(float l) { return 1.0f / (1.0f + expf(-l)); }
+
+// A group's score from its two best allowed biased scores (best >= second; -INFINITY = none):
+// their float32 sum, the best alone when the group allows one expert, -inf when it allows none.
+MOE_FAST_HD float group_score(float best, float second) { return best + (second == -INFINITY ? 0.0f : second); }
+
+// Adds an allowed biased score to a group's running best two (ties count twice).
+MOE_FAST_HD void group_top2_push(float c, float& best, float& second) {
+  if (c > best) {
+    second = best;
+    best = c;
+  } else if (c > second) {
+    second = c;
+  }
+}
+
+// Whether group g is among the topk_group best of scores[0..G): fewer than topk_group groups
+// score higher, or equal with a lower index (ties to the lower group). O(G).
+MOE_FAST_HD bool group_is_eligible(const float* scores, int32_t num_groups, int32_t g, int32_t topk_group) {
+  int32_t ahead = 0;
+  const float sg = scores[g];
+  for (int32_t h = 0; h < num_groups; ++h) ahead += static_cast<int32_t>((scores[h] > sg) | ((scores[h] == sg) & (h < g)));
+  return ahead < topk_group;
+}
+
+// Routing tiers: allowed experts of eligible groups first, then the other allowed ones, then
+// masked ones (without groups every allowed expert is in tier 0).
+constexpr int32_t kTierEligible = 0, kTierAllowed = 1, kTierMasked = 2;
+
+// A 64-bit key that orders experts as the general route does: lower tier first, then the larger
+// ranking value (sanitized logit, or biased sigmoid score; -0 equals +0), then the lower index.
+// Larger key = routed first; never 0 (0 can mark "no candidate"). v must not be NaN.
+MOE_FAST_HD uint64_t route_key(int32_t tier, float v, int32_t e) {
+  v = v + 0.0f;  // -0 -> +0
+  uint32_t u;
+#if defined(__CUDA_ARCH__)
+  u = __float_as_uint(v);
+#else
+  std::memcpy(&u, &v, sizeof(u));
+#endif
+  u ^= (u >> 31) != 0u ? 0xFFFFFFFFu : 0x80000000u;  // monotone in v
+  return (static_cast<uint64_t>(kTierMasked - tier) << 48) | (static_cast<uint64_t>(u) << 16) |
+         static_cast<uint64_t>(0xFFFF - e);
+}
+
+MOE_FAST_HD int32_t route_key_expert(uint64_t key) { return 0xFFFF - static_cast<int32_t>(key & 0xFFFFu); }
+
+MOE_FAST_HD float route_key_value(uint64_t key) {
+  uint32_t u = static_cast<uint32_t>(key >> 16);
+  u ^= (u >> 31) != 0u ? 0x80000000u : 0xFFFFFFFFu;
+  return bits_to_float(u);
+}
+
+// The skip test on any router's final weights: slot j >= 1 is skipped when
+// log w_0 - log w_j > gap_j (= -log beta_j), in float64. For softmax scorings the log-weights are
+// the logits (skips_slot); for sigmoid the logs of the float32 scores.
+MOE_FAST_HD bool skips_by_log_ratio(double log_w0, double log_wj, double gap) { return log_w0 - log_wj > gap; }
+
+// Sigmoid router's weights of one token's slots 0..k-1 (k <= N): s = the chosen experts' float32
+// scores in routing order. Skipped slots weigh 0; the survivors are divided by their sum + 1e-20
+// (renormalize, as transformers does) or scaled to keep the k scores' sum. float64 inside; the
+// caller multiplies by the router's scaling.
+template <int N>
+MOE_FAST_HD void sigmoid_slot_weights(const float (&s)[N], int32_t k, bool has_skip, const double* skip_gap,
+                                      bool renormalize, float* w, bool (&skipped)[N]) {
+  double kept_sum = 0.0, topk_sum = 0.0;
+  bool any_skipped = false;
+  const double log_w0 = log(static_cast<double>(s[0]));
+  MOE_FAST_UNROLL
+  for (int j = 0; j < N; ++j) {
+    skipped[j] = false;
+    if (j < k) {
+      skipped[j] = j > 0 && has_skip && skips_by_log_ratio(log_w0, log(static_cast<double>(s[j])), skip_gap[j]);
+      any_skipped = any_skipped || skipped[j];
+      topk_sum += s[j];
+      if (!skipped[j]) kept_sum += s[j];
+    }
+  }
+  const double scale = renormalize ? 1.0 / (kept_sum + 1e-20) : any_skipped ? topk_sum / kept_sum : 1.0;
+  MOE_FAST_UNROLL
+  for (int j = 0; j < N; ++j) {
+    if (j < k) w[j] = skipped[j] ? 0.f : static_cast<float>(static_cast<double>(s[j]) * scale);
+  }
 }
 
 }  // namespace moe_fast
