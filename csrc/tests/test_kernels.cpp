@@ -490,6 +490,8 @@ void test_route_levels_agree() {
   EXPECT(worst_ulps <= 2);
   std::printf("test_route_levels_agree: %lld cases, weights within %lld ulps\n", static_cast<long long>(cases),
               static_cast<long long>(worst_ulps));
+}
+
 // Routes float32 logits [T, E] with the general CPU kernel (cpu::route_spec); gaps [k] may be null.
 Routed route_spec_float32(const std::vector<float>& logits, int64_t T, moe_fast::RouteSpecArgs a, int32_t E,
                           int32_t k, const double* gaps) {
