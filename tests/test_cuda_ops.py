@@ -8,7 +8,6 @@ Gram entries to float32 tolerance; subset losses to ~1e-12 relative, and bit-ide
 from __future__ import annotations
 
 import itertools
-import math
 import subprocess
 import sys
 import textwrap
@@ -20,25 +19,12 @@ import torch
 import moe_fast
 from moe_fast import ops, reference
 from moe_fast.routing_spec import RoutingSpec
+from helpers.logits import special_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256) for k in (1, 2, 4, 8) if k <= e]
-
-
-def _logits(T: int, E: int, dtype: torch.dtype, ties: bool = False) -> torch.Tensor:
-    """CPU logits with NaN, +-inf, all -inf / all NaN rows and (optionally) many ties."""
-    x = torch.randint(-2, 3, (T, E)).float() if ties else torch.randn(T, E) * 3
-    if T >= 7:
-        x[0] = math.nan
-        x[1] = -math.inf
-        x[2] = 0.5
-        x[3, E // 2] = math.inf
-        x[4, : (E + 1) // 2] = -math.inf
-        x[5, E - 1] = math.nan
-        x[6, 0] = -math.inf
-    return x.to(dtype)
 
 
 def _assert_route_equal(got: reference.RouteResult, want: reference.RouteResult, what: str) -> None:
@@ -61,7 +47,7 @@ def test_cuda_kernels_are_registered() -> None:
 def test_route_matches_reference_and_cpu(E: int, k: int, dtype: torch.dtype) -> None:
     for T in (0, 1, 7, 4096):
         for ties in (False, True):
-            x = _logits(T, E, dtype, ties)
+            x = special_logits(T, E, dtype, ties)
             xc = x.cuda()
             betas = [None, 0.3, 1.0] + ([[0.9] + [0.1] * (k - 2)] if k > 2 else [])
             for beta in betas:
@@ -79,7 +65,7 @@ def test_route_keep_mask(E: int, k: int, dtype: torch.dtype) -> None:
     for trial in range(4):
         keep = torch.zeros(E, dtype=torch.bool)
         keep[torch.randperm(E)[: max(k, E - trial * (E // 4) - 1)]] = True
-        x = _logits(513, E, dtype)
+        x = special_logits(513, E, dtype)
         for beta in (None, 0.5):
             for renorm in (True, False):
                 got = ops.route(x.cuda(), k, renorm, beta, keep.cuda())
@@ -135,7 +121,7 @@ def test_expert_gram(T: int, M: int, H: int, dtype: torch.dtype) -> None:
 
 def _subset_problem(T: int, E: int, k: int, M: int, H: int = 32, progressive: bool = False):
     """A consistent calibration problem: ranked ids, Gram, targets; logits with special rows."""
-    logits = _logits(T, E, torch.float32)
+    logits = special_logits(T, E, torch.float32)
     ids = reference.route(logits, M).ids
     y = torch.randn(T, M, H)
     gram, cross, target_sq = reference.expert_gram(y, torch.randn(T, H) if progressive else None)
@@ -215,7 +201,7 @@ def test_route_spec_matches_reference_and_cpu(E: int, k: int, dtype: torch.dtype
     keep = torch.arange(E) % 5 != 3 if E >= 2 * k + 2 else None
     for T in (0, 7, 700):
         for ties in (False, True):
-            x = _logits(T, E, dtype, ties)
+            x = special_logits(T, E, dtype, ties)
             for spec in _route_specs(E, k):
                 for beta in (None, 0.4):
                     for mask in (None, keep):

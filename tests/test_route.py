@@ -8,26 +8,10 @@ import pytest
 import torch
 
 from moe_fast import ops, reference
+from helpers.logits import special_logits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256) for k in (1, 2, 4, 8) if k <= e]
-
-
-def special_logits(T: int, E: int, dtype: torch.dtype, device: str, ties: bool = False) -> torch.Tensor:
-    """Random logits with NaN, +-inf, all -inf rows and (optionally) many ties."""
-    if ties:
-        x = torch.randint(-2, 3, (T, E)).float()
-    else:
-        x = torch.randn(T, E) * 3
-    if T >= 7:
-        x[0] = math.nan  # all NaN
-        x[1] = -math.inf  # all -inf
-        x[2] = 0.5  # all equal
-        x[3, E // 2] = math.inf
-        x[4, : (E + 1) // 2] = -math.inf
-        x[5, E - 1] = math.nan
-        x[6, 0] = -math.inf
-    return x.to(dtype).to(device)
 
 
 def assert_route_equal(got: reference.RouteResult, want: reference.RouteResult) -> None:
@@ -43,7 +27,7 @@ def assert_route_equal(got: reference.RouteResult, want: reference.RouteResult) 
 def test_route_matches_reference(E: int, k: int, dtype: torch.dtype, device: str) -> None:
     for T in (0, 1, 7, 4096 if E <= 64 else 513):
         for ties in (False, True):
-            x = special_logits(T, E, dtype, device, ties)
+            x = special_logits(T, E, dtype, ties, device=device)
             betas = [None, 0.3] + ([[0.9] + [0.1] * (k - 2)] if k > 2 else [])
             for beta in betas:
                 for renorm in (True, False):
@@ -57,7 +41,7 @@ def test_route_with_keep_mask(E: int, k: int, device: str) -> None:
     for trial in range(4):
         keep = torch.zeros(E, dtype=torch.bool)
         keep[torch.randperm(E)[: max(k, E - trial * (E // 4) - 1)]] = True
-        x = special_logits(300, E, torch.float32, device)
+        x = special_logits(300, E, torch.float32, device=device)
         for beta in (None, 0.5):
             got = ops.route(x, k, True, beta, keep.to(device))
             want = reference.route(x.cpu(), k, True, beta, keep)
@@ -68,7 +52,7 @@ def test_route_with_keep_mask(E: int, k: int, device: str) -> None:
 
 def test_route_outputs_are_valid_on_special_rows(device: str) -> None:
     E, k = 8, 4
-    x = special_logits(7, E, torch.float32, device)
+    x = special_logits(7, E, torch.float32, device=device)
     r = ops.route(x, k, True)
     assert torch.isfinite(r.weights).all()
     for row in r.ids.cpu().tolist():

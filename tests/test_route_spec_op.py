@@ -9,22 +9,9 @@ import torch
 
 from moe_fast import ops, reference
 from moe_fast.routing_spec import RoutingSpec, softmax_routing
+from helpers.logits import special_logits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def logits_with_specials(T: int, E: int, dtype: torch.dtype, ties: bool = False) -> torch.Tensor:
-    """Random logits with NaN, +-inf, all -inf rows and (optionally) many ties."""
-    x = torch.randint(-2, 3, (T, E)).float() if ties else torch.randn(T, E) * 3
-    if T >= 7:
-        x[0] = math.nan
-        x[1] = -math.inf
-        x[2] = 0.5
-        x[3, E // 2] = math.inf
-        x[4, : (E + 1) // 2] = -math.inf
-        x[5, E - 1] = math.nan
-        x[6, 0] = -math.inf
-    return x.to(dtype)
 
 
 def bias_for(E: int, ties: bool) -> torch.Tensor:
@@ -64,7 +51,7 @@ def assert_same_routing(got: reference.RouteResult, want: reference.RouteResult,
 def test_route_spec_matches_reference(E: int, k: int, dtype: torch.dtype) -> None:
     for T in (0, 1, 7, 300 if E < 256 else 97):
         for ties in (False, True):
-            x = logits_with_specials(T, E, dtype, ties)
+            x = special_logits(T, E, dtype, ties)
             betas = [None, 0.3, 1.0] + ([[0.9] + [0.1] * (k - 2)] if k > 2 else [])
             for spec in specs(E, k, ties):
                 for beta in betas:
@@ -102,7 +89,7 @@ def test_route_spec_with_keep_mask(E: int, k: int, groups: int, topk_group: int)
     masks += [whole_group, lone]
     for keep in masks:
         for ties in (False, True):
-            x = logits_with_specials(300, E, torch.float32, ties)
+            x = special_logits(300, E, torch.float32, ties)
             for spec in specs(E, k, ties) + [RoutingSpec("sigmoid", k, True, 2.0, bias_for(E, ties), groups, topk_group)]:
                 for beta in (None, 0.5):
                     got = ops.route_spec(x, spec, beta, keep)
@@ -144,7 +131,7 @@ def test_sigmoid_skip_rule_on_final_weights() -> None:
 @pytest.mark.parametrize("E,k", [(8, 2), (60, 4), (256, 8)])
 def test_plain_softmax_is_todays_route(E: int, k: int) -> None:
     # A plain softmax descriptor takes the long-standing kernel: bit for bit today's op.
-    x = logits_with_specials(500, E, torch.float32)
+    x = special_logits(500, E, torch.float32)
     keep = torch.arange(E) % 3 != 1 if E > 2 * k else None
     for renormalize in (True, False):
         for beta in (None, 0.4):
@@ -158,7 +145,7 @@ def test_plain_softmax_is_todays_route(E: int, k: int) -> None:
 
 def test_softmax_scaling_equals_scaled_route() -> None:
     # The general kernel's softmax (scaling 2: exact) routes as today's kernel, weights times 2.
-    x = logits_with_specials(400, 64, torch.float32)
+    x = special_logits(400, 64, torch.float32)
     for renormalize in (True, False):
         for beta in (None, 0.3):
             plain = ops.route(x, 4, renormalize, beta)

@@ -28,6 +28,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 from moe_fast import reference
 from moe_fast.adapters import ADAPTERS, get_adapter
 from moe_fast.routing_spec import RoutingSpec, routing_spec_from_config, softmax_routing
+from helpers.logits import special_logits
 
 H = 16
 
@@ -57,19 +58,6 @@ def legacy_route(logits, k, renormalize=True, beta=None, keep=None) -> reference
     return reference.RouteResult(weights.float(), ids, *reference.dispatch_plan(ids, E))
 
 
-def awkward_logits(T: int, E: int, ties: bool) -> torch.Tensor:
-    """Random logits with NaN, +-inf, all -inf / all NaN / all equal rows, optionally many ties."""
-    x = torch.randint(-2, 3, (T, E)).float() if ties else torch.randn(T, E) * 3
-    x[0] = math.nan
-    x[1] = -math.inf
-    x[2] = 0.5
-    x[3, E // 2] = math.inf
-    x[4, : (E + 1) // 2] = -math.inf
-    x[5, E - 1] = math.nan
-    x[6, 0] = -math.inf
-    return x
-
-
 def assert_bitwise(got: reference.RouteResult, want: reference.RouteResult) -> None:
     for name, a, b in zip(reference.RouteResult._fields, got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), name
@@ -79,7 +67,7 @@ def assert_bitwise(got: reference.RouteResult, want: reference.RouteResult) -> N
 @pytest.mark.parametrize("E,k", [(3, 2), (8, 2), (8, 1), (16, 4), (60, 4), (64, 8)])
 def test_softmax_spec_is_todays_route_bit_for_bit(E: int, k: int) -> None:
     for ties in (False, True):
-        x = awkward_logits(200, E, ties)
+        x = special_logits(200, E, ties=ties)
         masks = [None, torch.randperm(E) < max(k, E - E // 3)]
         betas = [None, 0.0, 1.0, 0.3] + ([[0.9] + [0.1] * (k - 2)] if k > 2 else [])
         for keep in masks:
@@ -254,14 +242,14 @@ def test_top_k_equal_to_the_allowed_experts_takes_them_all(scoring: str) -> None
     keep = torch.zeros(E, dtype=torch.bool)
     keep[torch.tensor([0, 1, 6, 9, 15])] = True
     spec = grouped(k) if scoring == "sigmoid" else RoutingSpec(scoring, k)
-    r = reference.route_spec(awkward_logits(40, E, False), spec, keep_mask=keep)
+    r = reference.route_spec(special_logits(40, E), spec, keep_mask=keep)
     assert (torch.sort(r.ids.long(), -1).values == torch.tensor([0, 1, 6, 9, 15])).all()
     assert torch.isfinite(r.weights).all()
 
 
 def test_sigmoid_sanitizes_nan_and_inf_as_route_does() -> None:
     E, k = 16, 4
-    x = awkward_logits(60, E, ties=False)
+    x = special_logits(60, E, ties=False)
     clean = reference.sanitize_logits(x)  # NaN -> -inf, +inf -> float32 max
     bias = torch.rand(E) * 0.2
     for spec in (grouped(k, bias=bias), grouped(k, renormalize=False), RoutingSpec("sigmoid", k)):
@@ -277,7 +265,7 @@ def test_sigmoid_sanitizes_nan_and_inf_as_route_does() -> None:
 
 
 def test_softmax_topk_degenerate_rows_follow_route() -> None:
-    x = awkward_logits(10, 8, ties=False)
+    x = special_logits(10, 8, ties=False)
     r = reference.route_spec(x, RoutingSpec("softmax_topk", 4))
     for t in (0, 1, 2):  # all NaN, all -inf, all equal: the lowest experts, equal weights
         assert r.ids[t].tolist() == [0, 1, 2, 3]

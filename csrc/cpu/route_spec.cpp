@@ -127,36 +127,16 @@ void route_spec_rows_k(const scalar_t* logits, const RouteSpecArgs& a, int64_t t
 template <typename scalar_t>
 void route_spec_rows_typed(const scalar_t* logits, const RouteSpecArgs& a, int64_t t_begin, int64_t t_end,
                            float* weights, int32_t* ids) {
-  switch (a.route.top_k) {
-#define MOE_FAST_ROUTE_SPEC_CASE(K) \
-  case K:                           \
-    return route_spec_rows_k<K>(logits, a, t_begin, t_end, weights, ids);
-    MOE_FAST_ROUTE_SPEC_CASE(1)
-    MOE_FAST_ROUTE_SPEC_CASE(2)
-    MOE_FAST_ROUTE_SPEC_CASE(3)
-    MOE_FAST_ROUTE_SPEC_CASE(4)
-    MOE_FAST_ROUTE_SPEC_CASE(5)
-    MOE_FAST_ROUTE_SPEC_CASE(6)
-    MOE_FAST_ROUTE_SPEC_CASE(7)
-    MOE_FAST_ROUTE_SPEC_CASE(8)
-#undef MOE_FAST_ROUTE_SPEC_CASE
-    default:
-      return;  // validate_route rejects k outside 1..8
-  }
+  MOE_FAST_DISPATCH_TOP_K(a.route.top_k, return, return route_spec_rows_k<K>(logits, a, t_begin, t_end, weights, ids))
 }
 
 }  // namespace
 
 void route_spec_rows(DType dtype, const void* logits, const RouteSpecArgs& args, int64_t t_begin, int64_t t_end,
                      float* weights, int32_t* ids) {
-  switch (dtype) {
-    case DType::Float32:
-      return route_spec_rows_typed(static_cast<const float*>(logits), args, t_begin, t_end, weights, ids);
-    case DType::BFloat16:
-      return route_spec_rows_typed(static_cast<const bf16_t*>(logits), args, t_begin, t_end, weights, ids);
-    case DType::Float16:
-      return route_spec_rows_typed(static_cast<const fp16_t*>(logits), args, t_begin, t_end, weights, ids);
-  }
+  MOE_FAST_DISPATCH_DTYPE(
+      dtype, return,
+      return route_spec_rows_typed(static_cast<const scalar_t*>(logits), args, t_begin, t_end, weights, ids))
 }
 
 Error route_spec(DType dtype, const void* logits, const RouteSpecArgs& args, float* weights, int32_t* ids,

@@ -75,19 +75,8 @@ cudaError_t expert_gram(DType dtype, const void* outputs, const void* target, in
     return cudaErrorInvalidValue;  // validate_expert_gram names the problem
   }
   if (num_tokens == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::Float32:
-      launch_gram<float>(outputs, target, num_tokens, rank, hidden, gram, cross, target_sq, stream);
-      break;
-    case DType::BFloat16:
-      launch_gram<bf16_t>(outputs, target, num_tokens, rank, hidden, gram, cross, target_sq, stream);
-      break;
-    case DType::Float16:
-      launch_gram<fp16_t>(outputs, target, num_tokens, rank, hidden, gram, cross, target_sq, stream);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  MOE_FAST_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+                          launch_gram<scalar_t>(outputs, target, num_tokens, rank, hidden, gram, cross, target_sq, stream))
   return cudaGetLastError();
 }
 

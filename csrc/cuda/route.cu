@@ -217,19 +217,8 @@ cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float*
     p.has_skip = args.skip_gap != nullptr;
     for (int j = 0; j < kMaxTopK; ++j) p.skip_gap[j] = (p.has_skip && j < args.top_k) ? args.skip_gap[j] : 0.0;
     p.keep = args.keep;
-    switch (dtype) {
-      case DType::Float32:
-        launch_route_typed<float>(logits, p, weights, ids, stream);
-        break;
-      case DType::BFloat16:
-        launch_route_typed<bf16_t>(logits, p, weights, ids, stream);
-        break;
-      case DType::Float16:
-        launch_route_typed<fp16_t>(logits, p, weights, ids, stream);
-        break;
-      default:
-        return cudaErrorInvalidValue;
-    }
+    MOE_FAST_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+                            launch_route_typed<scalar_t>(logits, p, weights, ids, stream))
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -201,19 +201,8 @@ cudaError_t route_spec(DType dtype, const void* logits, const RouteSpecArgs& arg
     p.n_group = args.n_group;
     p.topk_group = args.topk_group;
     p.scaling = args.scaling;
-    switch (dtype) {
-      case DType::Float32:
-        launch_route_spec<float>(logits, p, weights, ids, stream);
-        break;
-      case DType::BFloat16:
-        launch_route_spec<bf16_t>(logits, p, weights, ids, stream);
-        break;
-      case DType::Float16:
-        launch_route_spec<fp16_t>(logits, p, weights, ids, stream);
-        break;
-      default:
-        return cudaErrorInvalidValue;
-    }
+    MOE_FAST_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+                            launch_route_spec<scalar_t>(logits, p, weights, ids, stream))
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -229,22 +229,7 @@ void route_rows_k(const scalar_t* logits, const Plan& plan, int64_t t_begin, int
 template <typename scalar_t>
 void route_rows_typed(const scalar_t* logits, const Plan& plan, int64_t t_begin, int64_t t_end, float* weights,
                       int32_t* ids) {
-  switch (plan.args->top_k) {
-#define MOE_FAST_ROUTE_CASE(K) \
-  case K:                      \
-    return route_rows_k<K>(logits, plan, t_begin, t_end, weights, ids);
-    MOE_FAST_ROUTE_CASE(1)
-    MOE_FAST_ROUTE_CASE(2)
-    MOE_FAST_ROUTE_CASE(3)
-    MOE_FAST_ROUTE_CASE(4)
-    MOE_FAST_ROUTE_CASE(5)
-    MOE_FAST_ROUTE_CASE(6)
-    MOE_FAST_ROUTE_CASE(7)
-    MOE_FAST_ROUTE_CASE(8)
-#undef MOE_FAST_ROUTE_CASE
-    default:
-      return;
-  }
+  MOE_FAST_DISPATCH_TOP_K(plan.args->top_k, return, return route_rows_k<K>(logits, plan, t_begin, t_end, weights, ids))
 }
 
 }  // namespace
@@ -264,17 +249,9 @@ bool route_rows_avx2(DType dtype, const void* logits, const RouteArgs& args, int
   if (n < args.top_k) return false;  // the scalar code's id-E filling of missing slots
   if (t_end <= t_begin) return true;
   const Plan plan{&args, allowed, n};
-  switch (dtype) {
-    case DType::Float32:
-      route_rows_typed(static_cast<const float*>(logits), plan, t_begin, t_end, weights, ids);
-      return true;
-    case DType::BFloat16:
-      route_rows_typed(static_cast<const bf16_t*>(logits), plan, t_begin, t_end, weights, ids);
-      return true;
-    case DType::Float16:
-      route_rows_typed(static_cast<const fp16_t*>(logits), plan, t_begin, t_end, weights, ids);
-      return true;
-  }
+  MOE_FAST_DISPATCH_DTYPE(dtype, return false,
+                         route_rows_typed(static_cast<const scalar_t*>(logits), plan, t_begin, t_end, weights, ids);
+                         return true)
   return false;
 }
 

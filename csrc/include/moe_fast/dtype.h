@@ -51,3 +51,46 @@ MOE_FAST_HD float to_float(fp16_t x) {
 }
 
 }  // namespace moe_fast
+
+// Compile-time dispatch, written once for every kernel (macros, so that they add no function a
+// translation unit built with other instruction flags could share: see csrc/cpu/avx2/).
+// MOE_FAST_DISPATCH_DTYPE runs the statements with `scalar_t` bound to DTYPE's storage type, and
+// OTHERWISE for a value outside the enum; MOE_FAST_DISPATCH_TOP_K runs them with `constexpr int K`
+// bound to K_VALUE (1..8, route's limit in rules.h), and OTHERWISE for any other value.
+#define MOE_FAST_DISPATCH_DTYPE(DTYPE, OTHERWISE, ...)                  \
+  switch (DTYPE) {                                                      \
+    case ::moe_fast::DType::Float32: {                                  \
+      using scalar_t = float;                                           \
+      __VA_ARGS__;                                                      \
+    } break;                                                            \
+    case ::moe_fast::DType::BFloat16: {                                 \
+      using scalar_t = ::moe_fast::bf16_t;                              \
+      __VA_ARGS__;                                                      \
+    } break;                                                            \
+    case ::moe_fast::DType::Float16: {                                  \
+      using scalar_t = ::moe_fast::fp16_t;                              \
+      __VA_ARGS__;                                                      \
+    } break;                                                            \
+    default:                                                            \
+      OTHERWISE;                                                        \
+  }
+
+#define MOE_FAST_TOP_K_CASE_(KV, ...) \
+  case KV: {                          \
+    constexpr int K = KV;             \
+    __VA_ARGS__;                      \
+  } break;
+
+#define MOE_FAST_DISPATCH_TOP_K(K_VALUE, OTHERWISE, ...) \
+  switch (K_VALUE) {                                     \
+    MOE_FAST_TOP_K_CASE_(1, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(2, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(3, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(4, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(5, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(6, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(7, __VA_ARGS__)                 \
+    MOE_FAST_TOP_K_CASE_(8, __VA_ARGS__)                 \
+    default:                                             \
+      OTHERWISE;                                         \
+  }
