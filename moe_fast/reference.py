@@ -36,6 +36,10 @@ these. This module is the specification: routing, skipping and the subset losses
   above), ``log s`` of the float32 scores for sigmoid. The surviving weights are scaled so that
   they sum to what the k final weights summed before skipping. ``skip_ratios`` gives
   ``w_j / w_0 = exp(-(log w_0 - log w_j))`` for calibration.
+
+``subset_loss_spec`` generalizes ``subset_loss`` to any spec without groups: ids are ranked by
+``rank_spec``, a candidate routes a token to the first k kept experts of its ranked row, and the
+weights are ``route_spec``'s with the other experts masked (``subset_weights_spec``).
 """
 
 from __future__ import annotations
