@@ -15,7 +15,8 @@ from moe_fast.routing_spec import RoutingSpec, softmax_routing
 def spec_of(scoring: str, k: int, E: int, renormalize: bool, scaling: float, gen: torch.Generator) -> RoutingSpec:
     if scoring == "sigmoid":
         bias = torch.randn(E, generator=gen) * 0.3
-        return RoutingSpec(scoring="sigmoid", top_k=k, renormalize=renormalize, scaling=scaling).with_selection_bias(bias)
+        spec = RoutingSpec(scoring="sigmoid", top_k=k, renormalize=renormalize, scaling=scaling)
+        return spec.with_selection_bias(bias)
     if scoring == "softmax_topk":
         return RoutingSpec(scoring="softmax_topk", top_k=k, renormalize=renormalize, scaling=scaling)
     return RoutingSpec(scoring="softmax", top_k=k, renormalize=renormalize, scaling=scaling)
@@ -133,7 +134,8 @@ def test_sigmoid_ids_ranked_by_biased_score() -> None:
     want = torch.tensor([[torch.sigmoid(torch.tensor(-1.0)) ** 2], [torch.sigmoid(torch.tensor(-1.0)) ** 2],
                          [torch.sigmoid(torch.tensor(2.0)) ** 2]], dtype=torch.float64)
     torch.testing.assert_close(out, want)
-    torch.testing.assert_close(reference.subset_loss_spec(gram, good, logits, keep, group, 1, spec, target_weights=tw), want)
+    ref = reference.subset_loss_spec(gram, good, logits, keep, group, 1, spec, target_weights=tw)
+    torch.testing.assert_close(ref, want)
     bad = torch.tensor([[0, 1]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="largest biased sigmoid score first"):
         ops.subset_loss_spec(gram, bad, logits, keep, group, 1, spec, target_weights=tw)
