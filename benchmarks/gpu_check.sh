@@ -68,7 +68,7 @@ fi
 
 # 2. The tests that run on the GPU (the `device` fixture adds cuda cases when a GPU is present).
 step tests 150 "${PY}" -m pytest -q -rs -p no:cacheprovider --maxfail=10 \
-  tests/test_cuda_ops.py tests/test_route.py tests/test_subset_loss.py
+  tests/test_cuda_ops.py tests/test_route.py tests/test_subset_loss.py tests/test_subset_loss_spec.py
 
 # 3. The table, in the time that is left (minus a margin for writing the summary).
 BUDGET=$((BUDGET - 10)) step bench 400 "${PY}" benchmarks/bench_gpu.py ${QUICK}

@@ -40,11 +40,14 @@ TORCH_LIBRARY(moe_fast, m) {
   m.def("expert_gram(Tensor outputs, Tensor? target=None) -> (Tensor gram, Tensor cross, Tensor target_sq)");
   // gram [T, P] f32, ids [T, M] i32, logits [T, E] f32, keep [C, E] bool, group [T] i64,
   // target_weights [T, M] f32 (layer-wise) xor cross [T, M] f32 + target_sq [T] f32 (progressive)
+  // The routing descriptor as route takes it, without groups (topk_group < n_group is rejected);
+  // ids are ranked by the spec's selection score (logits, or biased sigmoid scores).
   // -> [C, G] f64
   m.def(
       "subset_loss(Tensor gram, Tensor ids, Tensor logits, Tensor keep, Tensor group, int num_groups, "
       "int k, bool renormalize=True, Tensor? target_weights=None, Tensor? cross=None, "
-      "Tensor? target_sq=None) -> Tensor");
+      "Tensor? target_sq=None, str scoring=\"softmax\", Tensor? selection_bias=None, int n_group=1, "
+      "int topk_group=1, float scaling=1.0) -> Tensor");
 }
 
 // No op is differentiable (they serve inference and the pruning search): the autograd layer is

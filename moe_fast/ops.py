@@ -15,7 +15,7 @@ from moe_fast import reference
 from moe_fast.reference import RouteResult
 from moe_fast.routing_spec import RoutingSpec
 
-__all__ = ["route", "route_spec", "routing_op_args", "expert_gram", "subset_loss", "RouteResult"]
+__all__ = ["route", "route_spec", "routing_op_args", "expert_gram", "subset_loss", "subset_loss_spec", "RouteResult"]
 
 
 def route(
@@ -157,6 +157,47 @@ def subset_loss(
     )
 
 
+def subset_loss_spec(
+    gram: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    spec: RoutingSpec,
+    target_weights: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    target_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`subset_loss` for any non-grouped routing descriptor (docs/ROUTING.md).
+
+    The kernel of ``moe_fast.reference.subset_loss_spec``. A candidate routes each token to the
+    first ``spec.top_k`` experts it keeps of the token's ranked row, weighted as ``spec`` weighs
+    them (softmax: as :func:`subset_loss`; softmax_topk: softmax of the chosen logits; sigmoid: the
+    unbiased scores, renormalized if ``spec.renormalize``; times ``spec.scaling``). A plain softmax
+    spec (scaling 1) is :func:`subset_loss` bit for bit.
+
+    Args:
+        gram, logits, keep, group, num_groups, target_weights, cross, target_sq: as
+            :func:`subset_loss`. logits [T, E] float32 are the router's output 0 (without the
+            selection bias); target_weights [T, M] float32 the unpruned final weights (with scaling).
+        ids: [T, M] int32: each token's M ranked experts in ``spec``'s order, exactly
+            ``reference.rank_spec(logits, spec)[:, :M]`` (sigmoid: by biased score; checked).
+        spec: the router's RoutingSpec, not grouped (``topk_group < n_group`` raises: a candidate's
+            experts then depend on group scores, not on a prefix of the ranked row). Its
+            selection_bias ([E]) is moved to the logits' device as float32.
+
+    Returns:
+        [C, num_groups] float64, as :func:`subset_loss`.
+    """
+    args = routing_op_args(spec, logits.device)
+    k = args.pop("k")
+    renormalize = args.pop("renormalize")
+    return torch.ops.moe_fast.subset_loss(
+        gram, ids, logits, keep, group, num_groups, k, renormalize, target_weights, cross, target_sq, **args
+    )
+
+
 @torch.library.register_fake("moe_fast::route")
 def _route_fake(
     logits, k, renormalize=True, beta=None, keep=None, scoring="softmax", selection_bias=None, n_group=1,
@@ -208,6 +249,21 @@ def _expert_gram_fake(outputs, target=None):
 
 @torch.library.register_fake("moe_fast::subset_loss")
 def _subset_loss_fake(
-    gram, ids, logits, keep, group, num_groups, k, renormalize=True, target_weights=None, cross=None, target_sq=None
+    gram, ids, logits, keep, group, num_groups, k, renormalize=True, target_weights=None, cross=None, target_sq=None,
+    scoring="softmax", selection_bias=None, n_group=1, topk_group=1, scaling=1.0,
 ):
+    torch._check(
+        scoring in ("softmax", "sigmoid", "softmax_topk"),
+        lambda: f"moe_fast.subset_loss: scoring must be 'softmax', 'sigmoid' or 'softmax_topk', got {scoring!r}",
+    )
+    torch._check(
+        topk_group >= n_group,
+        lambda: "moe_fast.subset_loss: grouped routing (topk_group < n_group) is not supported yet",
+    )
+    if selection_bias is not None:
+        torch._check(
+            selection_bias.dim() == 1 and selection_bias.shape[0] == logits.shape[-1]
+            and selection_bias.dtype == torch.float32,
+            lambda: "moe_fast.subset_loss: selection_bias must be [E] float32",
+        )
     return gram.new_empty(keep.shape[0], num_groups, dtype=torch.float64)

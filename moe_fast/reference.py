@@ -36,6 +36,10 @@ these. This module is the specification: routing, skipping and the subset losses
   above), ``log s`` of the float32 scores for sigmoid. The surviving weights are scaled so that
   they sum to what the k final weights summed before skipping. ``skip_ratios`` gives
   ``w_j / w_0 = exp(-(log w_0 - log w_j))`` for calibration.
+
+``subset_loss_spec`` generalizes ``subset_loss`` to any spec without groups: ids are ranked by
+``rank_spec``, a candidate routes a token to the first k kept experts of its ranked row, and the
+weights are ``route_spec``'s with the other experts masked (``subset_weights_spec``).
 """
 
 from __future__ import annotations
@@ -306,21 +310,54 @@ def unpack_gram(gram: torch.Tensor, m: int) -> torch.Tensor:
     return full
 
 
-def check_ranked_ids(ids: torch.Tensor, logits: torch.Tensor) -> None:
-    """subset_loss's contract on ``ids``: each row is its token's top M experts in routing order,
-    exactly ``route(logits, M).ids`` (so in [0, E), no expert twice). Raises ValueError otherwise."""
+def ranking_values(logits: torch.Tensor, spec: RoutingSpec | None = None) -> torch.Tensor:
+    """What experts are ranked by, [T, E] float32: the sanitized logits for the softmax scorings,
+    the biased sigmoid scores (``s + selection_bias``) for sigmoid. Ties go to the lower index."""
+    if spec is None or spec.scoring != "sigmoid":
+        return sanitize_logits(logits)
+    return sigmoid_choice(logits, spec)[1]
+
+
+def check_subset_spec(spec: RoutingSpec) -> None:
+    """subset_loss serves routers whose candidates route by a prefix of the token's ranked list.
+
+    With groups (``topk_group < n_group``) a candidate's choice depends on the group scores of the
+    experts it keeps, so it is not "the first k kept experts of the ranked list": not supported yet.
+    """
+    if spec.grouped:
+        raise ValueError(
+            f"moe_fast.subset_loss: grouped routing (n_group = {spec.n_group}, topk_group = {spec.topk_group}) is not "
+            "supported yet: a candidate's experts then depend on group scores over the experts it keeps, not only on "
+            "a prefix of each token's ranked list"
+        )
+
+
+def check_ranked_ids(ids: torch.Tensor, logits: torch.Tensor, spec: RoutingSpec | None = None) -> None:
+    """subset_loss's contract on ``ids``: each row is its token's top M experts in ``spec``'s routing
+    order, exactly ``rank_spec(logits, spec)[:, :M]`` (softmax: ``route(logits, M).ids``; so in [0, E),
+    no expert twice). Raises ValueError otherwise."""
     T, M = ids.shape
     if T == 0:
         return
-    want = rank_experts(logits)[0][:, :M].to(ids.device)
+    if spec is not None:
+        check_subset_spec(spec)
+    by_score = spec is not None and spec.scoring == "sigmoid"
+    want = (rank_spec(logits, spec) if by_score else rank_experts(logits)[0])[:, :M].to(ids.device)
     bad = (want != ids.long()).any(-1).nonzero()
     if len(bad):
         t = int(bad[0])
+        what = "largest biased sigmoid score first" if by_score else "largest logit first"
         raise ValueError(
-            f"moe_fast.subset_loss: ids row of token {t} is not ranked: each expert once, largest logit first, "
-            f"ties to the lower index (as route(logits, M).ids gives them); got {ids[t].tolist()}, "
-            f"expected {want[t].tolist()}"
+            f"moe_fast.subset_loss: ids row of token {t} is not ranked: each expert once, {what}, "
+            f"ties to the lower index (as {'rank_spec(logits, spec)[:, :M]' if by_score else 'route(logits, M).ids'} "
+            f"gives them); got {ids[t].tolist()}, expected {want[t].tolist()}"
         )
+
+
+def candidate_slots(ids: torch.Tensor, keep_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[C, T, M] bool: each candidate's routed slots, the first k kept experts of each ranked row."""
+    kept = keep_mask.bool()[:, ids.long()]  # [C, T, M]
+    return kept & (torch.cumsum(kept.to(torch.int64), dim=-1) <= k)
 
 
 def subset_weights(
@@ -332,8 +369,7 @@ def subset_weights(
     rules as ``route`` with the experts outside the candidate masked.
     """
     lg = sanitize_logits(logits).double()  # [T, E]
-    kept = keep_mask.bool()[:, ids.long()]  # [C, T, M]
-    sel = kept & (torch.cumsum(kept.to(torch.int64), dim=-1) <= k)
+    sel = candidate_slots(ids, keep_mask, k)
     ranked = torch.gather(lg, 1, ids.long()).unsqueeze(0).expand_as(sel)  # [C, T, M]
     first = torch.argmax(sel.to(torch.int8), dim=-1, keepdim=True)
     l0 = torch.gather(ranked, -1, first)
@@ -347,6 +383,29 @@ def subset_weights(
     terms = torch.where(degenerate, torch.ones_like(lg), torch.exp(lg.unsqueeze(0) - l0_all))
     z = torch.where(allowed, terms, torch.zeros_like(terms)).sum(-1, keepdim=True)
     return rel / z
+
+
+def subset_weights_spec(
+    ids: torch.Tensor, logits: torch.Tensor, keep_mask: torch.Tensor, spec: RoutingSpec
+) -> torch.Tensor:
+    """``subset_weights`` for any non-grouped ``spec``: [C, T, M] float64, ids ranked by ``spec``.
+
+    A candidate routes a token to the first k kept experts of its ranked row (exact without groups:
+    masking experts does not reorder the others). Weights: softmax as ``subset_weights``;
+    softmax_topk the softmax of the k chosen logits; sigmoid the unbiased float32 scores of the
+    chosen k, divided by ``sum + 1e-20`` with ``renormalize``; all times ``scaling``.
+    """
+    check_subset_spec(spec)
+    k = spec.top_k
+    if spec.scoring == "sigmoid":
+        sel = candidate_slots(ids, keep_mask, k)
+        scores = torch.gather(torch.sigmoid(sanitize_logits(logits)), 1, ids.long()).double()  # [T, M]
+        w = torch.where(sel, scores.unsqueeze(0), torch.zeros_like(sel, dtype=torch.float64))
+        if spec.renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    else:  # softmax over the chosen k logits = renormalized softmax weights
+        w = subset_weights(ids, logits, keep_mask, k, spec.renormalize or spec.scoring == "softmax_topk")
+    return w * spec.scaling if spec.scaling != 1.0 else w
 
 
 def subset_loss(
@@ -370,7 +429,50 @@ def subset_loss(
     if T == 0 or C == 0:
         return out
     w = subset_weights(ids, logits, keep, k, renormalize)  # [C, T, M]
-    G = unpack_gram(gram.double(), M)  # [T, M, M]
+    return subset_errors(w, gram, M, group, out, target_weights, cross, target_sq)
+
+
+def subset_loss_spec(
+    gram: torch.Tensor,
+    ids: torch.Tensor,
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    spec: RoutingSpec,
+    target_weights: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    target_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of ``moe_fast.ops.subset_loss_spec``: ``subset_loss`` for a non-grouped ``spec``
+    (ids = ``rank_spec(logits, spec)[:, :M]``), [C, G] float64. A softmax spec with scaling 1 is
+    ``subset_loss`` bit for bit."""
+    check_subset_spec(spec)
+    if spec.is_plain_softmax:
+        return subset_loss(gram, ids, logits, keep, group, num_groups, spec.top_k, spec.renormalize,
+                           target_weights, cross, target_sq)
+    T, M = ids.shape
+    C = keep.shape[0]
+    check_ranked_ids(ids, logits, spec)
+    out = torch.zeros(C, num_groups, dtype=torch.float64)
+    if T == 0 or C == 0:
+        return out
+    w = subset_weights_spec(ids, logits, keep, spec)  # [C, T, M]
+    return subset_errors(w, gram, M, group, out, target_weights, cross, target_sq)
+
+
+def subset_errors(
+    w: torch.Tensor,
+    gram: torch.Tensor,
+    m: int,
+    group: torch.Tensor,
+    out: torch.Tensor,
+    target_weights: torch.Tensor | None,
+    cross: torch.Tensor | None,
+    target_sq: torch.Tensor | None,
+) -> torch.Tensor:
+    """Adds each candidate's squared errors [C, T] under weights w [C, T, M] into out [C, G] by group."""
+    G = unpack_gram(gram.double(), m)  # [T, M, M]
     if target_weights is not None:
         d = w - target_weights.double().unsqueeze(0)
         err = torch.einsum("ctm,tmn,ctn->ct", d, G, d)

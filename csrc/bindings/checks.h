@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "moe_fast/kernels.h"
@@ -99,11 +100,11 @@ struct RouteSpecInputs {
   double scaling;
 };
 
-inline Scoring scoring_of(c10::string_view name) {
+inline Scoring scoring_of(c10::string_view name, const char* op = "moe_fast.route") {
   if (name == "softmax") return Scoring::Softmax;
   if (name == "sigmoid") return Scoring::Sigmoid;
   if (name == "softmax_topk") return Scoring::SoftmaxTopK;
-  TORCH_CHECK(false, "moe_fast.route: scoring must be 'softmax', 'sigmoid' or 'softmax_topk', got '", name, "'");
+  TORCH_CHECK(false, op, ": scoring must be 'softmax', 'sigmoid' or 'softmax_topk', got '", name, "'");
 }
 
 // The router the plain kernels serve (route.cpp, route.cu): softmax over all experts, scaling 1.
@@ -111,37 +112,39 @@ inline bool is_plain_softmax(const RouteSpecInputs& spec) {
   return scoring_of(spec.scoring) == Scoring::Softmax && spec.scaling == 1.0;
 }
 
-// Validates the descriptor against logits [T, E] and k (check_route_args ran first). A bias on
-// the CPU is checked finite on the host; on a GPU on the device (no synchronization).
-inline void check_route_spec(const at::Tensor& logits, int64_t k, const RouteSpecInputs& spec) {
-  const Scoring scoring = scoring_of(spec.scoring);
+// Validates the descriptor against logits [T, E] and k (check_route_args ran first); `op` names
+// the op in the messages. A bias on the CPU is checked finite on the host; on a GPU on the device
+// (no synchronization).
+inline void check_route_spec(const at::Tensor& logits, int64_t k, const RouteSpecInputs& spec,
+                             const char* op = "moe_fast.route") {
+  const Scoring scoring = scoring_of(spec.scoring, op);
   const int64_t E = logits.size(1);
   const int64_t G = spec.n_group, topk_group = spec.topk_group;
   TORCH_CHECK(std::isfinite(spec.scaling) && spec.scaling > 0.0,
-              "moe_fast.route: scaling must be a finite number > 0, got ", spec.scaling);
+              op, ": scaling must be a finite number > 0, got ", spec.scaling);
   TORCH_CHECK(G >= 1 && topk_group >= 1 && topk_group <= G,
-              "moe_fast.route: need n_group >= 1 and 1 <= topk_group <= n_group, got n_group = ", G,
+              op, ": need n_group >= 1 and 1 <= topk_group <= n_group, got n_group = ", G,
               ", topk_group = ", topk_group);
   if (scoring != Scoring::Sigmoid) {
-    TORCH_CHECK(!spec.selection_bias.has_value() && topk_group == G, "moe_fast.route: a selection_bias and expert ",
+    TORCH_CHECK(!spec.selection_bias.has_value() && topk_group == G, op, ": a selection_bias and expert ",
                 "groups (topk_group < n_group) need scoring 'sigmoid', got scoring '", spec.scoring, "'");
     return;
   }
-  TORCH_CHECK(E % G == 0, "moe_fast.route: n_group (", G, ") must divide the number of experts E (", E, ")");
-  TORCH_CHECK(topk_group * (E / G) >= k, "moe_fast.route: the topk_group = ", topk_group, " eligible groups of ",
+  TORCH_CHECK(E % G == 0, op, ": n_group (", G, ") must divide the number of experts E (", E, ")");
+  TORCH_CHECK(topk_group * (E / G) >= k, op, ": the topk_group = ", topk_group, " eligible groups of ",
               E / G, " experts hold fewer than k = ", k, " experts");
   if (!spec.selection_bias.has_value()) return;
   const at::Tensor& bias = *spec.selection_bias;
   check_tensor(bias, "selection_bias", 1, logits.device());
   check_dtype(bias, "selection_bias", at::kFloat);
-  TORCH_CHECK(bias.size(0) == E, "moe_fast.route: selection_bias must be [E] = [", E, "], got ", bias.sizes());
+  TORCH_CHECK(bias.size(0) == E, op, ": selection_bias must be [E] = [", E, "], got ", bias.sizes());
   if (bias.is_cpu()) {
     const float* b = bias.data_ptr<float>();
     for (int64_t e = 0; e < E; ++e) {
-      TORCH_CHECK(std::isfinite(b[e]), "moe_fast.route: selection_bias must be finite, got ", b[e], " at expert ", e);
+      TORCH_CHECK(std::isfinite(b[e]), op, ": selection_bias must be finite, got ", b[e], " at expert ", e);
     }
   } else {
-    at::_assert_async(at::isfinite(bias).all(), "moe_fast.route: selection_bias must be finite");
+    at::_assert_async(at::isfinite(bias).all(), std::string(op) + ": selection_bias must be finite");
   }
 }
 
@@ -198,7 +201,8 @@ inline SubsetLossArgs check_subset_loss_args(const at::Tensor& gram, const at::T
                                              const at::Tensor& group, int64_t num_groups, int64_t k,
                                              bool renormalize, const std::optional<at::Tensor>& target_weights,
                                              const std::optional<at::Tensor>& cross,
-                                             const std::optional<at::Tensor>& target_sq) {
+                                             const std::optional<at::Tensor>& target_sq,
+                                             const RouteSpecInputs& spec) {
   const auto dev = gram.device();
   check_tensor(gram, "gram", 2, dev);
   check_tensor(ids, "ids", 2, dev);
@@ -230,7 +234,15 @@ inline SubsetLossArgs check_subset_loss_args(const at::Tensor& gram, const at::T
               "moe_fast.subset_loss: give either target_weights (layer-wise) or cross and target_sq (progressive)");
   TORCH_CHECK(layerwise || (cross.has_value() && target_sq.has_value()),
               "moe_fast.subset_loss: progressive mode needs both cross and target_sq");
+  TORCH_CHECK(scoring_of(spec.scoring, "moe_fast.subset_loss") != Scoring::Sigmoid || spec.topk_group >= spec.n_group,
+              "moe_fast.subset_loss: grouped routing (n_group = ", spec.n_group, ", topk_group = ", spec.topk_group,
+              ") is not supported yet: a candidate's experts then depend on group scores over the experts it keeps, ",
+              "not only on a prefix of each token's ranked list");
+  check_route_spec(logits, k, spec, "moe_fast.subset_loss");
   SubsetLossArgs a;
+  a.scoring = scoring_of(spec.scoring, "moe_fast.subset_loss");
+  a.selection_bias = spec.selection_bias.has_value() ? spec.selection_bias->data_ptr<float>() : nullptr;
+  a.scaling = spec.scaling;
   a.num_tokens = T;
   a.num_experts = static_cast<int32_t>(E);
   a.rank = static_cast<int32_t>(M);
@@ -280,9 +292,22 @@ inline void check_target_is_routing(const std::optional<at::Tensor>& target_weig
   }
 }
 
-// ids rows: in [0, E), each expert once, in route's order (ranked_row_ok in rules.h). On the CPU
-// with the token's position; on a GPU the same rule in tensor ops, checked on the device.
-inline void check_ids_ranked(const at::Tensor& ids, const at::Tensor& logits) {
+// What subset_loss's ids rows are ranked by (ranking_value in rules.h): the logits, or for sigmoid
+// the biased scores sigmoid(sanitized logits) + bias, computed with the same torch ops as
+// reference.rank_spec so that ids from it always pass. [T, E] float32 on the logits' device.
+inline at::Tensor ranking_values(const at::Tensor& logits, const RouteSpecInputs& spec) {
+  if (scoring_of(spec.scoring, "moe_fast.subset_loss") != Scoring::Sigmoid) return logits;
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor scores = at::sigmoid(at::nan_to_num(logits, -inf, std::numeric_limits<float>::max(), -inf));
+  if (spec.selection_bias.has_value()) scores = scores + *spec.selection_bias;
+  return scores.contiguous();
+}
+
+// ids rows: in [0, E), each expert once, in the router's order (ranked_row_ok in rules.h) by
+// `values` (ranking_values). On the CPU with the token's position; on a GPU the same rule in
+// tensor ops, checked on the device.
+inline void check_ids_ranked(const at::Tensor& ids, const at::Tensor& values, bool by_score) {
+  const at::Tensor& logits = values;
   const int64_t T = ids.size(0), M = ids.size(1), E = logits.size(1);
   if (T == 0) return;
   if (ids.is_cpu()) {
@@ -295,8 +320,10 @@ inline void check_ids_ranked(const at::Tensor& ids, const at::Tensor& logits) {
                     row[i], " at token ", t, " (a skipped slot cannot be ranked)");
       }
       TORCH_CHECK(ranked_row_ok(row, lp + t * E, static_cast<int32_t>(M), static_cast<int32_t>(E)),
-                  "moe_fast.subset_loss: ids row of token ", t, " is not ranked: each expert once, largest logit ",
-                  "first, ties to the lower index (as route(logits, M).ids gives them); got ",
+                  "moe_fast.subset_loss: ids row of token ", t, " is not ranked: each expert once, ",
+                  by_score ? "largest biased sigmoid score first, ties to the lower index (as "
+                             "reference.rank_spec(logits, spec)[:, :M] gives them); got "
+                           : "largest logit first, ties to the lower index (as route(logits, M).ids gives them); got ",
                   c10::ArrayRef<int32_t>(row, static_cast<size_t>(M)));
     }
     return;

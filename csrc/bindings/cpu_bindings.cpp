@@ -92,13 +92,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_gram_cpu(const at::Tensor&
 at::Tensor subset_loss_cpu(const at::Tensor& gram, const at::Tensor& ids, const at::Tensor& logits,
                            const at::Tensor& keep, const at::Tensor& group, int64_t num_groups, int64_t k,
                            bool renormalize, const std::optional<at::Tensor>& target_weights,
-                           const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq) {
+                           const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq,
+                           c10::string_view scoring, const std::optional<at::Tensor>& selection_bias, int64_t n_group,
+                           int64_t topk_group, double scaling) {
+  const RouteSpecInputs spec{scoring, selection_bias, n_group, topk_group, scaling};
   const SubsetLossArgs a = check_subset_loss_args(gram, ids, logits, keep, group, num_groups, k, renormalize,
-                                                  target_weights, cross, target_sq);
+                                                  target_weights, cross, target_sq, spec);
   const int64_t C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
   check_candidate_sizes(keep, M, k);
   check_target_is_routing(target_weights, k);
-  check_ids_ranked(ids, logits);
+  check_ids_ranked(ids, ranking_values(logits, spec), a.scoring == Scoring::Sigmoid);
   // Tokens bucketed by group, ascending inside each group; then fixed chunks of kLossChunk.
   std::vector<int64_t> start, order;
   host_group_plan(group, G, start, order);

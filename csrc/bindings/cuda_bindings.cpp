@@ -66,9 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_gram_cuda(const at::Tensor
 at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const at::Tensor& logits,
                             const at::Tensor& keep, const at::Tensor& group, int64_t num_groups, int64_t k,
                             bool renormalize, const std::optional<at::Tensor>& target_weights,
-                            const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq) {
+                            const std::optional<at::Tensor>& cross, const std::optional<at::Tensor>& target_sq,
+                            c10::string_view scoring, const std::optional<at::Tensor>& selection_bias, int64_t n_group,
+                            int64_t topk_group, double scaling) {
+  const RouteSpecInputs spec{scoring, selection_bias, n_group, topk_group, scaling};
   const SubsetLossArgs a = check_subset_loss_args(gram, ids, logits, keep, group, num_groups, k, renormalize,
-                                                  target_weights, cross, target_sq);
+                                                  target_weights, cross, target_sq, spec);
   const c10::cuda::CUDAGuard guard(gram.device());
   const int64_t T = a.num_tokens, C = keep.size(0), G = num_groups, M = a.rank, E = a.num_experts;
   const at::Tensor keep_cpu = keep.is_cpu() ? keep : keep.cpu();  // sync only for a GPU keep
@@ -76,7 +79,7 @@ at::Tensor subset_loss_cuda(const at::Tensor& gram, const at::Tensor& ids, const
   check_target_is_routing(target_weights, k);
   at::Tensor out = at::zeros({C, G}, gram.options().dtype(at::kDouble));
   if (T == 0 || C == 0) return out;
-  check_ids_ranked(ids, logits);
+  check_ids_ranked(ids, ranking_values(logits, spec), a.scoring == Scoring::Sigmoid);
 
   // Tokens sorted by group (ascending inside a group) and each group's first position.
   std::vector<int64_t> start;

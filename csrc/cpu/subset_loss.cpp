@@ -52,10 +52,11 @@ void gram_rows_typed(const scalar_t* outputs, const scalar_t* target, int64_t m,
 }
 
 // Per-token quantities shared by every candidate: exp(l - l_top) of the ranked experts (and of
-// all experts when weights are not renormalized), so that a candidate needs no exp() at all.
+// all experts when weights are not renormalized), or their sigmoid scores, so that a candidate
+// needs no exp() at all.
 struct TokenCache {
   bool usable = false;                // false: degenerate row, use the exact per-candidate path
-  double ranked[kMaxExperts];         // exp(l_ids[i] - l_ids[0])
+  double ranked[kMaxExperts];         // exp(l_ids[i] - l_ids[0]); sigmoid: the float32 score of ids[i]
   double all[kMaxExperts];            // exp(l_e - l_ids[0]), only when !renormalize
   int32_t target_pos[kMaxExperts];    // layer-wise: ranked slots where the target weight != 0
   double target_val[kMaxExperts];
@@ -75,11 +76,16 @@ inline void fill_cache(const SubsetLossArgs& a, int64_t t, TokenCache& cache) {
       }
     }
   }
+  if (a.scoring == Scoring::Sigmoid) {
+    cache.usable = true;
+    for (int32_t i = 0; i < a.rank; ++i) cache.ranked[i] = sigmoid_score(sanitize(lg[ids[i]]));
+    return;
+  }
   const double top = sanitize(lg[ids[0]]);
   cache.usable = top != -std::numeric_limits<double>::infinity();
   if (!cache.usable) return;
   for (int32_t i = 0; i < a.rank; ++i) cache.ranked[i] = std::exp(static_cast<double>(sanitize(lg[ids[i]])) - top);
-  if (!a.renormalize) {
+  if (!softmax_over_chosen(a.scoring, a.renormalize)) {
     for (int32_t e = 0; e < a.num_experts; ++e) cache.all[e] = std::exp(static_cast<double>(sanitize(lg[e])) - top);
   }
 }
@@ -87,17 +93,15 @@ inline void fill_cache(const SubsetLossArgs& a, int64_t t, TokenCache& cache) {
 // Below this the cached exponentials may have underflowed: recompute relative to the kept top.
 constexpr double kTinySum = 1e-280;
 
-// Weights w[0..n) of the first k ranked experts that the candidate keeps, at ranked positions
-// slot[0..n). Uses the cache when it is exact enough, else exp() relative to the kept top logit.
-inline int32_t candidate_weights(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t,
-                                 const TokenCache& cache, int32_t* slot, double* w) {
-  const int32_t m = a.rank;
-  const int32_t k = a.top_k;
-  const int32_t* ids = a.ids + t * m;
-  const int32_t n = kept_ranked_slots(mask, ids, m, k, slot);
+// Softmax weights w[0..n) of the candidate's experts at ranked positions slot[0..n) (divided by
+// the chosen experts' sum when `renormalize`). Uses the cache when it is exact enough, else exp()
+// relative to the kept top logit.
+inline void softmax_weights(const SubsetLossArgs& a, bool renormalize, const ExpertMask& mask, int64_t t,
+                            const TokenCache& cache, const int32_t* slot, int32_t n, double* w) {
+  const int32_t* ids = a.ids + t * a.rank;
   if (cache.usable) {
     double denom = 0.0;
-    if (a.renormalize) {
+    if (renormalize) {
       for (int32_t j = 0; j < n; ++j) denom += cache.ranked[slot[j]];
     } else {
       for (int32_t e = 0; e < a.num_experts; ++e) {
@@ -106,7 +110,7 @@ inline int32_t candidate_weights(const SubsetLossArgs& a, const ExpertMask& mask
     }
     if (denom > kTinySum) {
       for (int32_t j = 0; j < n; ++j) w[j] = cache.ranked[slot[j]] / denom;
-      return n;
+      return;
     }
   }
   const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
@@ -119,13 +123,29 @@ inline int32_t candidate_weights(const SubsetLossArgs& a, const ExpertMask& mask
     w[j] = j == 0 ? 1.0 : std::exp(static_cast<double>(lj) - l0);
     sum += w[j];
   }
-  if (!a.renormalize) {
+  if (!renormalize) {
     sum = 0.0;
     for (int32_t e = 0; e < a.num_experts; ++e) {
       if (mask_has(mask, e)) sum += degenerate ? 1.0 : std::exp(static_cast<double>(sanitize(lg[e])) - l0);
     }
   }
   for (int32_t j = 0; j < n; ++j) w[j] /= sum;
+}
+
+// Weights w[0..n) of the first k ranked experts that the candidate keeps, at ranked positions
+// slot[0..n), as the router's scoring weighs them, times its scaling.
+inline int32_t candidate_weights(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t,
+                                 const TokenCache& cache, int32_t* slot, double* w) {
+  const int32_t n = kept_ranked_slots(mask, a.ids + t * a.rank, a.rank, a.top_k, slot);
+  if (a.scoring == Scoring::Sigmoid) {
+    for (int32_t j = 0; j < n; ++j) w[j] = cache.ranked[slot[j]];
+    sigmoid_subset_weights(w, n, a.renormalize);
+  } else {
+    softmax_weights(a, softmax_over_chosen(a.scoring, a.renormalize), mask, t, cache, slot, n, w);
+  }
+  if (a.scaling != 1.0) {
+    for (int32_t j = 0; j < n; ++j) w[j] *= a.scaling;
+  }
   return n;
 }
 

@@ -25,18 +25,11 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int kTile = 8;  // candidates per block: a token's data is read once for all of them
 
-// Squared error of token t under one candidate: the CPU's formula (candidate_weights and
-// token_error in csrc/cpu/subset_loss.cpp) up to rounding, see above.
-__device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t) {
-  const int32_t m = a.rank;
-  const int32_t k = a.top_k;
-  const int32_t* ids = a.ids + t * m;
-  const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
-  // The first k ranked experts that the candidate keeps, and their weights.
-  int32_t slot[kMaxTopK];
-  double w[kMaxTopK];
-  const int32_t n = kept_ranked_slots(mask, ids, m, k, slot);
-  if (n == 0) return 0.0;  // cannot happen: the binding checks every candidate keeps k ranked experts
+// Softmax weights w[0..n) of the candidate's experts at ranked positions slot[0..n) of `ids`: one
+// exp() per kept slot relative to the top kept logit, divided by the chosen experts' sum
+// (renormalize, softmax_topk) or by the kept experts' softmax mass.
+__device__ void softmax_weights(const SubsetLossArgs& a, const ExpertMask& mask, const int32_t* ids, const float* lg,
+                                const int32_t* slot, int32_t n, double* w) {
   float l0 = sanitize(lg[ids[slot[0]]]);
   const bool degenerate = l0 == -INFINITY;  // no finite kept logit: all taken as equal
   if (degenerate) l0 = 0.f;
@@ -47,7 +40,7 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
     sum += w[j];
   }
   double scale = 1.0 / sum;
-  if (!a.renormalize) {
+  if (!softmax_over_chosen(a.scoring, a.renormalize)) {
     double z = 0.0;
     for (int32_t e = 0; e < a.num_experts; ++e) {
       if (mask_has(mask, e)) z += degenerate ? 1.0 : exp(static_cast<double>(sanitize(lg[e])) - static_cast<double>(l0));
@@ -55,7 +48,12 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
     scale = 1.0 / z;
   }
   for (int32_t j = 0; j < n; ++j) w[j] *= scale;
+}
 
+// Squared error of token t from the candidate's weights w[0..n) at ranked positions slot[0..n).
+__device__ double candidate_error(const SubsetLossArgs& a, int64_t t, const int32_t* slot, const double* w,
+                                  int32_t n) {
+  const int32_t m = a.rank;
   const float* g = a.gram + t * (static_cast<int64_t>(m) * (m + 1) / 2);
   if (a.target_weights != nullptr) {
     // d = w^S - target over the M ranked slots; at most 2k entries are nonzero.
@@ -88,6 +86,30 @@ __device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, i
     for (int32_t y = x + 1; y < n; ++y) err += 2.0 * w[x] * w[y] * g[gram_index(slot[x], slot[y], m)];
   }
   return err;
+}
+
+// Squared error of token t under one candidate: the CPU's formula (candidate_weights and
+// token_error in csrc/cpu/subset_loss.cpp) up to rounding, see above.
+__device__ double token_error(const SubsetLossArgs& a, const ExpertMask& mask, int64_t t) {
+  const int32_t m = a.rank;
+  const int32_t k = a.top_k;
+  const int32_t* ids = a.ids + t * m;
+  const float* lg = a.logits + t * static_cast<int64_t>(a.num_experts);
+  // The first k ranked experts that the candidate keeps, and their weights.
+  int32_t slot[kMaxTopK];
+  double w[kMaxTopK];
+  const int32_t n = kept_ranked_slots(mask, ids, m, k, slot);
+  if (n == 0) return 0.0;  // cannot happen: the binding checks every candidate keeps k ranked experts
+  if (a.scoring == Scoring::Sigmoid) {
+    for (int32_t j = 0; j < n; ++j) w[j] = sigmoid_score(sanitize(lg[ids[slot[j]]]));
+    sigmoid_subset_weights(w, n, a.renormalize);
+  } else {
+    softmax_weights(a, mask, ids, lg, slot, n, w);
+  }
+  if (a.scaling != 1.0) {
+    for (int32_t j = 0; j < n; ++j) w[j] *= a.scaling;
+  }
+  return candidate_error(a, t, slot, w, n);
 }
 
 // Sum of v over the block in a fixed tree; the result is valid on thread 0.

@@ -625,6 +625,67 @@ void test_route_keys_and_group_rules() {
 
 }  // namespace
 
+// subset_loss with a routing descriptor, worked by hand: E = 4, k = 2, M = 3, one token with logits
+// (2, 1, 0, -1), an identity Gram and a zero layer-wise target, so a candidate's error is the sum
+// of its squared weights.
+double subset_loss_one(moe_fast::SubsetLossArgs a, const std::vector<int32_t>& ids, const uint8_t* keep) {
+  static const std::vector<float> logits = {2.0f, 1.0f, 0.0f, -1.0f};
+  static const std::vector<float> gram = {1.0f, 0.0f, 0.0f, 1.0f, 0.0f, 1.0f};
+  static const std::vector<float> tw = {0.0f, 0.0f, 0.0f};
+  a.num_tokens = 1;
+  a.num_experts = 4;
+  a.rank = 3;
+  a.top_k = 2;
+  a.gram = gram.data();
+  a.ids = ids.data();
+  a.logits = logits.data();
+  a.target_weights = tw.data();
+  const int64_t group[1] = {0};
+  double out[1] = {-1.0};
+  if (moe_fast::cpu::subset_loss(a, keep, 1, group, 1, out) != nullptr) return -1.0;
+  return out[0];
+}
+
+void test_subset_loss_descriptors() {
+  const auto sig = [](double l) { return 1.0 / (1.0 + std::exp(-l)); };
+  const uint8_t all[4] = {1, 1, 1, 1}, no3[4] = {1, 1, 1, 0}, no0[4] = {0, 1, 1, 1};
+  // Sigmoid, bias (0, 0, 0, 2): biased scores rank expert 3 first, then 0, 1: ids (3, 0, 1).
+  // Weights: the unbiased scores of the chosen two, renormalized, times scaling 2.
+  const float bias[4] = {0.0f, 0.0f, 0.0f, 2.0f};
+  moe_fast::SubsetLossArgs a;
+  a.scoring = moe_fast::Scoring::Sigmoid;
+  a.selection_bias = bias;
+  a.scaling = 2.0;
+  const auto renorm_sq = [](double x, double y) { return 4.0 * (x * x + y * y) / ((x + y) * (x + y)); };
+  EXPECT(near(subset_loss_one(a, {3, 0, 1}, all), renorm_sq(sig(-1), sig(2)), 1e-6));   // experts 3, 0
+  EXPECT(near(subset_loss_one(a, {3, 0, 1}, no3), renorm_sq(sig(2), sig(1)), 1e-6));    // experts 0, 1
+  EXPECT(near(subset_loss_one(a, {3, 0, 1}, no0), renorm_sq(sig(-1), sig(1)), 1e-6));   // experts 3, 1
+  // Without renormalize: the scores themselves, times 2.
+  a.renormalize = false;
+  EXPECT(near(subset_loss_one(a, {3, 0, 1}, all), 4.0 * (sig(-1) * sig(-1) + sig(2) * sig(2)), 1e-6));
+  // The logit order is not the biased order: rejected.
+  EXPECT(subset_loss_one(a, {0, 1, 2}, all) == -1.0);
+  // softmax_topk (no bias, scaling 1): ids by logit (0, 1, 2); softmax of the chosen two logits.
+  moe_fast::SubsetLossArgs t;
+  t.scoring = moe_fast::Scoring::SoftmaxTopK;
+  t.renormalize = false;
+  const double p = 1.0 / (1.0 + std::exp(-1.0));  // softmax of (l, l - 1)
+  EXPECT(near(subset_loss_one(t, {0, 1, 2}, all), p * p + (1 - p) * (1 - p), 1e-6));
+  EXPECT(near(subset_loss_one(t, {0, 1, 2}, no0), p * p + (1 - p) * (1 - p), 1e-6));  // experts 1, 2
+  // Softmax with scaling 3, renormalized: the same weights times 3.
+  moe_fast::SubsetLossArgs m;
+  m.scaling = 3.0;
+  EXPECT(near(subset_loss_one(m, {0, 1, 2}, all), 9.0 * (p * p + (1 - p) * (1 - p)), 1e-6));
+  // Limits: a bias needs sigmoid; scaling finite and > 0; a finite bias.
+  t.selection_bias = bias;
+  EXPECT(moe_fast::validate_subset_loss(t, 1, 1) != nullptr);
+  m.scaling = 0.0;
+  EXPECT(moe_fast::validate_subset_loss(m, 1, 1) != nullptr);
+  const float inf_bias[4] = {0.0f, 0.0f, 0.0f, std::numeric_limits<float>::infinity()};
+  a.selection_bias = inf_bias;
+  EXPECT(subset_loss_one(a, {3, 0, 1}, all) == -1.0);
+}
+
 int main() {
   test_route_levels_agree();
   test_route_slot_weights();
@@ -644,6 +705,7 @@ int main() {
   test_route_spec_groups_and_bias();
   test_route_spec_masked_group_and_skip();
   test_route_spec_softmax_topk_and_scaling();
+  test_subset_loss_descriptors();
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return EXIT_FAILURE;

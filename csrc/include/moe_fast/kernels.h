@@ -83,6 +83,13 @@ struct SubsetLossArgs {
   const float* target_weights = nullptr;  // [T, M] or nullptr (layer-wise)
   const float* cross = nullptr;           // [T, M] or nullptr (progressive)
   const float* target_sq = nullptr;       // [T]    or nullptr (progressive)
+  // The routing descriptor without groups (docs/ROUTING.md; RouteSpecArgs). ids are ranked by
+  // ranking_value (rules.h): the logits, or for sigmoid the biased scores. Weights: softmax as
+  // above; softmax_topk the softmax of the chosen logits; sigmoid the unbiased scores (over
+  // their sum + 1e-20 with renormalize); all times scaling. Grouped routers are not supported.
+  Scoring scoring = Scoring::Softmax;
+  const float* selection_bias = nullptr;  // [E] finite, or nullptr; sigmoid only (ranking only)
+  double scaling = 1.0;                   // finite, > 0
 };
 
 // Limits of Op 1: E in 1..256, k in 1..min(8, E), T >= 0, T * k <= INT32_MAX, skip gaps >= 0.
@@ -158,11 +165,19 @@ inline Error validate_subset_loss(const SubsetLossArgs& a, int64_t num_candidate
   if (a.num_tokens > 0 && (a.gram == nullptr || a.ids == nullptr || a.logits == nullptr)) {
     return "subset_loss: gram, ids and logits must be non-null";
   }
+  if (a.scoring != Scoring::Softmax && a.scoring != Scoring::Sigmoid && a.scoring != Scoring::SoftmaxTopK) {
+    return "subset_loss: scoring must be softmax, sigmoid or softmax_topk";
+  }
+  if (a.selection_bias != nullptr && a.scoring != Scoring::Sigmoid) {
+    return "subset_loss: a selection bias needs scoring sigmoid";
+  }
+  if (!(std::isfinite(a.scaling) && a.scaling > 0.0)) return "subset_loss: scaling must be finite and > 0";
   return nullptr;
 }
 
 // Op 2b's conditions on host-readable data (cpu::subset_loss checks them; a GPU caller must
-// guarantee them): every ids row ranked (ranked_row_ok in rules.h), every group id in [0, G),
+// guarantee them): a finite selection bias, every ids row ranked by ranking_value (ranked_row_ok
+// and ranking_value in rules.h), every group id in [0, G),
 // every candidate keeps >= k experts and drops <= M - k, a layer-wise target has <= k nonzero
 // weights per token. O(T * (M + E) + C * E).
 inline Error validate_subset_loss_data(const SubsetLossArgs& a, const uint8_t* keep, int64_t num_candidates,
@@ -175,9 +190,16 @@ inline Error validate_subset_loss_data(const SubsetLossArgs& a, const uint8_t* k
       return "subset_loss: a candidate drops more than M - k experts";
     }
   }
+  if (a.selection_bias != nullptr) {
+    for (int32_t e = 0; e < E; ++e) {
+      if (!std::isfinite(a.selection_bias[e])) return "subset_loss: selection_bias must be finite";
+    }
+  }
+  float values[kMaxExperts];  // the row's ranking values (ranking_value in rules.h)
   for (int64_t t = 0; t < a.num_tokens; ++t) {
     if (group[t] < 0 || group[t] >= num_groups) return "subset_loss: group ids must lie in [0, num_groups)";
-    if (!ranked_row_ok(a.ids + t * m, a.logits + t * E, m, E)) {
+    for (int32_t e = 0; e < E; ++e) values[e] = ranking_value(a.scoring, a.logits[t * E + e], a.selection_bias, e);
+    if (!ranked_row_ok(a.ids + t * m, values, m, E)) {
       return "subset_loss: an ids row is not ranked (ids in [0, E), each expert once, in route's order)";
     }
     if (a.target_weights != nullptr) {

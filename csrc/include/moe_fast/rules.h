@@ -253,4 +253,36 @@ MOE_FAST_HD void sigmoid_slot_weights(const float (&s)[N], int32_t k, bool has_s
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// subset_loss for a routing descriptor without groups (csrc/cpu/subset_loss.cpp,
+// csrc/cuda/subset_loss.cu; semantics: subset_weights_spec in moe_fast/reference.py). A candidate
+// routes a token to the first k kept experts of its ranked row; only the weights depend on the
+// scoring.
+// ---------------------------------------------------------------------------------------------
+
+// What an expert is ranked by: its sanitized logit (softmax scorings), or its biased float32
+// sigmoid score (bias: [E] or nullptr). Either is a valid ranked_row_ok row (never NaN).
+MOE_FAST_HD float ranking_value(Scoring scoring, float logit, const float* bias, int32_t e) {
+  const float l = sanitize(logit);
+  if (scoring != Scoring::Sigmoid) return l;
+  const float s = sigmoid_score(l);
+  return bias != nullptr ? s + bias[e] : s;
+}
+
+// Whether the softmax weights are divided by the chosen experts' sum: softmax_topk's softmax over
+// the k chosen logits is exactly that.
+MOE_FAST_HD bool softmax_over_chosen(Scoring scoring, bool renormalize) {
+  return renormalize || scoring == Scoring::SoftmaxTopK;
+}
+
+// Sigmoid candidate weights in place: w[0..n) hold the chosen experts' float32 scores; with
+// renormalize they are divided by their float64 sum + 1e-20 (as transformers does).
+MOE_FAST_HD void sigmoid_subset_weights(double* w, int32_t n, bool renormalize) {
+  if (!renormalize) return;
+  double sum = 0.0;
+  for (int32_t j = 0; j < n; ++j) sum += w[j];
+  const double denom = sum + 1e-20;
+  for (int32_t j = 0; j < n; ++j) w[j] /= denom;
+}
+
 }  // namespace moe_fast
