@@ -234,3 +234,19 @@ def test_pruning_search_refuses_these_routers(family):
     model = tiny_model(family)
     with pytest.raises(ValueError, match=f"pruning search for {family} needs subset_loss support for .*/groups: not implemented yet"):
         moe_fast.prune(model, _ids(6, batch=2, length=8), keep=len(KEEP[family]), progress=False)
+
+
+@pytest.mark.parametrize("family", ROUTING_FAMILIES)
+def test_patched_router_weights_under_autograd_equal_the_kernel_weights(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    moe_fast.patch(model, 0.9)
+    router = adapter.moe_blocks(model)[0].router
+    x = torch.randn(9, model.config.hidden_size)
+    with torch.no_grad():
+        _, plain, ids = router(x)
+    logits, weights, ids_grad = router(x.requires_grad_())
+    assert weights.requires_grad and torch.equal(ids_grad, ids) and (ids == adapter.num_experts).any()
+    torch.testing.assert_close(weights, plain, rtol=1e-6, atol=1e-7)
+    weights.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
