@@ -250,3 +250,23 @@ def test_patched_router_weights_under_autograd_equal_the_kernel_weights(family):
     torch.testing.assert_close(weights, plain, rtol=1e-6, atol=1e-7)
     weights.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("family", ROUTING_FAMILIES)
+def test_skipping_model_saves_and_loads_patched(family, tmp_path):
+    model = tiny_model(family)
+    ids = _ids(7)
+    calib = moe_fast.calibrate_skipping(model, ids, progress=False)
+    moe_fast.patch(model, calib)
+    with torch.no_grad():
+        want = model(ids).logits
+    out = moe_fast.save(model, tmp_path / "skip")
+    loaded = moe_fast.from_pretrained(out)
+    assert moe_fast.patching.current_betas(loaded) == dict(zip(calib.layers, calib.betas))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # stock transformers still loads it
+    with torch.no_grad():
+        got = loaded(ids).logits
+        with reference_skip_model(plain, family, dict(zip(calib.layers, calib.betas))):
+            ref = plain(ids).logits
+    assert _rel(got, want) < 1e-6
+    assert _rel(got, ref) < 1e-5
