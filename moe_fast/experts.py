@@ -117,6 +117,13 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     return out
 
 
+def _row_experts(plan: DispatchPlan) -> torch.Tensor:
+    """[active] int64: the expert of each computed row (rows are grouped by expert)."""
+    ends = plan.ends.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    return torch.repeat_interleave(torch.arange(ends.numel(), device=ends.device), counts)
+
+
 def moe_fast_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -126,8 +133,8 @@ def moe_fast_experts_forward(
     The weighted slot outputs are summed per token in the weights' dtype (float32 for Mixtral),
     in slot order, so the result is deterministic.
     """
-    if getattr(self, "has_bias", False) or getattr(self, "has_post_expert_norm", False):
-        raise NotImplementedError("moe_fast experts: expert biases / post-expert norms are not supported")
+    if getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError("moe_fast experts: post-expert norms are not supported")
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("moe_fast experts: expert parallelism is not supported")
     T, H = hidden_states.shape
@@ -141,9 +148,15 @@ def moe_fast_experts_forward(
     up_w = up_w if transposed else up_w.transpose(-2, -1)
     down_w = self.down_proj if transposed else self.down_proj.transpose(-2, -1)
 
+    has_gate = getattr(self, "has_gate", True)
+    row_expert = _row_experts(plan) if getattr(self, "has_bias", False) else None
     h = grouped_matmul(x, up_w, plan.ends)
-    h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
+    if row_expert is not None:  # gpt-oss: per-expert biases, one row each
+        h = h + (self.gate_up_proj_bias if has_gate else self.up_proj_bias).index_select(0, row_expert).to(h.dtype)
+    h = self._apply_gate(h) if has_gate else self.act_fn(h)
     y = grouped_matmul(h, down_w, plan.ends)
+    if row_expert is not None:
+        y = y + self.down_proj_bias.index_select(0, row_expert).to(y.dtype)
     y = y * top_k_weights.reshape(-1).index_select(0, slots).unsqueeze(-1)
 
     if plan.active == T * k:

@@ -37,6 +37,8 @@ def prune_loaded_model(model: nn.Module, adapter: MoEAdapter, kept: dict[int, li
     counts = {len(v) for v in kept.values()}
     if len(counts) > 1:
         raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(counts)}")
+    for experts in kept.values():
+        adapter.check_keep(sorted(experts))
     layers = adapter.decoder_layers(model)
     for index, experts in kept.items():
         block = adapter.moe_block(layers[index])
@@ -75,6 +77,8 @@ def export_checkpoint(
     if len(counts) != 1:
         raise ValueError(f"every MoE layer must keep the same number of experts, got {sorted(counts)}")
     r = counts.pop()
+    for experts in kept.values():
+        adapter.check_keep(sorted(experts))
     os.makedirs(directory, exist_ok=True)
     weight_map = checkpoint_weight_map(source_path)
     # One output shard per decoder layer (plus one for the rest), read and written one at a

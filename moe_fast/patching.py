@@ -1,7 +1,8 @@
 """One-call patching of a loaded Hugging Face MoE model: fused routing and skip-aware experts.
 
 ``patch(model, betas)`` replaces each router's ``forward`` (on the instance, nothing in
-transformers is edited) with one that calls the fused ``moe_fast.ops.route`` op and selects the
+transformers is edited) with one that calls the fused ``moe_fast.ops.route`` op with the family's
+routing descriptor (``adapter.routing(block)``, docs/ROUTING.md) and selects the
 registered ``moe_fast`` experts implementation, which runs only the non-skipped slots from the
 router's dispatch plan. The router keeps its return contract ``(router_logits, scores,
 indices)``; ``indices`` holds E for a skipped slot. ``unpatch`` restores stock behaviour.
@@ -12,10 +13,9 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_fast import experts as fast_experts
@@ -23,6 +23,7 @@ from moe_fast import ops
 from moe_fast.adapters import get_adapter
 from moe_fast.betas import BetaSpec, SkipCalibration, normalize_betas
 from moe_fast.config_record import SKIPPING_KEY, remove_record_entry, set_record_entry
+from moe_fast.routing_spec import RoutingSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,15 @@ class RouterState:
     """What a patched router needs besides its own weights."""
 
     layer: int
-    renormalize: bool
+    spec: RoutingSpec  # the family's routing, with this layer's selection bias
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # the stock router's output 0
     scores_float32: bool
     beta: list[float] | None
     experts: nn.Module
+
+    @property
+    def renormalize(self) -> bool:
+        return self.spec.renormalize
 
 
 @dataclass
@@ -45,29 +51,48 @@ class PatchState:
 
 
 def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
-    """Drop-in for ``<Family>TopKRouter.forward``: (router_logits, scores, indices)."""
+    """Drop-in for every supported router's ``forward``: (router_logits, scores, indices).
+
+    The contract all families' MoE blocks expect: the logits as the stock router returns them
+    (float32 for the sigmoid routers, with the router bias for gpt-oss), the final top-k weights
+    ([T, k], float32 or the logits' dtype as the stock router) and int64 indices, E for a skipped slot.
+    """
     state: RouterState = self._moe_fast
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
-    routed = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
+    router_logits = state.logits(self, hidden_states)
+    if state.spec.is_plain_softmax:  # the long-standing call, unchanged
+        routed = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
+    else:
+        routed = ops.route_spec(router_logits.detach().contiguous(), state.spec, state.beta)
     indices = routed.ids.long()
     weights = routed.weights
     if torch.is_grad_enabled() and router_logits.requires_grad:
-        weights = _differentiable_weights(router_logits, indices, weights, state.renormalize)
+        weights = _differentiable_weights(router_logits, indices, weights, state.spec)
     scores = weights if state.scores_float32 else weights.to(router_logits.dtype)
     fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
     return router_logits, scores, indices
 
 
-def _differentiable_weights(
-    logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, renormalize: bool
-) -> torch.Tensor:
-    """The kernel's weights recomputed with autograd (training through a patched router)."""
+def _differentiable_weights(logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """The kernel's weights recomputed with autograd (training through a patched router).
+
+    Exact values and gradients for softmax routing, gpt-oss' top-k softmax and renormalized sigmoid
+    routing; for sigmoid without renormalization the skip rescale factor is held constant.
+    """
     E = logits.shape[-1]
-    probs = torch.softmax(logits.float(), dim=-1)
     kept = indices < E
-    p = torch.gather(probs, -1, indices.clamp(max=E - 1)) * kept
-    if renormalize:
+    safe = indices.clamp(max=E - 1)
+    if spec.scoring == "softmax_topk":
+        top = torch.gather(logits.float(), -1, safe).masked_fill(~kept, float("-inf"))
+        return torch.softmax(top, dim=-1) * spec.scaling
+    if spec.scoring == "sigmoid":
+        s = torch.gather(torch.sigmoid(logits.float()), -1, safe) * kept
+        if spec.renormalize:
+            return s / (s.sum(-1, keepdim=True) + 1e-20) * spec.scaling
+        return s * (weights / s.masked_fill(~kept, 1.0)).detach()
+    probs = torch.softmax(logits.float(), dim=-1)
+    p = torch.gather(probs, -1, safe) * kept
+    if spec.renormalize:
         return p / p.sum(-1, keepdim=True)
     # Without renormalization the kept slots still sum to what the top-k summed (reference.route).
     top_sum = torch.topk(probs, indices.shape[-1], dim=-1).values.sum(-1, keepdim=True)
@@ -102,7 +127,8 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
 
     Args:
         model: a loaded transformers MoE model of a supported family (Mixtral, Qwen2-MoE,
-            Qwen3-MoE, OLMoE), whatever experts implementation it was loaded with.
+            Qwen3-MoE, OLMoE, DeepSeek-V3, GLM-4.5, gpt-oss), whatever experts implementation it
+            was loaded with.
         betas: skip thresholds: None (no skipping), one number, the result of
             ``calibrate_skipping``, one entry per MoE layer, or {layer index: entry}.
 
@@ -131,7 +157,8 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
     for ref in blocks:
         ref.router._moe_fast = RouterState(
             layer=ref.layer,
-            renormalize=adapter.renormalize,
+            spec=adapter.routing(ref.block),
+            logits=adapter.compute_router_logits,
             scores_float32=adapter.router_scores_float32,
             beta=per_layer[ref.layer],
             experts=ref.experts,

@@ -124,7 +124,7 @@ def topk_softmax_routing(config) -> RoutingSpec:
     return RoutingSpec(scoring="softmax_topk", top_k=int(config.num_experts_per_tok), renormalize=False, router_bias=True)
 
 
-# The families whose adapters are not written yet (issue 13); their adapters will call these.
+# The config-level specs of the non-softmax families; their adapters call the same builders.
 _BUILDERS: dict[str, Callable[[object], RoutingSpec]] = {
     "deepseek_v3": grouped_sigmoid_routing,
     "kimi_k2": grouped_sigmoid_routing,
@@ -134,7 +134,7 @@ _BUILDERS: dict[str, Callable[[object], RoutingSpec]] = {
 
 
 def routing_spec_from_config(config) -> RoutingSpec:
-    """The config-level spec of a family without a registered adapter (no per-layer bias).
+    """The config-level spec of a non-softmax family from its config alone (no per-layer bias).
 
     Families with an adapter: ``get_adapter(config).routing()``.
     """

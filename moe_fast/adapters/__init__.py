@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from moe_fast.adapters.base import MoEAdapter, MoEBlockRef
+from moe_fast.adapters.deepseek_v3 import DeepseekV3Adapter
+from moe_fast.adapters.glm4_moe import Glm4MoeAdapter
+from moe_fast.adapters.gpt_oss import GptOssAdapter
 from moe_fast.adapters.mixtral import MixtralAdapter
 from moe_fast.adapters.olmoe import OlmoeAdapter
 from moe_fast.adapters.qwen2_moe import Qwen2MoeAdapter
 from moe_fast.adapters.qwen3_moe import Qwen3MoeAdapter
 
-ADAPTERS: list[type[MoEAdapter]] = [MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter]
+ADAPTERS: list[type[MoEAdapter]] = [
+    MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter, Glm4MoeAdapter, GptOssAdapter,
+]
 
 
 def register_adapter(cls: type[MoEAdapter]) -> type[MoEAdapter]:
@@ -42,6 +47,9 @@ __all__ = [
     "Qwen2MoeAdapter",
     "Qwen3MoeAdapter",
     "OlmoeAdapter",
+    "DeepseekV3Adapter",
+    "Glm4MoeAdapter",
+    "GptOssAdapter",
     "get_adapter",
     "register_adapter",
     "supported_model_types",

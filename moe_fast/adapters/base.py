@@ -36,12 +36,17 @@ class MoEAdapter:
     num_experts_key: ClassVar[str] = "num_experts"  # config attribute holding E
     top_k_key: ClassVar[str] = "num_experts_per_tok"
     block_attr: ClassVar[str] = "mlp"  # attribute of a decoder layer holding its MoE block
+    router_attr: ClassVar[str] = "gate"  # attribute of the MoE block holding its router
     router_scores_float32: ClassVar[bool] = False  # stock router returns float32 scores (else logits' dtype)
     # Checkpoint (hub) layout, used to stream one layer from safetensors and to export a pruned
     # checkpoint without loading the model: the block's key segment and per-expert projection
     # names (gate, up, down); the router is "<hub_block_attr>.gate.weight" with one row per expert.
     hub_block_attr: ClassVar[str] = "mlp"
     hub_expert_proj: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    # Tensors with one row per expert that pruning slices: the router's (a selection bias, a
+    # router bias where the family has them) and the fused experts module's.
+    router_expert_tensors: ClassVar[tuple[str, ...]] = ("weight",)
+    fused_expert_tensors: ClassVar[tuple[str, ...]] = ("gate_up_proj", "down_proj")
 
     def __init__(self, config) -> None:
         self.config = config
@@ -97,7 +102,7 @@ class MoEAdapter:
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse MoE block, or None for a dense layer (Qwen's mlp_only_layers)."""
         block = getattr(layer, self.block_attr, None)
-        if block is None or not hasattr(block, "gate") or not hasattr(block, "experts"):
+        if block is None or not hasattr(block, self.router_attr) or not hasattr(block, "experts"):
             return None
         return block
 
@@ -106,7 +111,7 @@ class MoEAdapter:
         for i, layer in enumerate(self.decoder_layers(model)):
             block = self.moe_block(layer)
             if block is not None:
-                refs.append(MoEBlockRef(i, block, block.gate, block.experts))
+                refs.append(MoEBlockRef(i, block, getattr(block, self.router_attr), block.experts))
         return refs
 
     def extra_output(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -123,7 +128,19 @@ class MoEAdapter:
     # --- pruning hooks (moe_fast.pruning, moe_fast.export) --------------------------------------
     def router_logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] of the block's router on hidden [T, H] (the router's index 0)."""
-        return block.gate(hidden)[0]
+        return getattr(block, self.router_attr)(hidden)[0]
+
+    def compute_router_logits(self, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the stock router computes as its output 0, from hidden [T, H]: the patched router's logits."""
+        return nn.functional.linear(hidden, router.weight)
+
+    def check_keep(self, keep: list[int]) -> None:
+        """Refuses a keep set the family's router cannot be pruned to (grouped routers override)."""
+        E = self.num_experts
+        if not keep or len(set(keep)) != len(keep) or min(keep) < 0 or max(keep) >= E:
+            raise ValueError(f"keep must be distinct expert indices in 0..{E - 1}, got {keep}")
+        if len(keep) < self.top_k:
+            raise ValueError(f"keep has {len(keep)} experts, fewer than top-k = {self.top_k}")
 
     def expert_forward(self, experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
         """One expert's output on hidden [N, H] -> [N, H], computed as the stock experts module does."""
@@ -214,20 +231,26 @@ class MoEAdapter:
             return f"{self.hub_block_attr}.experts.{keep.index(hit[0])}.{hit[1]}", tensor
         index = torch.tensor(keep, dtype=torch.long)
         for block in {self.hub_block_attr, self.block_attr}:
-            if rel_key == f"{block}.gate.weight":
+            if rel_key in {f"{block}.{self.router_attr}.{name}" for name in self.router_expert_tensors}:
                 return rel_key, tensor.index_select(0, index).contiguous()
-            if rel_key in (f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"):
+            if rel_key in {f"{block}.experts.{name}" for name in self.fused_expert_tensors}:
                 return rel_key, tensor.index_select(0, index).contiguous()
         return rel_key, tensor
 
     def prune_block(self, block: nn.Module, keep: list[int]) -> None:
         """Removes the experts outside ``keep`` (sorted) from a loaded block, in place."""
-        index = torch.tensor(keep, dtype=torch.long, device=block.gate.weight.device)
+        router = getattr(block, self.router_attr)
+        index = torch.tensor(keep, dtype=torch.long)
         with torch.no_grad():
-            block.gate.weight = nn.Parameter(block.gate.weight.index_select(0, index).contiguous(), requires_grad=False)
-            for name in ("gate_up_proj", "down_proj"):
-                old = getattr(block.experts, name)
-                setattr(block.experts, name, nn.Parameter(old.index_select(0, index.to(old.device)).contiguous(), requires_grad=False))
-        for module in (block.gate, block.experts, block):
+            for module, names in ((router, self.router_expert_tensors), (block.experts, self.fused_expert_tensors)):
+                for name in names:
+                    old = getattr(module, name, None)
+                    if old is None:
+                        continue
+                    new = old.index_select(0, index.to(old.device)).contiguous()
+                    if isinstance(old, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=False)
+                    setattr(module, name, new)  # a buffer stays a buffer (nn.Module.__setattr__)
+        for module in (router, block.experts, block):
             if hasattr(module, "num_experts"):
                 module.num_experts = len(keep)

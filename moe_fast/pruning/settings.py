@@ -26,6 +26,16 @@ def check_arguments(mode: str, objective: str, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def refuse_unsupported_routing(adapter: MoEAdapter) -> None:
+    """The search's statistics and subset losses assume softmax routing: other routers would be
+    searched wrong without a word, so they are refused until subset_loss takes the descriptor."""
+    routing = adapter.routing() if hasattr(adapter, "routing") else None  # stand-ins giving only E, k route by softmax
+    if routing is not None and not routing.is_plain_softmax:
+        raise ValueError(
+            f"pruning search for {adapter.family} needs subset_loss support for {routing.scoring}/groups: not implemented yet"
+        )
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     """How every MoE layer's experts are chosen in one run."""
@@ -54,6 +64,7 @@ class SearchSpec:
     ) -> "SearchSpec":
         """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; data-parallel
         runs always use the rank-bounded search."""
+        refuse_unsupported_routing(adapter)
         num_experts, top_k = adapter.num_experts, adapter.top_k
         if not top_k <= num_keep < num_experts:
             raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")

@@ -12,6 +12,10 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+# Families routed by a RoutingSpec other than plain softmax (issue 13): patching, skipping and
+# export are tested for them (tests/test_families_routing.py); pruning search is not there yet,
+# so they stay out of FAMILIES, which the pruning tests iterate.
+ROUTING_FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss"]
 VOCAB = 96
 
 
@@ -36,11 +40,36 @@ def tiny_config(family: str, **overrides):
         )
     elif family == "olmoe":
         cfg = OlmoeConfig(**common, intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
+    elif family in ROUTING_FAMILIES:
+        cfg = _routing_family_config(family, common)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def _routing_family_config(family: str, common: dict):
+    """DeepSeek-V3 with 4 groups of 4 experts (2 eligible) and a dense first layer; GLM-4.5 with one
+    group and a dense first layer; gpt-oss with sliding and full attention layers."""
+    from transformers import DeepseekV3Config, Glm4MoeConfig, GptOssConfig
+
+    if family == "deepseek_v3":
+        return DeepseekV3Config(
+            **common | dict(num_hidden_layers=3, num_key_value_heads=4), intermediate_size=40, moe_intermediate_size=16,
+            n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+            routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+            qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+        )
+    if family == "glm4_moe":
+        return Glm4MoeConfig(
+            **common | dict(num_hidden_layers=3), intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, routed_scaling_factor=1.5,
+            norm_topk_prob=True, first_k_dense_replace=1, head_dim=8,
+        )
+    return GptOssConfig(
+        **common, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+    )
 
 
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, experts_implementation=None, **overrides):
@@ -55,6 +84,11 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, e
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.25 if "lm_head" in name or "embed" in name else 0.12)
+            elif family in ROUTING_FAMILIES and name.endswith("bias"):  # gpt-oss' router and expert biases
+                p.normal_(0.0, 0.1)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek / GLM selection bias, per layer
+                buf.normal_(0.0, 0.05)
     return model.to(dtype).eval()
 
 

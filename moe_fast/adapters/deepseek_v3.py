@@ -1,0 +1,16 @@
+"""DeepSeek-V3 / R1: grouped sigmoid routing with a selection bias, ``routed_scaling_factor``,
+``first_k_dense_replace`` dense layers and shared experts (``GroupedSigmoidAdapter``).
+
+Kimi-K2-style checkpoints use the same architecture, but transformers maps no ``kimi_k2``
+model_type to it (they load through their own remote code, whose modules this adapter does not
+know): load them as ``deepseek_v3`` to use moe_fast.
+"""
+
+from __future__ import annotations
+
+from moe_fast.adapters.grouped_sigmoid import GroupedSigmoidAdapter
+
+
+class DeepseekV3Adapter(GroupedSigmoidAdapter):
+    family = "deepseek_v3"
+    model_types = ("deepseek_v3",)
