@@ -3,7 +3,8 @@
 Why one home: pruning (progressive mode feeds each layer the pruned model's hidden states) and
 the demo (which scores every candidate selection without writing a checkpoint) must run exactly
 the routing a pruned checkpoint runs: dropped experts at logit -inf, top-k among the kept ones,
-the same weights (``ops.route`` with ``keep``), so a masked model and an exported one agree.
+the same weights (``ops.route``, or ``ops.route_spec`` for other routers, with ``keep``), so a
+masked model and an exported one agree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from moe_fast import ops
 from moe_fast.adapters import MoEAdapter
+from moe_fast.layer_routing import layer_routing, route_masked
 
 
 def run_experts(
@@ -48,6 +50,7 @@ class MaskedForward:
     def __init__(self, adapter: MoEAdapter, block: nn.Module, kept: Sequence[int] | None = None,
                  betas: Sequence[float] | None = None, chunk_tokens: int | None = None) -> None:
         self.adapter, self.block, self.betas = adapter, block, betas
+        self.routing = layer_routing(adapter, block)  # the layer's spec (selection bias included)
         num_experts = adapter.num_experts
         self.keep_mask = None
         if kept is not None and len(set(kept)) < num_experts:
@@ -64,7 +67,7 @@ class MaskedForward:
 
     def _route(self, logits: torch.Tensor) -> ops.RouteResult:
         keep_mask = None if self.keep_mask is None else self.keep_mask.to(logits.device)
-        return ops.route(logits, self.adapter.top_k, self.adapter.renormalize, beta=self.betas, keep=keep_mask)
+        return route_masked(logits, self.routing, beta=self.betas, keep=keep_mask)
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter, k = self.adapter, self.adapter.top_k
@@ -84,4 +87,4 @@ class MaskedForward:
         extra = adapter.extra_output(self.block, x)
         if extra is not None:
             out = out + extra.to(out.dtype)
-        return out.view(shape)
+        return adapter.block_return(out.view(shape))

@@ -17,6 +17,7 @@ from torch import nn
 
 from moe_fast import ops
 from moe_fast.adapters import MoEAdapter
+from moe_fast.layer_routing import layer_routing, unpruned_weights
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BlockRecorder:
 
     def __init__(self, adapter: MoEAdapter, block: nn.Module, store, chunk_tokens: int) -> None:
         self.adapter, self.block, self.store = adapter, block, store
+        self.routing = layer_routing(adapter, block)  # the layer's spec: ranks, weights, subset losses
         self.chunk = max(1, int(chunk_tokens))
         self.group_id = 0
         self.target: torch.Tensor | None = None  # [T, H] progressive target of the current batch
@@ -66,7 +68,7 @@ class BlockRecorder:
             lg = logits[lo:hi].contiguous()
             xs = x[lo:hi].contiguous()
             ranked, y = self.ranked_outputs(xs, lg)
-            w = ops.route(lg, k, adapter.renormalize).weights  # unpruned weights = first k ranked slots
+            w = unpruned_weights(lg, ranked, self.routing)  # unpruned weights = first k ranked slots
             out[lo:hi] = (w.unsqueeze(-1) * y[:, :k].float()).sum(1).to(out.dtype)
             group = torch.full((hi - lo,), self.group_id, dtype=torch.int64, device=x.device)
             chunk = RecordedChunk(xs, lg, ranked, y, w, group, gram=None)
@@ -83,4 +85,4 @@ class BlockRecorder:
         self.store.num_groups = max(self.store.num_groups, self.group_id + 1)
         if extra is not None:
             out = out + extra.to(out.dtype)
-        return out.view(shape)
+        return adapter.block_return(out.view(shape))

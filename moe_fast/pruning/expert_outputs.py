@@ -16,17 +16,26 @@ from torch import nn
 
 from moe_fast import ops, reference
 from moe_fast.adapters import MoEAdapter
+from moe_fast.layer_routing import ranked_ids
 from moe_fast.masked_forward import run_experts
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
+from moe_fast.routing_spec import RoutingSpec
 
 
-def ranked_plan(logits: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+def ranked_plan(
+    logits: torch.Tensor, m: int, spec: RoutingSpec | None = None
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """Each token's m ranked experts (ids [T, m] int32) and the dispatch plan (offsets, perm).
 
-    Uses the fused ``ops.route`` up to its top-k limit (8) and the plain-torch ranking (same
-    rules) beyond, for greedy/beam searches with many drops.
+    Softmax routers (``spec`` None or plain softmax) use the fused ``ops.route`` up to its top-k
+    limit (8) and the plain-torch ranking (same rules) beyond, for greedy/beam searches with many
+    drops; other routers rank by ``spec`` (``layer_routing.ranked_ids``).
     """
     num_experts = logits.shape[1]
+    if spec is not None and not spec.is_plain_softmax:
+        ids = ranked_ids(logits, m, spec)
+        _, offsets, perm = reference.dispatch_plan(ids.cpu(), num_experts)
+        return ids, offsets.tolist(), perm.to(logits.device)
     if m <= 8:
         r = ops.route(logits, m)
         return r.ids, r.offsets.tolist(), r.perm
@@ -75,7 +84,7 @@ class StatsForward(BlockRecorder):
         self.rank_bound = rank_bound
 
     def ranked_outputs(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, offsets, perm = ranked_plan(logits, self.rank_bound)
+        ids, offsets, perm = ranked_plan(logits, self.rank_bound, self.routing)
         return ids, run_experts(self.adapter, self.block.experts, x, offsets, perm, self.rank_bound)
 
     def keep(self, chunk: RecordedChunk) -> None:

@@ -38,12 +38,15 @@ class HiddenStates:
     def progressive(self) -> bool:
         return self.pruned is not None
 
-    def kwargs(self, rows: slice) -> dict:
-        """The layer's call arguments (positions, rotary) for ``rows`` sequences, made once per size."""
+    def kwargs(self, rows: slice, layer: nn.Module | None = None) -> dict:
+        """``layer``'s call arguments (positions, rotary, its attention type's mask) for ``rows``
+        sequences, made once per size (``layer`` None: as the adapter builds them for every layer)."""
         n = rows.stop - rows.start
         if n not in self._kwargs:
             self._kwargs[n] = self.source.layer_kwargs(self.unpruned[:n])
-        return self._kwargs[n]
+        if layer is None:
+            return self._kwargs[n]
+        return self.source.adapter.layer_kwargs_for(self._kwargs[n], layer)
 
     def record(self, layer: nn.Module, block: nn.Module, recorder) -> None:
         """Passes every batch through ``layer`` with ``recorder`` as ``block``'s forward; the
@@ -54,25 +57,25 @@ class HiddenStates:
             recorder.group_id = b  # global batch index: one term of the paper's sum
             if self.pruned is None:
                 with patched_forward(block, recorder):
-                    self.unpruned[rows] = layer_output(layer(self.unpruned[rows], **self.kwargs(rows)))
+                    self.unpruned[rows] = layer_output(layer(self.unpruned[rows], **self.kwargs(rows, layer)))
                 continue
-            target, self.unpruned[rows] = block_output(layer, block, self.unpruned[rows], self.kwargs(rows))
+            target, self.unpruned[rows] = block_output(layer, block, self.unpruned[rows], self.kwargs(rows, layer))
             recorder.target = target.reshape(-1, target.shape[-1])
             with patched_forward(block, recorder):
-                layer(self.pruned[rows], **self.kwargs(rows))  # only the block's input counts: output unused
+                layer(self.pruned[rows], **self.kwargs(rows, layer))  # only the block's input counts: output unused
             recorder.target = None
 
     def forward_unpruned(self, layer: nn.Module) -> None:
-        _forward_layer(layer, self.unpruned, self.kwargs, self.batch_size)
+        _forward_layer(layer, self.unpruned, lambda rows: self.kwargs(rows, layer), self.batch_size)
 
     def forward_pruned(self, layer: nn.Module, block: nn.Module | None, pruned_block: BlockForward | None) -> None:
         """Progressive only: the pruned stream passes ``layer``, with ``pruned_block`` as the
         block's forward (None: a dense layer, or a block left whole)."""
         if block is None or pruned_block is None:
-            _forward_layer(layer, self.pruned, self.kwargs, self.batch_size)
+            _forward_layer(layer, self.pruned, lambda rows: self.kwargs(rows, layer), self.batch_size)
             return
         with patched_forward(block, pruned_block):
-            _forward_layer(layer, self.pruned, self.kwargs, self.batch_size)
+            _forward_layer(layer, self.pruned, lambda rows: self.kwargs(rows, layer), self.batch_size)
 
 
 @contextlib.contextmanager

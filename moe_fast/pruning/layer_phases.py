@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter
+from moe_fast.layer_routing import layer_routing
 from moe_fast.pruning.distributed import Dist
 from moe_fast.masked_forward import MaskedForward
 from moe_fast.pruning.expert_outputs import LayerStats, StatsForward
@@ -92,15 +93,18 @@ class LayerPruner:
         stream.record(layer, block, StatsForward(self.adapter, block, rank_bound, stats, self.chunk_tokens))
         return stats.finish()
 
-    def score(self, collected: Collected, desc: str = "candidates") -> Scores:
-        """The objective over candidate dropped sets; data-parallel, the ranks' squared errors are summed."""
+    def score(self, collected: Collected, desc: str = "candidates", block: nn.Module | None = None) -> Scores:
+        """The objective over candidate dropped sets; data-parallel, the ranks' squared errors are summed.
+
+        ``block``: the layer's MoE block, whose routing spec (``layer_routing``) scores the candidates
+        (None: softmax over the adapter's top-k, as the stand-in adapters route)."""
         if isinstance(collected, LazyOutputs):
             collected.num_groups_total, collected.num_tokens_total = self.num_batches, self.num_tokens
             return LazyScores(collected)
         scorer = make_scorer(
             collected, self.spec.num_experts, self.spec.top_k, self.adapter.renormalize, self.spec.objective,
             self.num_batches, progress=self.show_progress, desc=desc,
-            reduce=self.ctx.summed if self.ctx.active else None,
+            reduce=self.ctx.summed if self.ctx.active else None, routing=layer_routing(self.adapter, block),
         )
         state_bytes = sum(t.numel() * t.element_size() for t in collected.values() if t is not None)
         return BoundedScores(scorer, state_bytes)

@@ -134,7 +134,7 @@ def prune(
                     with ctx.guard(), clock.measure("expert_outputs"):
                         collected = pruner.collect(stream, layer, block)
                     with clock.measure("search"):
-                        scores = pruner.score(collected, desc=f"layer {index}")
+                        scores = pruner.score(collected, desc=f"layer {index}", block=block)
                         result = report.layers[index] = pruner.choose(scores)
                         del collected, scores  # the statistics go before the next layer's come
                     if lead:

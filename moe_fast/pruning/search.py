@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_fast import ops
+from moe_fast.routing_spec import RoutingSpec
 
 Dropped = tuple[int, ...]
 Scorer = Callable[[Sequence[Dropped]], list[float]]
@@ -51,8 +52,13 @@ def make_scorer(
     progress: bool = False,
     desc: str = "candidates",
     reduce: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+    routing: RoutingSpec | None = None,
 ) -> Scorer:
     """A function: dropped sets -> objective values (paper: sum_g sqrt(err_g); mse: sum_g err_g).
+
+    ``routing`` (the layer's spec, the one its ``ids`` were ranked by): a router other than plain
+    softmax is scored with ``ops.subset_loss_spec``; None or plain softmax with ``ops.subset_loss``
+    over ``top_k`` and ``renormalize`` as always.
 
     ``reduce`` (data-parallel calibration) gets the function computing this rank's [C, G]
     squared errors and returns their sum over ranks; the square roots come after the sum.
@@ -73,6 +79,11 @@ def make_scorer(
                 keep_mask[row, list(dropped)] = False
 
             def compute(keep_mask=keep_mask) -> torch.Tensor:
+                if routing is not None and not routing.is_plain_softmax:
+                    return ops.subset_loss_spec(
+                        stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups, routing,
+                        target_weights=stats["target_weights"], cross=stats["cross"], target_sq=stats["target_sq"],
+                    )
                 return ops.subset_loss(
                     stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups,
                     top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],

@@ -27,13 +27,22 @@ def check_arguments(mode: str, objective: str, batch_size: int) -> None:
 
 
 def refuse_unsupported_routing(adapter: MoEAdapter) -> None:
-    """The search's statistics and subset losses assume softmax routing: other routers would be
-    searched wrong without a word, so they are refused until subset_loss takes the descriptor."""
+    """Grouped routers (``topk_group < n_group``) are refused: a candidate's experts then depend on
+    the group scores of the experts it keeps, not on a prefix of the ranked row, so the rank-bounded
+    subset losses would be searched wrong without a word. Non-grouped routers of every scoring
+    (softmax, sigmoid with a selection bias, softmax_topk) are searched exactly."""
     routing = adapter.routing() if hasattr(adapter, "routing") else None  # stand-ins giving only E, k route by softmax
-    if routing is not None and not routing.is_plain_softmax:
+    if routing is not None and routing.grouped:
         raise ValueError(
-            f"pruning search for {adapter.family} needs subset_loss support for {routing.scoring}/groups: not implemented yet"
+            f"pruning search for {adapter.family} needs subset_loss support for {routing.scoring}/groups: not implemented yet "
+            f"(n_group = {routing.n_group}, topk_group = {routing.topk_group}; only routers without group selection are searched)"
         )
+
+
+def lazy_supported(adapter: MoEAdapter) -> bool:
+    """The lazy search scores with softmax subset losses only; other routers use the rank-bounded search."""
+    routing = adapter.routing() if hasattr(adapter, "routing") else None
+    return routing is None or routing.is_plain_softmax
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,19 @@ class SearchSpec:
         lazy: bool | None, data_parallel: bool,
     ) -> "SearchSpec":
         """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; data-parallel
-        runs always use the rank-bounded search."""
+        runs and routers other than plain softmax (``lazy_supported``) always use the rank-bounded
+        search, and refuse ``lazy=True``."""
         refuse_unsupported_routing(adapter)
+        if lazy and not lazy_supported(adapter):
+            raise ValueError(
+                f"lazy search for {adapter.family} ({adapter.routing().scoring} routing) is not implemented: "
+                "it scores softmax routers only; use the rank-bounded search (lazy=False, or leave it unset)"
+            )
         num_experts, top_k = adapter.num_experts, adapter.top_k
         if not top_k <= num_keep < num_experts:
             raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")
         method = choose_search(search, num_experts, num_keep)
-        use_lazy = (method != "exhaustive" if lazy is None else lazy) and not data_parallel
+        use_lazy = (method != "exhaustive" if lazy is None else lazy) and not data_parallel and lazy_supported(adapter)
         return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy)
 
 
