@@ -121,6 +121,11 @@ class MoEAdapter:
         """
         return None
 
+    def block_return(self, output: torch.Tensor):
+        """What the stock block's forward returns, given its output [.., H]: a replacement forward
+        (pruning's recorders, ``MaskedForward``) must return the same shape of value to the layer."""
+        return output
+
     def checkpoint_prefix(self, layer: int) -> str:
         """Key prefix of a layer's MoE block in a checkpoint, e.g. 'model.layers.3.mlp'."""
         return f"model.layers.{layer}.{self.block_attr}"
@@ -169,6 +174,11 @@ class MoEAdapter:
             "position_ids": position_ids,
             "position_embeddings": rotary(inputs_embeds, position_ids=position_ids),
         }
+
+    def layer_kwargs_for(self, kwargs: dict, layer: nn.Module) -> dict:
+        """``layer_call_kwargs`` as one decoder layer takes them (families whose layers differ in
+        their attention mask choose it here)."""
+        return kwargs
 
     def _hub_expert_key(self, rel_key: str) -> tuple[int, str] | None:
         """(expert, projection) of a per-expert checkpoint key relative to a decoder layer, else None."""

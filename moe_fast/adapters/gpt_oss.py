@@ -7,6 +7,8 @@ are exported by slicing dim 0; OpenAI's MXFP4 release (``*_blocks`` / ``*_scales
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -33,6 +35,30 @@ class GptOssAdapter(MoEAdapter):
 
     def compute_router_logits(self, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(hidden, router.weight, router.bias)
+
+    def layer_call_kwargs(self, config, rotary: nn.Module, inputs_embeds: torch.Tensor) -> dict:
+        """The model's masks of both attention types (``layer_types``: sliding and full layers
+        alternate); ``layer_kwargs_for`` hands each layer its own."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kwargs = super().layer_call_kwargs(config, rotary, inputs_embeds)
+        mask_kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": None,
+                       "position_ids": kwargs["position_ids"]}
+        masks = {}
+        for kind, mask_fn in (("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask)):
+            cache_arg = "cache" if "cache" in inspect.signature(mask_fn).parameters else "past_key_values"
+            masks[kind] = mask_fn(**mask_kwargs, **{cache_arg: None})
+        return {**kwargs, "attention_mask": masks}
+
+    def layer_kwargs_for(self, kwargs: dict, layer: nn.Module) -> dict:
+        masks = kwargs["attention_mask"]
+        if not isinstance(masks, dict):
+            return kwargs
+        return {**kwargs, "attention_mask": masks[self.config.layer_types[layer.self_attn.layer_idx]]}
+
+    def block_return(self, output: torch.Tensor):
+        """``GptOssMLP`` returns (output, router scores); the decoder layer drops the scores."""
+        return output, None
 
     def expert_forward(self, experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
         """As ``GptOssExperts.forward``: x @ W_gu + b_gu, its clamped SwiGLU, @ W_d + b_d."""
