@@ -1,6 +1,6 @@
 """The pruning search for routers other than plain softmax without group selection: GLM-4.5's
 sigmoid router with a selection bias (n_group = 1) and gpt-oss' biased softmax over the chosen
-logits. Exhaustive layer-wise pruning equals a brute force that re-runs the stock transformers
+logits. Exhaustive pruning (layer-wise and progressive) equals a brute force that re-runs the stock transformers
 block with the dropped experts masked (stock code, parameters edited: the selection bias or the
 router bias at -inf), and the exported checkpoint loads in plain transformers and equals the masked
 original. Grouped routers (DeepSeek-V3 with topk_group < n_group) stay refused."""
@@ -70,34 +70,44 @@ def _capture(model, adapter, ids: torch.Tensor) -> dict[int, list[torch.Tensor]]
     return store
 
 
-def brute_force_layerwise(model, family: str, ids: torch.Tensor, keep: int) -> dict[int, dict[tuple, float]]:
+def brute_force(model, family: str, ids: torch.Tensor, keep: int, mode: str = "layerwise") -> dict[int, dict[tuple, float]]:
     """Per MoE layer, the paper's loss of every dropped set: the stock block re-run with the dropped
-    experts masked, sum over batches of the Frobenius norm (float64) against the unpruned output."""
+    experts masked, sum over batches of the Frobenius norm (float64) against the unpruned block's
+    output on the unpruned model's input. Progressive: the block runs on the input of the model
+    pruned so far (earlier layers masked to their best sets)."""
     adapter = get_adapter(model)
-    inputs = _capture(model, adapter, ids)
+    unpruned = _capture(model, adapter, ids)
     E = adapter.num_experts
+    kept = {ref.layer: list(range(E)) for ref in adapter.moe_blocks(model)}
     losses: dict[int, dict[tuple, float]] = {}
     with torch.no_grad():
         for ref in adapter.moe_blocks(model):
-            batches = [(x, _block_output(ref.block, x)) for x in inputs[ref.layer]]
+            inputs = unpruned
+            if mode == "progressive":
+                with masked_routers(model, adapter, kept):
+                    inputs = _capture(model, adapter, ids)
+            batches = [(x, _block_output(ref.block, u)) for x, u in zip(inputs[ref.layer], unpruned[ref.layer])]
             vals = {}
             for dropped in itertools.combinations(range(E), E - keep):
                 with dropped_in_stock_router(ref.router, family, dropped):
                     vals[dropped] = sum(float(torch.linalg.norm(z.double() - _block_output(ref.block, x).double()))
                                         for x, z in batches)
             losses[ref.layer] = vals
+            best = min(vals, key=lambda d: (vals[d], d))
+            kept[ref.layer] = [e for e in range(E) if e not in best]
     return losses
 
 
+@pytest.mark.parametrize("mode", ["layerwise", "progressive"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exhaustive_layerwise_equals_stock_brute_force(family):
+def test_exhaustive_search_equals_stock_brute_force(family, mode):
     model = tiny_model(family)
     assert get_adapter(model).routing().grouped is False
     ids = _ids(1)
     keep = KEEP[family]
-    ref_losses = brute_force_layerwise(model, family, ids, keep)
+    ref_losses = brute_force(model, family, ids, keep, mode)
     E = get_adapter(model).num_experts  # before the prune slices the model in place
-    result = moe_fast.prune(model, ids, keep=keep, search="exhaustive", batch_size=BATCH, mode="layerwise",
+    result = moe_fast.prune(model, ids, keep=keep, search="exhaustive", batch_size=BATCH, mode=mode,
                             progress=False, return_model=False)
     assert result.report.settings["lazy"] is False  # the lazy search serves softmax routers only
     assert sorted(result.report.layers) == sorted(ref_losses)
