@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -58,5 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The process entry point (``moe-fast``, ``python -m moe_fast``, ``python -m moe_fast.cli``).
+
+    Under torchrun the process ends with ``os._exit`` once its output is flushed: after a run that
+    finished on every rank, Gloo's threads can still abort a rank during interpreter teardown
+    ("terminate called without an active exception", no Python frame left), and torchrun then
+    reports the whole run as failed and kills the other ranks.
+    """
+    rc = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

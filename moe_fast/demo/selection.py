@@ -19,8 +19,11 @@ from torch import nn
 
 from moe_fast.adapters import get_adapter
 from moe_fast.baselines import layer_scores_from_ranked, select_random, top_scores
+from moe_fast.layer_routing import layer_routing
 from moe_fast.pruning.expert_outputs import LayerStats, StatsForward
+from moe_fast.pruning.settings import refuse_unsupported_routing
 from moe_fast.pruning.search import make_scorer, run_search
+from moe_fast.routing_spec import RoutingSpec
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,13 @@ def criteria_scores(tensors: dict, num_experts: int, top_k: int) -> dict[str, li
 
 def reconstruction_kept(
     tensors: dict, num_experts: int, top_k: int, renormalize: bool, num_keep: int, search: str,
-    objective: str = "paper", beam_width: int = 4,
+    objective: str = "paper", beam_width: int = 4, routing: RoutingSpec | None = None,
 ) -> list[int]:
-    """The experts kept by the reconstruction-loss search at ``num_keep`` on one layer's statistics."""
+    """The experts kept by the reconstruction-loss search at ``num_keep`` on one layer's statistics
+    (``routing``: the layer's RoutingSpec; None routes by softmax)."""
     score = make_scorer(
         {k: v for k, v in tensors.items() if k != "num_groups"}, num_experts, top_k, renormalize, objective,
-        int(tensors["num_groups"]),
+        int(tensors["num_groups"]), routing=routing,
     )
     dropped, _ = run_search(search, score, num_experts, num_experts - num_keep, beam_width)
     return [e for e in range(num_experts) if e not in dropped]
@@ -105,7 +109,9 @@ def one_pass_selections(
 ) -> list[Selection]:
     """Reconstruction (each search) and every statistic criterion at every r, from one pass."""
     adapter = get_adapter(model)
+    refuse_unsupported_routing(adapter)  # grouped routers: before any work, not in the middle
     E, k = adapter.num_experts, adapter.top_k
+    routing = {ref.layer: layer_routing(adapter, ref.block) for ref in adapter.moe_blocks(model)}
     rank_bound = min(E, k + E - min(num_keeps))
     per_layer = layerwise_statistics(model, ids, rank_bound, batch_size)
     scores = {layer: criteria_scores(t, E, k) for layer, t in per_layer.items()}
@@ -113,7 +119,8 @@ def one_pass_selections(
     for num_keep in num_keeps:
         for search in searches:
             kept = {
-                layer: reconstruction_kept(t, E, k, adapter.renormalize, num_keep, search, beam_width=beam_width)
+                layer: reconstruction_kept(t, E, k, adapter.renormalize, num_keep, search, beam_width=beam_width,
+                                           routing=routing[layer])
                 for layer, t in per_layer.items()
             }
             name = "layer-wise" if search == "exhaustive" else search
