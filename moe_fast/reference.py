@@ -421,15 +421,10 @@ def subset_loss(
     cross: torch.Tensor | None = None,
     target_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference of ``moe_fast.ops.subset_loss``: squared errors [C, G] float64 (see the op)."""
-    T, M = ids.shape
-    C = keep.shape[0]
-    check_ranked_ids(ids, logits)
-    out = torch.zeros(C, num_groups, dtype=torch.float64)
-    if T == 0 or C == 0:
-        return out
-    w = subset_weights(ids, logits, keep, k, renormalize)  # [C, T, M]
-    return subset_errors(w, gram, M, group, out, target_weights, cross, target_sq)
+    """Reference of ``moe_fast.ops.subset_loss``: squared errors [C, G] float64 (see the op);
+    :func:`subset_loss_spec` with a softmax spec."""
+    return subset_loss_spec(gram, ids, logits, keep, group, num_groups, softmax_routing(k, renormalize),
+                            target_weights, cross, target_sq)
 
 
 def subset_loss_spec(
@@ -448,9 +443,6 @@ def subset_loss_spec(
     (ids = ``rank_spec(logits, spec)[:, :M]``), [C, G] float64. A softmax spec with scaling 1 is
     ``subset_loss`` bit for bit."""
     check_subset_spec(spec)
-    if spec.is_plain_softmax:
-        return subset_loss(gram, ids, logits, keep, group, num_groups, spec.top_k, spec.renormalize,
-                           target_weights, cross, target_sq)
     T, M = ids.shape
     C = keep.shape[0]
     check_ranked_ids(ids, logits, spec)
