@@ -28,7 +28,7 @@ def route(
     """Fused router: softmax, top-k, renormalize, threshold skipping, and the dispatch plan.
 
     Args:
-        logits: [T, E] float32, bfloat16 or float16, contiguous; 1 <= E <= 256.
+        logits: [T, E] float32, bfloat16 or float16, contiguous; 1 <= E <= 512.
         k: experts per token, 1..8, at most the number of allowed experts.
         renormalize: weights of the chosen slots sum to 1 (Mixtral; Qwen/OLMoE with norm_topk_prob).
         beta: skip threshold in [0, 1], one for all slots or k - 1 values for slots 1..k-1. Slot j is
@@ -79,7 +79,7 @@ def route_spec(
     unchanged; every other spec a general kernel.
 
     Args:
-        logits: [T, E] float32, bfloat16 or float16, contiguous; 1 <= E <= 256. The router's
+        logits: [T, E] float32, bfloat16 or float16, contiguous; 1 <= E <= 512. The router's
             output 0 (gpt-oss: with its bias; DeepSeek: without the selection bias).
         spec: the router's RoutingSpec; ``top_k`` 1..8. Its selection_bias ([E]) is moved to the
             logits' device as float32; it must be finite.

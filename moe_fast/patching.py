@@ -142,8 +142,8 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
         raise ValueError(f"moe_fast.patch: found no MoE blocks in this {adapter.family} model")
     k = adapter.top_k
     E = int(blocks[0].router.weight.shape[0])
-    if not (1 <= k <= min(8, E) and E <= 256):
-        raise ValueError(f"moe_fast.patch: the fused router supports up to 256 experts and top-k <= 8; got E={E}, k={k}")
+    if not (1 <= k <= min(8, E) and E <= 512):
+        raise ValueError(f"moe_fast.patch: the fused router supports up to 512 experts and top-k <= 8; got E={E}, k={k}")
     per_layer = normalize_betas(betas, [ref.layer for ref in blocks], k)
     for ref in blocks:
         _experts_config(ref.experts)

@@ -24,7 +24,7 @@ from helpers.logits import special_logits
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256) for k in (1, 2, 4, 8) if k <= e]
+EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256, 384, 512) for k in (1, 2, 4, 8) if k <= e]
 
 
 def _assert_route_equal(got: reference.RouteResult, want: reference.RouteResult, what: str) -> None:
@@ -59,7 +59,7 @@ def test_route_matches_reference_and_cpu(E: int, k: int, dtype: torch.dtype) -> 
                     _assert_route_equal(got, ops.route(x, k, renorm, beta), what + " vs cpu")
 
 
-@pytest.mark.parametrize("E,k", [(1, 1), (3, 2), (8, 2), (60, 4), (64, 2), (128, 8), (256, 8)])
+@pytest.mark.parametrize("E,k", [(1, 1), (3, 2), (8, 2), (60, 4), (64, 2), (128, 8), (256, 8), (384, 8), (512, 8)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_route_keep_mask(E: int, k: int, dtype: torch.dtype) -> None:
     for trial in range(4):
@@ -147,7 +147,7 @@ def _close_f64(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("progressive", [False, True])
 @pytest.mark.parametrize("renorm", [True, False])
-@pytest.mark.parametrize("E,k,drop", [(8, 2, 2), (8, 2, 4), (8, 1, 3), (64, 2, 1), (60, 4, 2), (256, 8, 1)])
+@pytest.mark.parametrize("E,k,drop", [(8, 2, 2), (8, 2, 4), (8, 1, 3), (64, 2, 1), (60, 4, 2), (256, 8, 1), (512, 8, 3)])
 def test_subset_loss(E: int, k: int, drop: int, renorm: bool, progressive: bool) -> None:
     M = k + drop
     for T, G in ((0, 3), (1, 1), (7, 3), (9000, 5)):
@@ -194,7 +194,7 @@ def _route_specs(E: int, k: int) -> list[RoutingSpec]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (60, 4), (256, 8)])
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (60, 4), (256, 8), (384, 8), (512, 8)])
 def test_route_spec_matches_reference_and_cpu(E: int, k: int, dtype: torch.dtype) -> None:
     # The general kernel (route_spec.cu): the CPU's ids and plan bit for bit (its sigmoid is CUDA's
     # expf; these inputs hold no two scores an ulp apart at a decision), weights to 1e-6.

@@ -11,7 +11,7 @@ from moe_fast import ops, reference
 from helpers.logits import special_logits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256) for k in (1, 2, 4, 8) if k <= e]
+EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256, 384, 512) for k in (1, 2, 4, 8) if k <= e]
 
 
 def assert_route_equal(got: reference.RouteResult, want: reference.RouteResult) -> None:
@@ -119,7 +119,7 @@ def test_route_same_for_any_thread_count() -> None:
         (lambda: ops.route(torch.randn(4, 8, 2), 2), r"\[T, E\]"),
         (lambda: ops.route(torch.randn(4, 8), 9), "k must be in 1..8"),
         (lambda: ops.route(torch.randn(4, 3), 4), "must not exceed the number of experts"),
-        (lambda: ops.route(torch.randn(4, 300), 2), "E must be in 1..256"),
+        (lambda: ops.route(torch.randn(4, 600), 2), "E must be in 1..512"),
         (lambda: ops.route(torch.randn(8, 4).t(), 2), "contiguous"),
         (lambda: ops.route(torch.randn(4, 8), 2, True, 1.5), r"beta must lie in \[0, 1\]"),
         (lambda: ops.route(torch.randn(4, 8), 2, True, -0.1), r"beta must lie in \[0, 1\]"),

@@ -45,7 +45,7 @@ def adversarial_logits(T: int, E: int, dtype: torch.dtype) -> torch.Tensor:
 def all_cases() -> list[dict]:
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for E in (1, 3, 8, 9, 64, 256):
+        for E in (1, 3, 8, 9, 64, 256, 384, 512):
             x = adversarial_logits(203 if E < 64 else 37, E, dtype)
             keep = torch.arange(E) % 3 != 1
             for k in (1, 2, 4, 8):

@@ -47,7 +47,7 @@ def assert_same_routing(got: reference.RouteResult, want: reference.RouteResult,
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("E,k", [(1, 1), (4, 2), (8, 2), (12, 3), (64, 6), (256, 8)])
+@pytest.mark.parametrize("E,k", [(1, 1), (4, 2), (8, 2), (12, 3), (64, 6), (256, 8), (384, 8), (512, 8)])
 def test_route_spec_matches_reference(E: int, k: int, dtype: torch.dtype) -> None:
     for T in (0, 1, 7, 300 if E < 256 else 97):
         for ties in (False, True):

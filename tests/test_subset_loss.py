@@ -59,7 +59,7 @@ def make_problem(T: int, E: int, k: int, M: int, special: bool, gen: torch.Gener
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("E,k,M", [(8, 2, 4), (8, 2, 8), (8, 1, 3), (60, 4, 6), (64, 2, 4), (128, 8, 10), (256, 4, 6), (3, 2, 3)])
+@pytest.mark.parametrize("E,k,M", [(8, 2, 4), (8, 2, 8), (8, 1, 3), (60, 4, 6), (64, 2, 4), (128, 8, 10), (256, 4, 6), (512, 8, 14), (3, 2, 3)])
 def test_subset_loss_matches_reference(E: int, k: int, M: int, renormalize: bool, device: str) -> None:
     gen = torch.Generator().manual_seed(E * 100 + k * 10 + M)
     T = 257

@@ -103,7 +103,7 @@ def test_softmax_spec_is_subset_loss_bit_for_bit() -> None:
 
 
 @pytest.mark.parametrize("scoring,renormalize,scaling", CASES)
-@pytest.mark.parametrize("E,k,M", [(8, 2, 4), (8, 2, 8), (8, 1, 3), (60, 4, 6), (256, 4, 6), (3, 2, 3)])
+@pytest.mark.parametrize("E,k,M", [(8, 2, 4), (8, 2, 8), (8, 1, 3), (60, 4, 6), (256, 4, 6), (384, 8, 200), (512, 8, 12), (3, 2, 3)])
 def test_op_matches_reference(scoring, renormalize, scaling, E, k, M, device: str) -> None:
     gen = torch.Generator().manual_seed(E * 100 + k * 10 + M + 7)
     T = 133

@@ -145,7 +145,8 @@ void launch_route_typed(const void* logits, const RouteParams& p, float* weights
   if (E <= 32) return launch_route<32, 1, scalar_t>(logits, p, weights, ids, stream);
   if (E <= 64) return launch_route<32, 2, scalar_t>(logits, p, weights, ids, stream);
   if (E <= 128) return launch_route<32, 4, scalar_t>(logits, p, weights, ids, stream);
-  return launch_route<32, 8, scalar_t>(logits, p, weights, ids, stream);  // E <= kMaxExperts = 256
+  if (E <= 256) return launch_route<32, 8, scalar_t>(logits, p, weights, ids, stream);
+  return launch_route<32, 16, scalar_t>(logits, p, weights, ids, stream);  // E <= kMaxExperts = 512
 }
 
 __global__ void iota_kernel(int32_t* out, int64_t n) {

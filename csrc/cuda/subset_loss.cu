@@ -175,7 +175,7 @@ cudaError_t subset_loss(const SubsetLossArgs& args, const ExpertMask* masks, int
                         const int64_t* order, const LossChunk* chunks, int64_t num_chunks,
                         const int64_t* first_chunk, int64_t num_groups, double* partial, double* out,
                         cudaStream_t stream) {
-  // validate_subset_loss names the problem (E > 256 would read past the mask words).
+  // validate_subset_loss names the problem (E > 512 would read past the mask words).
   if (validate_subset_loss(args, num_candidates, num_groups) != nullptr || num_chunks < 0) return cudaErrorInvalidValue;
   if (num_candidates == 0 || num_groups == 0) return cudaSuccess;
   if (num_chunks > 0) {

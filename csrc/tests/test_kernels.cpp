@@ -218,7 +218,7 @@ void test_expert_gram_target_with_zero_hidden() {
   EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, y, 1, 2, 2, gram.data(), nullptr, nullptr) != nullptr);
   EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, nullptr, 1, 2, 2, gram.data(), cross.data(),
                                     target_sq.data()) != nullptr);
-  EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, nullptr, 1, 300, 2, gram.data(), nullptr, nullptr) != nullptr);
+  EXPECT(moe_fast::cpu::expert_gram(DType::Float32, y, nullptr, 1, 600, 2, gram.data(), nullptr, nullptr) != nullptr);
 }
 
 void test_route_checks_its_limits() {
@@ -232,7 +232,7 @@ void test_route_checks_its_limits() {
   a.num_tokens = (int64_t{1} << 28) - 1;
   EXPECT(moe_fast::validate_route(a) == nullptr);
   a.num_tokens = 1;
-  a.num_experts = 257;
+  a.num_experts = 513;
   EXPECT(moe_fast::validate_route(a) != nullptr);
   a.num_experts = 4;
   a.top_k = 5;
@@ -296,9 +296,9 @@ void test_subset_loss_checks_its_limits() {
   // Token 0 keeps expert 1 (weight 1 = target): 0. Token 1 loses expert 2: d = (-1, 1) over the
   // ranked slots (2, 0) with an all-ones Gram, so d'Gd = 0 as well.
   EXPECT(out[0] == 0.0);
-  // E > 256 would read past the mask words.
+  // E > 512 would read past the mask words.
   moe_fast::SubsetLossArgs big = s;
-  big.num_experts = 300;
+  big.num_experts = 600;
   EXPECT(moe_fast::validate_subset_loss(big, 1, 1) != nullptr);
   EXPECT(moe_fast::cpu::subset_loss(big, keep, 1, group, 1, out) != nullptr);
   // Bad data: group out of range, too many drops, a repeated or unranked ids row.

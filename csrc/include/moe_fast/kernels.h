@@ -31,7 +31,7 @@ using Error = const char*;
 // ---------------------------------------------------------------------------------------------
 struct RouteArgs {
   int64_t num_tokens = 0;      // T, with T * k <= INT32_MAX (perm holds int32 slot indices)
-  int32_t num_experts = 0;     // E, 1..256
+  int32_t num_experts = 0;     // E, 1..512
   int32_t top_k = 0;           // k, 1..8, k <= number of allowed experts
   bool renormalize = true;     // weights sum to 1 over the chosen slots
   // [k] or nullptr. Slot j >= 1 is skipped when double(l_0) - double(l_j) > skip_gap[j], i.e.
@@ -92,10 +92,10 @@ struct SubsetLossArgs {
   double scaling = 1.0;                   // finite, > 0
 };
 
-// Limits of Op 1: E in 1..256, k in 1..min(8, E), T >= 0, T * k <= INT32_MAX, skip gaps >= 0.
+// Limits of Op 1: E in 1..512, k in 1..min(8, E), T >= 0, T * k <= INT32_MAX, skip gaps >= 0.
 // The keep mask is not read (on the GPU it is device memory): cpu::route counts it itself.
 inline Error validate_route(const RouteArgs& a) {
-  if (a.num_experts < 1 || a.num_experts > kMaxExperts) return "route: number of experts E must be in 1..256";
+  if (a.num_experts < 1 || a.num_experts > kMaxExperts) return "route: number of experts E must be in 1..512";
   if (a.top_k < 1 || a.top_k > kMaxTopK) return "route: k must be in 1..8";
   if (a.top_k > a.num_experts) return "route: k must not exceed the number of experts";
   if (a.num_tokens < 0) return "route: number of tokens T must be >= 0";
@@ -132,13 +132,13 @@ inline Error validate_route_spec(const RouteSpecArgs& a) {
   return nullptr;
 }
 
-// Limits of Op 2a: T >= 0, M in 1..256, H >= 0, T <= INT32_MAX (one GPU block per token).
+// Limits of Op 2a: T >= 0, M in 1..512, H >= 0, T <= INT32_MAX (one GPU block per token).
 // cross and target_sq are given together (target mode) or not at all; in target mode `target`
 // may be nullptr only when H == 0 (cross and target_sq are then zeros).
 inline Error validate_expert_gram(const void* outputs, const void* target, int64_t num_tokens, int64_t rank,
                                   int64_t hidden, const float* gram, const float* cross, const float* target_sq) {
   if (num_tokens < 0 || hidden < 0) return "expert_gram: T and H must be >= 0";
-  if (rank < 1 || rank > kMaxExperts) return "expert_gram: M must be in 1..256";
+  if (rank < 1 || rank > kMaxExperts) return "expert_gram: M must be in 1..512";
   if (num_tokens > INT32_MAX) return "expert_gram: T must be at most INT32_MAX";
   if ((cross == nullptr) != (target_sq == nullptr)) return "expert_gram: give cross and target_sq together";
   if (cross == nullptr && target != nullptr) return "expert_gram: a target needs cross and target_sq outputs";
@@ -149,10 +149,10 @@ inline Error validate_expert_gram(const void* outputs, const void* target, int64
   return nullptr;
 }
 
-// Limits of Op 2b that need no data: E in 1..256, k in 1..8, k <= M <= E, T, C, G >= 0 (G >= 1
+// Limits of Op 2b that need no data: E in 1..512, k in 1..8, k <= M <= E, T, C, G >= 0 (G >= 1
 // when T > 0), target_weights xor (cross and target_sq), the inputs non-null when T > 0.
 inline Error validate_subset_loss(const SubsetLossArgs& a, int64_t num_candidates, int64_t num_groups) {
-  if (a.num_experts < 1 || a.num_experts > kMaxExperts) return "subset_loss: number of experts E must be in 1..256";
+  if (a.num_experts < 1 || a.num_experts > kMaxExperts) return "subset_loss: number of experts E must be in 1..512";
   if (a.top_k < 1 || a.top_k > kMaxTopK) return "subset_loss: k must be in 1..8";
   if (a.rank < a.top_k || a.rank > a.num_experts) return "subset_loss: M must satisfy k <= M <= E";
   if (a.num_tokens < 0 || num_candidates < 0 || num_groups < 0) return "subset_loss: T, C and G must be >= 0";

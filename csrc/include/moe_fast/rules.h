@@ -24,7 +24,7 @@
 namespace moe_fast {
 
 constexpr int32_t kMaxTopK = 8;
-constexpr int32_t kMaxExperts = 256;
+constexpr int32_t kMaxExperts = 512;
 constexpr int32_t kMaskWords = kMaxExperts / 64;  // 64-bit words in one expert bit mask
 
 // A logit as the kernels read it: NaN never wins (-inf); +inf is the largest finite float, so
