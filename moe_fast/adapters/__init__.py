@@ -1,6 +1,14 @@
-"""Family adapters: ``get_adapter(model_or_config)`` picks the one for a model."""
+"""Family adapters: ``get_adapter(model_or_config)`` picks the one for a model.
+
+A family is one module in this package with a ``MoEAdapter`` subclass that names its
+``model_types``: every module here is imported and its adapters registered, so adding a family
+does not touch this file (docs/ARCHITECTURE.md, "A new model family").
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from moe_fast.adapters.base import MoEAdapter, MoEBlockRef
 from moe_fast.adapters.deepseek_v3 import DeepseekV3Adapter
@@ -11,9 +19,22 @@ from moe_fast.adapters.olmoe import OlmoeAdapter
 from moe_fast.adapters.qwen2_moe import Qwen2MoeAdapter
 from moe_fast.adapters.qwen3_moe import Qwen3MoeAdapter
 
-ADAPTERS: list[type[MoEAdapter]] = [
-    MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter, Glm4MoeAdapter, GptOssAdapter,
-]
+
+
+def _discover() -> list[type[MoEAdapter]]:
+    """The adapter classes defined in this package's modules, by module name (classes without
+    ``model_types``, such as shared bases, serve no family by themselves)."""
+    found: list[type[MoEAdapter]] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, MoEAdapter) and obj.model_types
+                    and obj.__module__ == module.__name__ and obj not in found):
+                found.append(obj)
+    return found
+
+
+ADAPTERS: list[type[MoEAdapter]] = _discover()
 
 
 def register_adapter(cls: type[MoEAdapter]) -> type[MoEAdapter]:
