@@ -23,8 +23,11 @@ from helpers.checkpoints import save_checkpoint
 from helpers.tiny_models import tiny_mixtral
 
 BATCH = 4
-CASES = [("layerwise", "paper", "exhaustive"), ("progressive", "paper", "exhaustive"),
-         ("layerwise", "mse", "exhaustive"), ("progressive", "mse", "exhaustive"), ("layerwise", "paper", "beam")]
+# (mode, objective, search, lazy): lazy None is the default (rank-bounded exhaustive, lazy beam/greedy).
+CASES = [("layerwise", "paper", "exhaustive", None), ("progressive", "paper", "exhaustive", None),
+         ("layerwise", "mse", "exhaustive", None), ("progressive", "mse", "exhaustive", None),
+         ("layerwise", "paper", "beam", None), ("progressive", "paper", "greedy", True),
+         ("layerwise", "paper", "exhaustive", True), ("progressive", "mse", "exhaustive", True)]
 
 
 def _free_port() -> int:
@@ -44,11 +47,13 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         out = {}
-        for mode, objective, search in CASES:
+        for mode, objective, search, lazy in CASES:
             _, report = moe_fast.prune(tiny_mixtral(21, layers=3), _ids(), 4, mode=mode, objective=objective,
-                                       search=search, beam_width=2, batch_size=BATCH, progress=False)
+                                       search=search, beam_width=2, batch_size=BATCH, progress=False, lazy=lazy)
             assert report.world_size == world
-            out[f"{mode}/{objective}/{search}"] = {str(i): [r.dropped, r.loss] for i, r in report.layers.items()}
+            assert report.settings["lazy"] is (search != "exhaustive" if lazy is None else lazy)
+            out[f"{mode}/{objective}/{search}/{lazy}"] = {
+                str(i): [r.dropped, r.loss, r.expert_outputs_per_token] for i, r in report.layers.items()}
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
@@ -60,14 +65,23 @@ def test_two_ranks_select_what_one_process_selects(tmp_path, one_thread) -> None
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank ends with the same selection (and losses)
     model = tiny_mixtral(21, layers=3)
-    for mode, objective, search in CASES:
+    for mode, objective, search, lazy in CASES:
+        # one process, the rank-bounded search: the same selections and (for the sets it scored) losses
         _, ref = moe_fast.prune(copy.deepcopy(model), _ids(), 4, mode=mode, objective=objective, search=search,
-                                beam_width=2, batch_size=BATCH, progress=False, lazy=False)  # ranks run the rank-bounded search
-        got = ranks[0][f"{mode}/{objective}/{search}"]
+                                beam_width=2, batch_size=BATCH, progress=False, lazy=False)
+        got = ranks[0][f"{mode}/{objective}/{search}/{lazy}"]
         for i, r in ref.layers.items():
-            assert got[str(i)][0] == r.dropped, (mode, objective, search, i)
-            for key, value in r.loss.items():
-                assert got[str(i)][1][key] == pytest.approx(value, rel=1e-9, abs=1e-12)
+            assert got[str(i)][0] == r.dropped, (mode, objective, search, lazy, i)
+            # lazy: its outputs ran in other batches (float32 rounding), and exhaustive keeps only the sets scored exactly
+            rel = 1e-6 if lazy or (lazy is None and search != "exhaustive") else 1e-9
+            for key, value in got[str(i)][1].items():
+                assert value == pytest.approx(r.loss[key], rel=rel, abs=1e-12), (mode, objective, search, lazy, i, key)
+        if lazy or (lazy is None and search != "exhaustive"):
+            # each token is extended as far as in one process: the counts over both ranks agree
+            _, one = moe_fast.prune(copy.deepcopy(model), _ids(), 4, mode=mode, objective=objective, search=search,
+                                    beam_width=2, batch_size=BATCH, progress=False, lazy=True)
+            for i, r in one.layers.items():
+                assert got[str(i)][2] == pytest.approx(r.expert_outputs_per_token, abs=1e-4), (mode, objective, search, i)
 
 
 def _torchrun(args: list[str], tmp_path, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -37,14 +37,14 @@ def test_check_arguments_refuses_bad_choices(args, message) -> None:
 
 
 def test_search_spec_resolves_the_search_and_the_rank_bound() -> None:
-    spec = SearchSpec.build(_Adapter(), 6, "auto", 4, "paper", None, data_parallel=False)
+    spec = SearchSpec.build(_Adapter(), 6, "auto", 4, "paper", None)
     assert (spec.method, spec.num_drop, spec.rank_bound, spec.lazy) == ("exhaustive", 2, 4, False)
-    assert SearchSpec.build(_Adapter(), 6, "greedy", 4, "paper", None, False).lazy  # lazy by default for greedy
-    assert not SearchSpec.build(_Adapter(), 6, "greedy", 4, "paper", True, data_parallel=True).lazy
-    assert SearchSpec.build(_Adapter(), 6, "exhaustive", 4, "paper", True, False).lazy
+    assert SearchSpec.build(_Adapter(), 6, "greedy", 4, "paper", None).lazy  # lazy by default for greedy
+    assert not SearchSpec.build(_Adapter(), 6, "greedy", 4, "paper", False).lazy
+    assert SearchSpec.build(_Adapter(), 6, "exhaustive", 4, "paper", True).lazy
     for num_keep in (1, 8):
         with pytest.raises(ValueError, match=r"top-k \(2\) <= keep < number of experts \(8\)"):
-            SearchSpec.build(_Adapter(), num_keep, "auto", 4, "paper", None, False)
+            SearchSpec.build(_Adapter(), num_keep, "auto", 4, "paper", None)
 
 
 def test_run_settings_keep_the_report_keys_in_order() -> None:
@@ -52,7 +52,7 @@ def test_run_settings_keep_the_report_keys_in_order() -> None:
         config = type("C", (), {"model_type": "mixtral"})()
         dtype = torch.bfloat16
 
-    spec = SearchSpec.build(_Adapter(), 5, "beam", 3, "mse", None, False)
+    spec = SearchSpec.build(_Adapter(), 5, "beam", 3, "mse", None)
     settings = run_settings(spec, "progressive", Source(), {"n_samples": 2})
     assert list(settings) == ["keep", "num_experts", "top_k", "mode", "objective", "search", "beam_width", "rank_bound",
                               "lazy", "model_type", "dtype", "calibration"]

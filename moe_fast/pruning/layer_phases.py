@@ -55,15 +55,21 @@ class BoundedScores:
 
 
 class LazyScores:
-    """Scores over lazily computed outputs: the search extends tokens only as far as it needs."""
+    """Scores over lazily computed outputs: the search extends tokens only as far as it needs.
 
-    def __init__(self, store: LazyOutputs) -> None:
-        self.store = store
+    Data-parallel, each rank extends its own tokens (the frontier and the picks follow from errors
+    summed over ranks, so every rank decides alike) and the outputs per token are counted over all."""
+
+    def __init__(self, store: LazyOutputs, ctx: Dist) -> None:
+        self.store, self.ctx = store, ctx
 
     def search(self, spec: SearchSpec) -> Found:
-        dropped, losses, info = run_lazy_search(spec.method, self.store, spec.num_drop, spec.objective, spec.beam_width)
+        reduce = self.ctx.summed if self.ctx.active else None
+        dropped, losses, info = run_lazy_search(spec.method, self.store, spec.num_drop, spec.objective, spec.beam_width, reduce)
+        counts = torch.tensor([float(self.store.outputs_computed), float(self.store.num_tokens)], dtype=torch.float64)
+        outputs, tokens = self.ctx.sum(counts).tolist() if self.ctx.active else counts.tolist()
         details = {
-            "expert_outputs_per_token": round(info.outputs_per_token, 4), "scored_exactly": info.scored_exactly,
+            "expert_outputs_per_token": round(outputs / max(1.0, tokens), 4), "scored_exactly": info.scored_exactly,
             "discarded_by_bound": info.discarded_by_bound if spec.method == "exhaustive" else None,
             "search_state_bytes": info.peak_bytes, "lazy_detail": info.summary(),
         }
@@ -100,7 +106,7 @@ class LayerPruner:
         (None: softmax over the adapter's top-k, as the stand-in adapters route)."""
         if isinstance(collected, LazyOutputs):
             collected.num_groups_total, collected.num_tokens_total = self.num_batches, self.num_tokens
-            return LazyScores(collected)
+            return LazyScores(collected, self.ctx)
         scorer = make_scorer(
             collected, self.spec.num_experts, self.spec.top_k, self.adapter.renormalize, self.spec.objective,
             self.num_batches, progress=self.show_progress, desc=desc,

@@ -86,8 +86,8 @@ def prune(
             exact scores only for the candidates its bounds did not discard). False: the
             rank-bounded search (M = k + dropped outputs per token up front). None (default): lazy
             for greedy and beam search, rank-bounded for exhaustive search (whose bounds save
-            little on flat routers: benchmarks/RESULTS.md). Data-parallel runs use the
-            rank-bounded search.
+            little on flat routers: benchmarks/RESULTS.md). Data-parallel runs extend each rank's
+            own tokens and sum the candidates' errors over ranks, as the rank-bounded search does.
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -106,7 +106,7 @@ def prune(
     with claimed(out, ctx) as partial:  # the lock and resume file of <out>.moe_fast_partial
         with ctx.guard():
             source = open_source(model_or_path, device, dtype)
-            spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, ctx.active)
+            spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy)
             if tokenizer is None and needs_tokenizer(calibration):
                 tokenizer = find_tokenizer(source.path, loaded)
             calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed)

@@ -69,11 +69,11 @@ class SearchSpec:
     @classmethod
     def build(
         cls, adapter: MoEAdapter, num_keep: int, search: str, beam_width: int, objective: str,
-        lazy: bool | None, data_parallel: bool,
+        lazy: bool | None,
     ) -> "SearchSpec":
-        """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; data-parallel
-        runs and routers other than plain softmax (``lazy_supported``) always use the rank-bounded
-        search, and refuse ``lazy=True``."""
+        """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; routers other
+        than plain softmax (``lazy_supported``) always use the rank-bounded search, and refuse
+        ``lazy=True``. Data-parallel runs take either search alike: both sum their errors over ranks."""
         refuse_unsupported_routing(adapter)
         if lazy and not lazy_supported(adapter):
             raise ValueError(
@@ -84,7 +84,7 @@ class SearchSpec:
         if not top_k <= num_keep < num_experts:
             raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")
         method = choose_search(search, num_experts, num_keep)
-        use_lazy = (method != "exhaustive" if lazy is None else lazy) and not data_parallel and lazy_supported(adapter)
+        use_lazy = (method != "exhaustive" if lazy is None else lazy) and lazy_supported(adapter)
         return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy)
 
 
