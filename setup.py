@@ -138,6 +138,7 @@ def _extension():
     ]
     if cuda:
         sources += ["csrc/bindings/cuda_bindings.cpp", *_sources("csrc/cuda/*.cu")]
+        depends += _sources("csrc/cuda/*.cuh")
         # No -std: torch's cpp_extension passes the standard its headers need (C++17 up to torch
         # 2.11, C++20 from 2.13); overriding it makes its headers warn or fail.
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]

@@ -34,7 +34,7 @@ version="$("${NVCC}" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 STAMPS="${ROOT}/build/compile_cuda"
 mkdir -p "${STAMPS}"
 # What a file's result depends on, apart from its own text: nvcc, the flags and every header.
-common="$( { "${NVCC}" --version; echo "${FLAGS[*]} ${EXTRA[*]}"; cat "${ROOT}"/csrc/include/moe_fast/*; } | sha256sum | cut -d' ' -f1)"
+common="$( { "${NVCC}" --version; echo "${FLAGS[*]} ${EXTRA[*]}"; cat "${ROOT}"/csrc/include/moe_fast/* "${ROOT}"/csrc/cuda/*.cuh; } | sha256sum | cut -d' ' -f1)"
 
 failed=()
 unchanged=0

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "moe_fast/cuda_kernels.h"
+#include "route_params.cuh"
 
 namespace moe_fast {
 namespace cuda {
@@ -24,16 +25,6 @@ namespace {
 constexpr int kBlock = 256;
 constexpr int32_t kNone = 0x7fffffff;  // "no candidate" index in the argmax
 constexpr size_t kAlign = 256;
-
-struct RouteParams {
-  int64_t num_tokens;
-  int32_t num_experts;
-  int32_t top_k;
-  bool renormalize;
-  bool has_skip;
-  double skip_gap[kMaxTopK];  // slot j >= 1 skipped when l_0 - l_j > skip_gap[j]
-  const uint8_t* keep;        // [E] or nullptr
-};
 
 // Strict order of argmax candidates: a valid one beats none, then larger value, then lower index.
 __device__ __forceinline__ bool better(float av, int32_t ai, float bv, int32_t bi) {
@@ -210,14 +201,7 @@ cudaError_t route(DType dtype, const void* logits, const RouteArgs& args, float*
   const int64_t n = T * args.top_k;  // <= INT32_MAX after validate_route
   if (workspace_bytes < route_workspace_bytes(n, E)) return cudaErrorInvalidValue;
   if (T > 0) {
-    RouteParams p{};
-    p.num_tokens = T;
-    p.num_experts = E;
-    p.top_k = args.top_k;
-    p.renormalize = args.renormalize;
-    p.has_skip = args.skip_gap != nullptr;
-    for (int j = 0; j < kMaxTopK; ++j) p.skip_gap[j] = (p.has_skip && j < args.top_k) ? args.skip_gap[j] : 0.0;
-    p.keep = args.keep;
+    const RouteParams p = route_params(args);
     MOE_FAST_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
                             launch_route_typed<scalar_t>(logits, p, weights, ids, stream))
     const cudaError_t err = cudaGetLastError();

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "moe_fast/cuda_kernels.h"
+#include "route_params.cuh"
 
 namespace moe_fast {
 namespace cuda {
@@ -22,14 +23,8 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kPerLane = kMaxExperts / kWarp;  // experts per lane at most
 
-struct RouteSpecParams {
-  int64_t num_tokens;
-  int32_t num_experts;
-  int32_t top_k;
-  bool renormalize;
-  bool has_skip;
-  double skip_gap[kMaxTopK];  // slot j >= 1 skipped when log w_0 - log w_j > skip_gap[j]
-  const uint8_t* keep;        // [E] or nullptr
+// route.cu's parameters (skip_gap: slot j >= 1 skipped when log w_0 - log w_j > skip_gap[j]), and:
+struct RouteSpecParams : RouteParams {
   const float* bias;          // [E] or nullptr (sigmoid)
   Scoring scoring;
   bool grouped;               // groups can exclude experts (sigmoid, topk_group < n_group)
@@ -188,13 +183,7 @@ cudaError_t route_spec(DType dtype, const void* logits, const RouteSpecArgs& arg
   if (workspace_bytes < route_workspace_bytes(n, E)) return cudaErrorInvalidValue;
   if (T > 0) {
     RouteSpecParams p{};
-    p.num_tokens = T;
-    p.num_experts = E;
-    p.top_k = a.top_k;
-    p.renormalize = a.renormalize;
-    p.has_skip = a.skip_gap != nullptr;
-    for (int j = 0; j < kMaxTopK; ++j) p.skip_gap[j] = (p.has_skip && j < a.top_k) ? a.skip_gap[j] : 0.0;
-    p.keep = a.keep;
+    static_cast<RouteParams&>(p) = route_params(a);
     p.bias = args.selection_bias;
     p.scoring = args.scoring;
     p.grouped = route_spec_grouped(args);
