@@ -49,20 +49,24 @@ def packed_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def check_pair(name: str, blocks_shape, scales_shape, num_experts: int | None = None) -> None:
-    """Refuses a blocks / scales pair that is not MXFP4: blocks [E, rows, G, 16], scales [E, rows, G]."""
+def check_pair(name: str, blocks_shape, scales_shape, num_experts: int | None = None, where: str = "") -> None:
+    """Refuses a blocks / scales pair that is not MXFP4: blocks [E, rows, G, 16], scales [E, rows, G].
+
+    ``where`` (a checkpoint path) goes into the message.
+    """
     blocks_shape, scales_shape = tuple(blocks_shape), tuple(scales_shape)
+    where = f" {where}" if where else ""
     if len(blocks_shape) != 4 or blocks_shape[-1] != BLOCK // 2:
         raise ValueError(
-            f"MXFP4 checkpoint: {name}_blocks has shape {list(blocks_shape)}, expected [experts, rows, groups, {BLOCK // 2}]"
+            f"MXFP4 checkpoint{where}: {name}_blocks has shape {list(blocks_shape)}, expected [experts, rows, groups, {BLOCK // 2}]"
         )
     if blocks_shape[:-1] != scales_shape:
         raise ValueError(
-            f"MXFP4 checkpoint: {name}_scales has shape {list(scales_shape)}, expected {list(blocks_shape[:-1])} "
+            f"MXFP4 checkpoint{where}: {name}_scales has shape {list(scales_shape)}, expected {list(blocks_shape[:-1])} "
             f"(one scale per block of {BLOCK} values of {name}_blocks {list(blocks_shape)})"
         )
     if num_experts is not None and blocks_shape[0] != num_experts:
-        raise ValueError(f"MXFP4 checkpoint: {name}_blocks has {blocks_shape[0]} experts in dim 0, the config {num_experts}")
+        raise ValueError(f"MXFP4 checkpoint{where}: {name}_blocks has {blocks_shape[0]} experts in dim 0, the config {num_experts}")
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, name: str = "experts") -> torch.Tensor:
@@ -119,5 +123,5 @@ def check_checkpoint(path: str, weight_map: dict[str, str], num_experts: int | N
             if entry["dtype"] != "U8":
                 raise ValueError(f"MXFP4 checkpoint {path}: {pair[suffix]} is {entry['dtype']}, expected U8")
             shapes.append(entry["shape"])
-        check_pair(name, shapes[0], shapes[1], num_experts)
+        check_pair(name, shapes[0], shapes[1], num_experts, where=path)
     return len(pairs)
