@@ -25,7 +25,7 @@ from moe_fast.patching import current_betas
 from moe_fast.pruning.source import CheckpointSource, checkpoint_weight_map
 
 from helpers.mxfp4_checkpoint import (
-    FP4_MAGNITUDES, OPENAI_QUANTIZATION_CONFIG, load_dequantized, mxfp4_state_dict, tiny_gpt_oss,
+    FP4_MAGNITUDES, HIDDEN, INTERMEDIATE, OPENAI_QUANTIZATION_CONFIG, load_dequantized, mxfp4_state_dict, tiny_gpt_oss,
     write_mxfp4_checkpoint,
 )
 from helpers.tiny_models import VOCAB, tiny_tokenizer
@@ -255,3 +255,34 @@ def test_quantized_experts_module_is_refused_with_advice():
     experts.gate_up_proj = torch.nn.Parameter(torch.zeros(8, 64, 32, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ValueError, match=r"layer 1 .*MXFP4-quantized experts .*Mxfp4Config\(dequantize=True\)"):
         moe_fast.patch(model, betas=0.5)
+
+
+def test_cli_prune_skip_baseline_and_eval_on_an_mxfp4_checkpoint(tmp_path):
+    """The commands that load a whole model (``prune --skip``, a baseline criterion, ``eval``) run
+    on an MXFP4 checkpoint on CPU, and what ``prune`` writes stays MXFP4."""
+    from moe_fast.cli import main
+
+    src = write_mxfp4_checkpoint(tmp_path / "src")
+    tiny_tokenizer(VOCAB).save_pretrained(src)
+    calib = str(tmp_path / "ids.pt")
+    torch.save(_ids(7), calib)
+    runs = {
+        "skip": ["--batch-size", "4", "--skip"],
+        "reap": ["--criterion", "reap"],  # routing statistics of the whole model, then the export
+    }
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert main(["prune", src, "--keep", str(KEEP), "--calib", calib, "--out", str(out), "--no-progress", *extra]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["num_local_experts"] == KEEP and config["quantization_config"] == OPENAI_QUANTIZATION_CONFIG
+        assert _read(str(out), "model.layers.1.mlp.experts.down_proj_blocks").shape == (KEEP, HIDDEN, INTERMEDIATE // 32, 16)
+        model = moe_fast.from_pretrained(out, dtype=torch.float32)
+        assert model.config.num_local_experts == KEEP
+        assert ("skipping" in config.get("moe_fast", {})) == (name == "skip")
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(f"w{i % 90 + 3}" for i in range(400)))
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "skip"), "--data", str(text), "--skip", "--seq-len", "32", "--max-tokens", "256",
+                 "--prompts", "0", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["num_experts"] == KEEP and result["skip_rate"] is not None
