@@ -73,7 +73,9 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     """blocks [E, rows, G, 16], scales [E, rows, G] (uint8) -> weight [E, G * 32, rows] in ``dtype``.
 
     As transformers' ``convert_moe_packed_tensors``: every code looked up in a table of ``dtype``,
-    scaled by ``2 ** (scale - 127)`` with ``torch.ldexp``, rows laid out then transposed.
+    scaled by ``2 ** (scale - 127)`` with ``torch.ldexp``, rows laid out then transposed; element by
+    element the same operations, only done one expert at a time (gpt-oss-120b's gate_up has 128
+    experts of 5760 x 2880: int32 codes for all of them at once would be 4 GiB more).
     """
     for label, t in (("blocks", blocks), ("scales", scales)):
         if t.dtype != torch.uint8:
@@ -81,12 +83,16 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     check_pair(name, blocks.shape, scales.shape)
     E, rows, G, B = blocks.shape
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    flat = blocks.reshape(-1, B)
-    out = torch.empty(flat.shape[0], 2 * B, dtype=dtype, device=blocks.device)
-    out[:, 0::2] = lut[(flat & 0x0F).int()]
-    out[:, 1::2] = lut[(flat >> 4).int()]
-    torch.ldexp(out, scales.reshape(-1, 1).int() - 127, out=out)
-    return out.reshape(E, rows, G * 2 * B).transpose(1, 2).contiguous()
+    weight = torch.empty(E, G * 2 * B, rows, dtype=dtype, device=blocks.device)
+    for e in range(E):  # one expert's temporaries at a time: the peak is the result plus one expert
+        flat = blocks[e].reshape(-1, B)
+        out = torch.empty(flat.shape[0], 2 * B, dtype=dtype, device=blocks.device)
+        out[:, 0::2] = lut[(flat & 0x0F).int()]
+        out[:, 1::2] = lut[(flat >> 4).int()]
+        torch.ldexp(out, scales[e].reshape(-1, 1).int() - 127, out=out)
+        weight[e] = out.view(rows, G * 2 * B).t()
+        del flat, out
+    return weight
 
 
 def check_checkpoint(path: str, weight_map: dict[str, str], num_experts: int | None = None) -> int:
