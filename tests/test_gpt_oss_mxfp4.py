@@ -109,14 +109,15 @@ def test_checkpoint_source_reads_what_transformers_loads(tmp_path):
 
 # --- (b) pruning from the path --------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prune_from_path_equals_prune_of_the_dequantized_model(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "layerwise"), (torch.bfloat16, "layerwise"),
+                                        (torch.float32, "progressive")])
+def test_prune_from_path_equals_prune_of_the_dequantized_model(tmp_path, dtype, mode):
     path = write_mxfp4_checkpoint(tmp_path / "src")
     ids = _ids(1)
-    from_path = moe_fast.prune(path, ids, keep=KEEP, search="exhaustive", batch_size=4, dtype=dtype,
+    from_path = moe_fast.prune(path, ids, keep=KEEP, search="exhaustive", batch_size=4, dtype=dtype, mode=mode,
                                progress=False, return_model=False)
     loaded = moe_fast.prune(load_dequantized(path, dtype), ids, keep=KEEP, search="exhaustive", batch_size=4,
-                            progress=False, return_model=False)
+                            mode=mode, progress=False, return_model=False)
     assert sorted(from_path.report.layers) == sorted(loaded.report.layers) == [0, 1]
     for layer, res in from_path.report.layers.items():
         assert res.kept == loaded.report.layers[layer].kept
