@@ -15,7 +15,6 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import moe_fast
