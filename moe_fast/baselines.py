@@ -239,7 +239,9 @@ def prune_baseline(
         from moe_fast.calibration import load_calibration
 
         ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        from moe_fast.loading import model_load_kwargs
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model_path, dtype=torch.float32)).to(device)
         stats = routing_stats(model, ids, batch_size, progress)
         del model
     layers = stats.layers if stats is not None else _moe_layers(adapter, num_layers)

@@ -349,7 +349,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
 
             model = from_pretrained(path, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            from moe_fast.loading import model_load_kwargs
+
+            model = AutoModelForCausalLM.from_pretrained(path, **model_load_kwargs(path, dtype=dtype))
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path

@@ -5,7 +5,9 @@ Two routes to the same hub layout (for Mixtral ``block_sparse_moe.experts.N.w1/w
 * a checkpoint directory is rewritten shard by shard (one source shard in memory at a time),
   dropping the removed experts' tensors, renumbering the rest in order and keeping the router
   rows of the kept experts.
-``config.json`` gets the new expert count and a ``"moe_fast": {"pruning": ...}`` record.
+``config.json`` gets the new expert count and a ``"moe_fast": {"pruning": ...}`` record. Quantized
+experts stay quantized: gpt-oss' MXFP4 blocks and scales keep the kept experts' entries of dim 0 and
+config.json its ``quantization_config`` (moe_fast/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import torch
 from torch import nn
 
+from moe_fast import mxfp4
 from moe_fast.adapters import MoEAdapter
 from moe_fast.config_record import PRUNING_KEY, set_record_entry
 
@@ -79,8 +82,9 @@ def export_checkpoint(
     r = counts.pop()
     for experts in kept.values():
         adapter.check_keep(sorted(experts))
-    os.makedirs(directory, exist_ok=True)
     weight_map = checkpoint_weight_map(source_path)
+    mxfp4.check_checkpoint(source_path, weight_map, adapter.num_experts)  # MXFP4 pairs: sliced one key at a time
+    os.makedirs(directory, exist_ok=True)
     # One output shard per decoder layer (plus one for the rest), read and written one at a
     # time: the export holds one layer in memory, whatever the source shard sizes.
     units: dict[str, list[str]] = {}

@@ -13,6 +13,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# from_pretrained arguments that also say where the config is.
+CONFIG_KWARGS = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only", "subfolder")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,3 +57,26 @@ def load_tokenizer(path: str | os.PathLike):
     except Exception as err:  # no tokenizer files: a .pt calibration needs no tokenizer
         log.debug("no tokenizer at %s: %s", path, err)
         return None
+
+
+def model_load_kwargs(path: str | os.PathLike, **kwargs) -> dict:
+    """``kwargs`` for transformers' ``from_pretrained(path)``, plus what the checkpoint needs to load
+    as numbers: an MXFP4 checkpoint (OpenAI's gpt-oss release) gets ``Mxfp4Config(dequantize=True)``.
+
+    Why: without it transformers builds Triton-kernel experts (or, lacking accelerate or kernels,
+    refuses), and pruning, skipping and evaluation need the experts' weights; dequantized, they are
+    exactly the checkpoint's values in bf16 (see moe_fast/mxfp4.py). A ``quantization_config`` the
+    caller passes is kept.
+    """
+    if "quantization_config" in kwargs:
+        return kwargs
+    from transformers import AutoConfig
+
+    from moe_fast import mxfp4
+
+    config_kwargs = {k: kwargs[k] for k in CONFIG_KWARGS if k in kwargs}
+    if mxfp4.is_mxfp4(AutoConfig.from_pretrained(path, **config_kwargs)):
+        from transformers import Mxfp4Config
+
+        return {**kwargs, "quantization_config": Mxfp4Config(dequantize=True)}
+    return kwargs
