@@ -328,7 +328,8 @@ def check_subset_spec(spec: RoutingSpec) -> None:
     """subset_loss serves routers whose candidates route by a prefix of the token's ranked list.
 
     With groups (``topk_group < n_group``) a candidate's choice depends on the group scores of the
-    experts it keeps, so it is not "the first k kept experts of the ranked list": not supported yet.
+    experts it keeps, so it is not "the first k kept experts of the ranked list": refused (the
+    pruning search scores grouped routers with ``grouped_subset_loss``'s rule instead).
     """
     if spec.grouped:
         raise ValueError(
