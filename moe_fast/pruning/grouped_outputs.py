@@ -91,24 +91,36 @@ class GroupedOutputs:
         return pos
 
     def _ensure(self, tok: torch.Tensor, ids: torch.Tensor) -> None:
-        """Computes the outputs of (tok[t], ids[c, t, j]) not computed yet (tok [n], ids [C, n, k])."""
+        """Computes the outputs of (tok[p], ids[p, j]) the pool lacks (tok [P] token indices, ids [P, k])."""
         n = tok.shape[0]
-        chosen = torch.zeros(n, self.num_experts, dtype=torch.bool, device=tok.device)
-        chosen.scatter_(1, ids.permute(1, 0, 2).reshape(n, -1), True)
-        rows, cols = torch.nonzero(chosen & (self.index[tok] < 0), as_tuple=True)
-        if rows.numel() == 0:
+        if n == 0:
             return
-        new = run_pairs(self.adapter, self.experts, self.x[tok], rows, cols)
-        self.index[tok[rows], cols] = self._append(new)
+        rows = tok.repeat_interleave(ids.shape[1])
+        cols = ids.reshape(-1)
+        missing = self.index[rows, cols] < 0
+        if not bool(missing.any()):
+            return
+        pairs = torch.unique(rows[missing] * self.num_experts + cols[missing])  # each pair once
+        rows, cols = pairs // self.num_experts, pairs % self.num_experts
+        new = run_pairs(self.adapter, self.experts, self.x, rows, cols)
+        self.index[rows, cols] = self._append(new)
 
-    def _gathered(self, tok: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """sum_j w[..., j] * output(tok, ids[..., j]) in float64: ids, w [..., n, k] -> [..., n, H]."""
-        pos = torch.gather(self.index[tok].expand(*ids.shape[:-2], -1, -1), -1, ids)
-        return torch.einsum("...k,...kh->...h", w.double(), self.pool[pos].double())
+    def _routed(self, tok: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_j w[p, j] * output(tok[p], ids[p, j]) in float64: tok [P], ids, w [P, k] -> [P, H]."""
+        pos = torch.gather(self.index[tok], 1, ids)
+        return torch.einsum("pk,pkh->ph", w.double(), self.pool[pos].double())
+
+    def _target(self, tok: torch.Tensor) -> torch.Tensor:
+        """[n, H] float64: the unpruned routed output (layer-wise) or the progressive target."""
+        return self._routed(tok, self.ids[tok], self.w[tok]) if self.z is None else self.z[tok].double()
 
     def group_errors(self, keep: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Squared errors [C, G] float64 of keep-sets [C, E] over this rank's tokens, computing the
-        outputs their routing chooses and the pool lacks (``reference.grouped_subset_loss``)."""
+        outputs their routing chooses and the pool lacks (``reference.grouped_subset_loss``).
+
+        A token a candidate routes exactly as the unpruned router (same experts, hence the same
+        weights) has the unpruned error: 0 layer-wise, the unpruned output's distance to the
+        target progressive. Only the other (candidate, token) pairs gather outputs."""
         C, k = keep.shape[0], self.k
         out = torch.zeros(C, num_groups, dtype=torch.float64)
         T = self.num_tokens
@@ -120,12 +132,18 @@ class GroupedOutputs:
         for lo in range(0, T, step):
             tok = torch.arange(lo, min(T, lo + step), device=self.index.device)
             ids, w = route_candidates(self.logits[tok], self.spec, keep)  # [C, n, k]
-            self._ensure(tok, ids)
-            if self.z is None:  # layer-wise: the unpruned routed output
-                target = self._gathered(tok, self.ids[tok], self.w[tok])
+            target = self._target(tok)
+            if self.z is None:
+                err = torch.zeros(C, tok.shape[0], dtype=torch.float64, device=target.device)
             else:
-                target = self.z[tok].double()
-            err = ((self._gathered(tok, ids, w) - target) ** 2).sum(-1)  # [C, n]
+                base = self._routed(tok, self.ids[tok], self.w[tok])
+                err = ((base - target) ** 2).sum(-1).unsqueeze(0).repeat(C, 1)
+            c_idx, t_idx = torch.nonzero((ids != self.ids[tok].unsqueeze(0)).any(-1), as_tuple=True)
+            if c_idx.numel():
+                p_ids = ids[c_idx, t_idx]
+                self._ensure(tok[t_idx], p_ids)
+                routed = self._routed(tok[t_idx], p_ids, w[c_idx, t_idx])
+                err[c_idx, t_idx] = ((routed - target[t_idx]) ** 2).sum(-1)
             out.index_add_(1, self.group[tok].cpu(), err.cpu())
         return out
 
