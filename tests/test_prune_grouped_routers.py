@@ -33,6 +33,7 @@ from moe_fast.pruning.grouped_outputs import GroupedOutputs
 from moe_fast.routing_spec import RoutingSpec
 
 from helpers.brute_force import BATCH, check_layer
+from helpers.checkpoints import save_checkpoint
 from helpers.routing_reference import masked_routers
 from helpers.stock_brute_force import brute_force, stock_layer_scores
 from helpers.tiny_models import VOCAB, tiny_model
@@ -348,3 +349,27 @@ def test_two_ranks_select_what_one_process_selects(tmp_path, one_thread):
             assert got[str(i)][0] == r.dropped, (mode, search, i)
             for key, value in r.loss.items():  # expert outputs batched differently: float32 GEMM rounding
                 assert got[str(i)][1][key] == pytest.approx(value, rel=1e-6, abs=1e-12), (mode, search, i)
+
+
+# --- the command line on a checkpoint (streamed one layer at a time) --------------------------------
+
+
+def test_cli_prunes_a_grouped_checkpoint_as_the_loaded_model_and_refuses_an_uneven_keep(tmp_path, capsys, one_thread):
+    from moe_fast.cli import main
+
+    src = save_checkpoint(_model("deepseek_v3", seed=3), tmp_path / "src")
+    torch.save(_ids(9), tmp_path / "ids.pt")
+    calib = str(tmp_path / "ids.pt")
+    bad = str(tmp_path / "bad")
+    assert main(["prune", src, "--keep", "9", "--calib", calib, "--out", bad, "--no-progress"]) == 2
+    assert "keep = 9 is not a keep size the grouped router of deepseek_v3 can be pruned to" in capsys.readouterr().err
+    assert not os.path.exists(bad)
+    out = tmp_path / "out"
+    argv = ["prune", src, "--keep", "8", "--calib", calib, "--out", str(out), "--batch-size", str(BATCH),
+            "--search", "exhaustive", "--mode", "progressive", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "moe_fast_report.json").read_text())
+    want = moe_fast.prune(_model("deepseek_v3", seed=3), _ids(9), keep=8, search="exhaustive", mode="progressive",
+                          batch_size=BATCH, progress=False, return_model=False).report
+    assert {int(i): r["kept"] for i, r in report["layers"].items()} == want.kept
+    assert report["settings"]["grouped_search"] == want.settings["grouped_search"]
