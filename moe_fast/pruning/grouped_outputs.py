@@ -151,9 +151,6 @@ class GroupedOutputs:
 class GroupedRecorder(BlockRecorder):
     """Records a grouped layer's tokens: each token's unpruned top-k run with the layer forward."""
 
-    def __init__(self, adapter: MoEAdapter, block: nn.Module, store: GroupedOutputs, chunk_tokens: int) -> None:
-        super().__init__(adapter, block, store, chunk_tokens)
-
     def ranked_outputs(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep_all = torch.ones(1, logits.shape[1], dtype=torch.bool, device=logits.device)
         ids = route_candidates(logits, self.routing, keep_all)[0][0]  # [n, k]

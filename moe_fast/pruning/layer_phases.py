@@ -10,6 +10,10 @@
 * apply: progressive mode moves the pruned model's hidden states on, through the layer with only
   the kept experts routable.
 
+A grouped router (``topk_group < n_group``) collects its tokens and a pool of expert outputs
+instead (``grouped_outputs``), scores each candidate by routing every token with its mask, and
+searches equal-per-group keep-sets only (``grouped_search``).
+
 How the pipeline strings them together: docs/ARCHITECTURE.md.
 """
 

@@ -12,6 +12,7 @@ from moe_fast.adapters import MoEAdapter
 from moe_fast.pruning.grouped_search import balanced_count
 from moe_fast.pruning.search import choose_search
 from moe_fast.pruning.source import LayerSource
+from moe_fast.routing_spec import RoutingSpec
 
 MODES = ("layerwise", "progressive")
 OBJECTIVES = ("paper", "mse")
@@ -27,7 +28,7 @@ def check_arguments(mode: str, objective: str, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def grouped_routing(adapter: MoEAdapter):
+def grouped_routing(adapter: MoEAdapter) -> RoutingSpec | None:
     """The adapter's config-level RoutingSpec when its router selects expert groups
     (``topk_group < n_group``), else None (stand-ins giving only E, k route by softmax)."""
     routing = adapter.routing() if hasattr(adapter, "routing") else None
