@@ -14,6 +14,7 @@ keep-sets with the same number of experts in every group are searched.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -35,7 +36,7 @@ from moe_fast.routing_spec import RoutingSpec
 from helpers.brute_force import BATCH, check_layer
 from helpers.checkpoints import save_checkpoint
 from helpers.routing_reference import masked_routers
-from helpers.stock_brute_force import brute_force, stock_layer_scores
+from helpers.stock_brute_force import brute_force, dropped_in_stock_router, stock_layer_scores
 from helpers.tiny_models import VOCAB, tiny_model
 
 # DeepSeek-V3: 12 experts in 4 groups of 3, 2 groups eligible, top-3 -> keep 8 = 2 per group (81 sets).
@@ -249,8 +250,14 @@ def test_pruned_checkpoint_loads_in_transformers_and_equals_the_masked_original(
         for name, p in layer.mlp.shared_experts.named_parameters():
             assert torch.equal(p, dict(src.shared_experts.named_parameters())[name])
     probe = _ids(4, n=3)
-    with torch.no_grad(), masked_routers(original, get_adapter(original), kept):
+    E = get_adapter(original).num_experts
+    with torch.no_grad(), contextlib.ExitStack() as stack:  # the stock routers, dropped experts' bias at -inf
+        for i, keep in kept.items():
+            dropped = [e for e in range(E) if e not in keep]
+            stack.enter_context(dropped_in_stock_router(original.model.layers[i].mlp.gate, family, dropped))
         expected = original(probe).logits
+    with torch.no_grad(), masked_routers(original, get_adapter(original), kept):  # moe_fast's reference routing
+        torch.testing.assert_close(original(probe).logits, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         got = loaded(probe).logits
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
