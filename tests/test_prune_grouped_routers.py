@@ -380,3 +380,26 @@ def test_cli_prunes_a_grouped_checkpoint_as_the_loaded_model_and_refuses_an_unev
                           batch_size=BATCH, progress=False, return_model=False).report
     assert {int(i): r["kept"] for i, r in report["layers"].items()} == want.kept
     assert report["settings"]["grouped_search"] == want.settings["grouped_search"]
+
+
+def test_plan_bounds_the_grouped_search_and_refuses_an_uneven_keep(tmp_path):
+    """``prune --plan`` budgets a grouped router at every output of every token: the search state a
+    real run reports stays within it, and the expert FLOPs bound the outputs it computed."""
+    from moe_fast.pruning.plan import plan_table, prune_plan
+
+    src = save_checkpoint(_model("deepseek_v3", seed=4), tmp_path / "src")
+    ids = _ids(10)
+    n, L = ids.shape
+    with pytest.raises(ValueError, match="keep = 10 is not a keep size"):
+        prune_plan(src, 10, n_samples=n, seq_len=L, batch_size=BATCH)
+    for mode in ("layerwise", "progressive"):
+        plan = prune_plan(src, 8, n_samples=n, seq_len=L, batch_size=BATCH, mode=mode)
+        assert plan["grouped_search"].startswith("equal experts per group (n_group=4, per group 2 of 3)")
+        assert "grouped search: up to 12 outputs per token" in plan_table(plan)
+        report = moe_fast.prune(src, ids, keep=8, search="exhaustive", batch_size=BATCH, mode=mode, progress=False,
+                                return_model=False).report
+        rows = {r["layer"]: r for r in plan["layers"]}
+        for i, res in report.layers.items():
+            assert 0 < res.search_state_bytes <= rows[i]["stats_bytes"]
+            per_output = rows[i]["expert_flops"] / (n * L * 12)
+            assert res.expert_outputs_per_token * n * L * per_output <= rows[i]["expert_flops"]
