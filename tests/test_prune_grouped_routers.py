@@ -403,3 +403,34 @@ def test_plan_bounds_the_grouped_search_and_refuses_an_uneven_keep(tmp_path):
             assert 0 < res.search_state_bytes <= rows[i]["stats_bytes"]
             per_output = rows[i]["expert_flops"] / (n * L * 12)
             assert res.expert_outputs_per_token * n * L * per_output <= rows[i]["expert_flops"]
+
+
+def test_resume_after_an_interrupted_grouped_run(tmp_path, monkeypatch):
+    import moe_fast.pruning.layer_phases as phases_mod
+
+    src = save_checkpoint(_model("deepseek_v3", seed=5), tmp_path / "src")
+    ids = _ids(11)
+    clean = moe_fast.prune(src, ids, 8, mode="progressive", search="greedy", batch_size=BATCH, return_model=False,
+                           progress=False).report
+    out = str(tmp_path / "out")
+    real = phases_mod.run_grouped_search
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(phases_mod, "run_grouped_search", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        moe_fast.prune(src, ids, 8, mode="progressive", search="greedy", batch_size=BATCH, out=out, return_model=False,
+                       progress=False)
+    monkeypatch.setattr(phases_mod, "run_grouped_search", real)
+    report = moe_fast.prune(src, ids, 8, mode="progressive", search="greedy", batch_size=BATCH, out=out, resume=True,
+                            return_model=False, progress=False).report
+    assert report.kept == clean.kept
+    first, second = sorted(clean.layers)
+    assert report.layers[first].expert_outputs_per_token == clean.layers[first].expert_outputs_per_token  # replayed
+    for key, v in clean.layers[second].loss.items():
+        assert report.layers[second].loss[key] == pytest.approx(v, rel=1e-6)
