@@ -10,6 +10,9 @@ k + dropped (what a rank-bounded search would run per token) and E (every output
 
     python benchmarks/bench_prune_grouped.py
     python benchmarks/bench_prune_grouped.py --experts 32 --n-group 8 --topk-group 4 --keep 16 --searches greedy beam
+
+``--compare-full`` also runs greedy and beam with every child scored over all tokens (no parent
+state; the same selections and counts), for the time ratio of the incremental scoring.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--searches", nargs="+", default=["exhaustive", "greedy", "beam"])
+    ap.add_argument("--compare-full", action="store_true", help="greedy/beam again, children scored over all tokens")
     args = ap.parse_args()
 
     import moe_fast
@@ -65,8 +69,15 @@ def main() -> None:
     print(f"DeepSeek-V3-shaped: E={E} in n_group={args.n_group} (topk_group={args.topk_group}), top-{k}, keep {R}, "
           f"{args.layers} MoE layers, {ids.numel()} calibration tokens")
     print(f"for scale: rank-bounded k + dropped = {k + E - R} outputs/token; every output = {E}")
-    print(f"{'search':<11} {'outputs/token':>13} {'per layer':<28} {'scored':>8} {'time s':>7}  grouped_search")
-    for search in args.searches:
+    print(f"{'search':<14} {'outputs/token':>13} {'per layer':<28} {'scored':>8} {'time s':>7}  grouped_search")
+    from moe_fast.pruning.grouped_outputs import GroupedOutputs
+
+    incremental = GroupedOutputs.parent_in_frontier
+    runs = [(s, False) for s in args.searches]
+    if args.compare_full:
+        runs += [(s, True) for s in args.searches if s != "exhaustive"]
+    for search, full in runs:
+        GroupedOutputs.parent_in_frontier = (lambda self, d: None) if full else incremental
         model = build_model(args)
         t0 = time.perf_counter()
         result = moe_fast.prune(model, ids, keep=R, search=search, batch_size=args.batch_size, progress=False,
@@ -77,7 +88,8 @@ def main() -> None:
         mean = sum(per_layer) / len(per_layer)
         scored = sum(r.scored_exactly for r in layers)
         note = result.report.settings.get("grouped_search")
-        print(f"{search:<11} {mean:>13.3f} {','.join(f'{v:.2f}' for v in per_layer):<28} {scored:>8} {elapsed:>7.2f}  {note}")
+        name = search + (" (full)" if full else "")
+        print(f"{name:<14} {mean:>13.3f} {','.join(f'{v:.2f}' for v in per_layer):<28} {scored:>8} {elapsed:>7.2f}  {note}")
 
 
 if __name__ == "__main__":

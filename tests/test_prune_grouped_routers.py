@@ -166,6 +166,31 @@ def test_grouped_errors_equal_the_plain_spec(seed, progressive):
     assert len(adapter.calls) == calls
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_child_errors_against_the_parent_equal_the_plain_spec(seed, progressive):
+    """Backward elimination scores a child from its parent's per-token state, routing again only the
+    tokens the added drop can affect: the same errors as the plain spec, at every step of a path."""
+    logits, spec, table, group = _grouped_inputs(seed)
+    T, E, H = table.shape
+    target = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)) if progressive else None
+    store, _ = _store(logits, spec, table, group, target)
+    g = torch.Generator().manual_seed(seed)
+    parent: tuple = ()
+    for _ in range(4):  # down to 2 per group of 3
+        store.set_frontier([parent])
+        counts = [sum(1 for e in parent if e // 3 == grp) for grp in range(4)]
+        children = [e for e in range(E) if e not in parent and counts[e // 3] == min(counts)]
+        for e in children:
+            child = tuple(sorted(parent + (e,)))
+            assert store.parent_in_frontier(child) == (parent, e)
+            keep = torch.ones(1, E, dtype=torch.bool)
+            keep[0, list(child)] = False
+            want = reference.grouped_subset_loss(table, logits, keep, group, 3, spec, target)[0]
+            torch.testing.assert_close(store.child_errors(parent, e, 3), want, rtol=1e-12, atol=1e-12)
+        parent = tuple(sorted(parent + (children[int(torch.randint(len(children), (1,), generator=g))],)))
+
+
 def test_route_candidates_equals_route_spec_per_candidate():
     logits, spec, _, _ = _grouped_inputs(5, T=60)
     keep = _some_keep_sets(12, 4)

@@ -8,13 +8,22 @@ once, the first time some candidate chooses it (the unpruned top-k come with the
 The outputs live in a pool indexed by a [T, E] map (-1: not computed), so memory follows the
 outputs computed. The errors are summed in float64 (the specification is
 ``reference.grouped_subset_loss``).
+
+Backward elimination scores a child (a frontier set plus one expert) against its parent's
+per-token state: dropping an expert that is neither among a token's chosen experts nor at least
+as good as the second best of its group changes neither a group score nor the chosen top-k, so
+only the other tokens are routed again; the rest keep the parent's error.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from moe_fast import reference
 from moe_fast.adapters import MoEAdapter
 from moe_fast.layer_routing import route_candidates
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
@@ -40,6 +49,8 @@ class GroupedOutputs:
         self.num_groups_total = 0  # batches of the objective over all ranks (set before scoring)
         self.size = 0  # outputs in the pool
         self.peak_bytes = 0
+        self.frontier: set[tuple[int, ...]] = set()  # backward elimination: the sets whose children come next
+        self.states: dict[tuple[int, ...], _State] = {}  # their per-token states, built when first needed
 
     def add_chunk(self, x, logits, group, ids, w, y, z=None) -> None:
         """A chunk of n tokens: inputs [n, H], logits [n, E], batch [n], unpruned top-k ids [n, k]
@@ -75,6 +86,7 @@ class GroupedOutputs:
 
     def _track(self) -> None:
         held = sum(_nbytes(t) for t in (self.pool, self.index, self.x, self.logits, self.group, self.ids, self.w, self.z))
+        held += sum(_nbytes(st.ids) + _nbytes(st.err) + _nbytes(st.critical) for st in self.states.values())
         self.peak_bytes = max(self.peak_bytes, held)
 
     def _append(self, new: torch.Tensor) -> torch.Tensor:
@@ -114,38 +126,125 @@ class GroupedOutputs:
         """[n, H] float64: the unpruned routed output (layer-wise) or the progressive target."""
         return self._routed(tok, self.ids[tok], self.w[tok]) if self.z is None else self.z[tok].double()
 
+    def _unpruned_errors(self, tok: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[n] float64: the unpruned routing's error (0 layer-wise: it is the target)."""
+        if self.z is None:
+            return torch.zeros(tok.shape[0], dtype=torch.float64, device=target.device)
+        return ((self._routed(tok, self.ids[tok], self.w[tok]) - target) ** 2).sum(-1)
+
+    def _step(self, num_candidates: int) -> int:
+        """Tokens per chunk so that a chunk's gathered outputs and routing stay within GATHER_ELEMENTS."""
+        H = self.pool.shape[1]
+        return max(1, min(GATHER_ELEMENTS // max(1, num_candidates * self.k * H),
+                          GATHER_ELEMENTS // max(1, num_candidates * self.num_experts)))
+
+    def _errors_against(
+        self, tok: torch.Tensor, keep: torch.Tensor, base_ids: torch.Tensor, base_err: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each candidate's routing and per-token error on tokens ``tok`` ([C, n, k] ids, [C, n] float64).
+
+        A token a candidate routes exactly as the base (same experts, hence the same weights) keeps
+        the base's error ``base_err`` [n]; only the other (candidate, token) pairs gather outputs."""
+        ids, w = route_candidates(self.logits[tok], self.spec, keep)  # [C, n, k]
+        err = base_err.unsqueeze(0).repeat(keep.shape[0], 1)
+        c_idx, t_idx = torch.nonzero((ids != base_ids.unsqueeze(0)).any(-1), as_tuple=True)
+        if c_idx.numel():
+            p_ids = ids[c_idx, t_idx]
+            self._ensure(tok[t_idx], p_ids)
+            routed = self._routed(tok[t_idx], p_ids, w[c_idx, t_idx])
+            err[c_idx, t_idx] = ((routed - self._target(tok[t_idx])) ** 2).sum(-1)
+        return ids, err
+
     def group_errors(self, keep: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Squared errors [C, G] float64 of keep-sets [C, E] over this rank's tokens, computing the
         outputs their routing chooses and the pool lacks (``reference.grouped_subset_loss``).
-
-        A token a candidate routes exactly as the unpruned router (same experts, hence the same
-        weights) has the unpruned error: 0 layer-wise, the unpruned output's distance to the
-        target progressive. Only the other (candidate, token) pairs gather outputs."""
-        C, k = keep.shape[0], self.k
+        Tokens a candidate routes as the unpruned router keep the unpruned error."""
+        C = keep.shape[0]
         out = torch.zeros(C, num_groups, dtype=torch.float64)
         T = self.num_tokens
         if T == 0 or C == 0:
             return out
-        H = self.pool.shape[1]
         keep = keep.to(self.index.device)
-        step = max(1, min(GATHER_ELEMENTS // max(1, C * k * H), GATHER_ELEMENTS // max(1, C * self.num_experts)))
+        step = self._step(C)
         for lo in range(0, T, step):
             tok = torch.arange(lo, min(T, lo + step), device=self.index.device)
-            ids, w = route_candidates(self.logits[tok], self.spec, keep)  # [C, n, k]
-            target = self._target(tok)
-            if self.z is None:
-                err = torch.zeros(C, tok.shape[0], dtype=torch.float64, device=target.device)
-            else:
-                base = self._routed(tok, self.ids[tok], self.w[tok])
-                err = ((base - target) ** 2).sum(-1).unsqueeze(0).repeat(C, 1)
-            c_idx, t_idx = torch.nonzero((ids != self.ids[tok].unsqueeze(0)).any(-1), as_tuple=True)
-            if c_idx.numel():
-                p_ids = ids[c_idx, t_idx]
-                self._ensure(tok[t_idx], p_ids)
-                routed = self._routed(tok[t_idx], p_ids, w[c_idx, t_idx])
-                err[c_idx, t_idx] = ((routed - target[t_idx]) ** 2).sum(-1)
+            base = self._unpruned_errors(tok, self._target(tok))
+            _, err = self._errors_against(tok, keep, self.ids[tok], base)
             out.index_add_(1, self.group[tok].cpu(), err.cpu())
         return out
+
+    # --- backward elimination: children scored against their parent's per-token state -----------
+    def set_frontier(self, frontier: list[tuple[int, ...]]) -> None:
+        """The dropped sets whose children the search scores next; their per-token states are built
+        when first needed (``child_errors``) and those of earlier frontiers are freed."""
+        self.frontier = set(frontier)
+        self.states = {d: st for d, st in self.states.items() if d in self.frontier}
+
+    def parent_in_frontier(self, dropped: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
+        """(parent, added expert) for a dropped set one expert beyond a frontier set, else None."""
+        for e in dropped:
+            parent = tuple(x for x in dropped if x != e)
+            if parent in self.frontier:
+                return parent, e
+        return None
+
+    def _state(self, dropped: tuple[int, ...]) -> _State:
+        if dropped not in self.states:
+            T, E = self.num_tokens, self.num_experts
+            keep = torch.ones(1, E, dtype=torch.bool, device=self.index.device)
+            keep[0, list(dropped)] = False
+            ids = torch.empty(T, self.k, dtype=torch.int64, device=self.index.device)
+            err = torch.empty(T, dtype=torch.float64, device=self.index.device)
+            step = self._step(1)
+            for lo in range(0, T, step):
+                tok = torch.arange(lo, min(T, lo + step), device=self.index.device)
+                base = self._unpruned_errors(tok, self._target(tok))
+                got, e = self._errors_against(tok, keep, self.ids[tok], base)
+                ids[tok], err[tok] = got[0], e[0]
+            self.states[dropped] = _State(ids, err, self._critical(keep[0], ids))
+            self._track()
+        return self.states[dropped]
+
+    def _critical(self, keep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[T, E] bool: per token, the experts whose drop can change its routing under ``keep``: the
+        chosen ones and, per group, those at least as good as the group's second best allowed one
+        (the group score is the sum of the two best). Dropping any other expert changes neither a
+        group score nor the top-k among the eligible groups."""
+        T, E = self.num_tokens, self.num_experts
+        G = self.spec.n_group
+        critical = torch.zeros(T, E, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+        step = max(1, GATHER_ELEMENTS // max(1, E))
+        for lo in range(0, T, step):
+            hi = min(T, lo + step)
+            choice = reference.sigmoid_choice(self.logits[lo:hi], self.spec)[1].masked_fill(~keep, -math.inf)
+            grouped = choice.view(hi - lo, G, E // G)
+            second = torch.topk(grouped, min(2, E // G), dim=-1).values[..., -1:]  # [n, G, 1]
+            critical[lo:hi] |= (grouped >= second).reshape(hi - lo, E) & keep
+        return critical
+
+    def child_errors(self, parent: tuple[int, ...], expert: int, num_groups: int) -> torch.Tensor:
+        """Squared errors [G] float64 of ``parent`` plus ``expert`` dropped: only the tokens whose
+        routing the drop can change (``_critical``) are routed again; the others keep the parent's error."""
+        st = self._state(parent)
+        keep = torch.ones(1, self.num_experts, dtype=torch.bool, device=self.index.device)
+        keep[0, list(parent) + [expert]] = False
+        err = st.err.clone()
+        affected = torch.nonzero(st.critical[:, expert]).squeeze(1)
+        step = self._step(1)
+        for lo in range(0, affected.shape[0], step):
+            tok = affected[lo : lo + step]
+            _, e = self._errors_against(tok, keep, st.ids[tok], st.err[tok])
+            err[tok] = e[0]
+        return torch.zeros(num_groups, dtype=torch.float64).index_add_(0, self.group.cpu(), err.cpu())
+
+
+@dataclass
+class _State:
+    """A frontier set's per-token routing (ids [T, k]), error [T] float64 and critical experts [T, E]."""
+
+    ids: torch.Tensor
+    err: torch.Tensor
+    critical: torch.Tensor
 
 
 class GroupedRecorder(BlockRecorder):

@@ -7,7 +7,9 @@ so the search ranges over those sets only.
 * Greedy and beam: backward elimination where a step may drop an expert only from a group with
   the fewest drops so far, so every path stays balanced and ends with equal groups.
 
-Scores come from ``grouped_outputs.GroupedOutputs`` (exact: each candidate routes every token).
+Scores come from ``grouped_outputs.GroupedOutputs`` (exact: each candidate routes every token,
+or, in backward elimination, every token whose routing the added drop can change, the others
+keeping their error under the parent set).
 Ties go, as everywhere, to the lexicographically smallest dropped set (``search.best_sets``).
 """
 
@@ -81,8 +83,16 @@ def grouped_scorer(
             for row, dropped in enumerate(part):
                 keep[row, list(dropped)] = False
 
-            def compute(keep=keep) -> torch.Tensor:
-                return store.group_errors(keep, num_groups)
+            def compute(part=part, keep=keep) -> torch.Tensor:
+                err = torch.zeros(len(part), num_groups, dtype=torch.float64)
+                parents = [store.parent_in_frontier(d) for d in part]
+                full = [i for i, p in enumerate(parents) if p is None]
+                if full:
+                    err[full] = store.group_errors(keep[full], num_groups)
+                for i, p in enumerate(parents):
+                    if p is not None:  # one expert beyond a frontier set: only its affected tokens
+                        err[i] = store.child_errors(p[0], p[1], num_groups)
+                return err
 
             err = (compute() if reduce is None else reduce(compute)).cpu()
             val = err.clamp_min(0.0).sqrt().sum(1) if objective == "paper" else err.sum(1)
@@ -95,9 +105,13 @@ def grouped_scorer(
 
 
 def run_grouped_search(
-    method: str, score: Scorer, num_experts: int, n_group: int, num_drop: int, beam_width: int = 4
+    method: str, score: Scorer, num_experts: int, n_group: int, num_drop: int, beam_width: int = 4,
+    on_frontier: Callable[[list[Dropped]], None] | None = None,
 ) -> tuple[Dropped, dict[Dropped, float]]:
-    """``search.run_search`` restricted to equal drops per group: (best dropped set, scores)."""
+    """``search.run_search`` restricted to equal drops per group: (best dropped set, scores).
+
+    ``on_frontier`` (greedy, beam) hears each frontier before its children are scored, so that the
+    scorer can score a child against its parent (``GroupedOutputs.set_frontier``)."""
     if num_drop == 0:
         return (), {}
     _group_size(num_experts, n_group, num_drop)
@@ -113,8 +127,12 @@ def run_grouped_search(
     frontier: list[Dropped] = [()]
     evaluated: dict[Dropped, float] = {}
     for _ in range(num_drop):
+        if on_frontier is not None:
+            on_frontier(frontier)
         cands = balanced_children(frontier, num_experts, n_group)
         losses = score(cands)
         evaluated.update(zip(cands, losses))
         frontier = best_sets(cands, losses, width)
+    if on_frontier is not None:
+        on_frontier([])  # frees the last states
     return frontier[0], evaluated

@@ -85,7 +85,8 @@ class GroupedScores:
 
     def search(self, spec: SearchSpec) -> Found:
         dropped, losses = run_grouped_search(
-            spec.method, self.scorer, spec.num_experts, spec.n_group, spec.num_drop, spec.beam_width
+            spec.method, self.scorer, spec.num_experts, spec.n_group, spec.num_drop, spec.beam_width,
+            on_frontier=self.store.set_frontier,
         )
         details = {"expert_outputs_per_token": round(self.store.outputs_per_token, 4), "scored_exactly": len(losses),
                    "search_state_bytes": self.store.peak_bytes}
