@@ -40,6 +40,12 @@ these. This module is the specification: routing, skipping and the subset losses
 ``subset_loss_spec`` generalizes ``subset_loss`` to any spec without groups: ids are ranked by
 ``rank_spec``, a candidate routes a token to the first k kept experts of its ranked row, and the
 weights are ``route_spec``'s with the other experts masked (``subset_weights_spec``).
+
+``grouped_subset_loss`` is the pruning objective of a grouped router (``topk_group < n_group``),
+where a candidate's experts depend on the group scores over the experts it keeps: every token is
+routed by ``route_spec`` with the candidate's mask, its output is the weighted sum of the chosen
+experts' outputs, and the squared distance (float64) to the target (default: the unpruned routed
+output) is summed per calibration batch.
 """
 
 from __future__ import annotations
@@ -322,7 +328,8 @@ def check_subset_spec(spec: RoutingSpec) -> None:
     """subset_loss serves routers whose candidates route by a prefix of the token's ranked list.
 
     With groups (``topk_group < n_group``) a candidate's choice depends on the group scores of the
-    experts it keeps, so it is not "the first k kept experts of the ranked list": not supported yet.
+    experts it keeps, so it is not "the first k kept experts of the ranked list": refused (the
+    pruning search scores grouped routers with ``grouped_subset_loss``'s rule instead).
     """
     if spec.grouped:
         raise ValueError(
@@ -475,3 +482,38 @@ def subset_errors(
             + target_sq.double().unsqueeze(0)
         )
     return out.index_add_(1, group.long(), err)
+
+
+def grouped_subset_loss(
+    outputs: torch.Tensor,
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    spec: RoutingSpec,
+    target: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared errors [C, G] float64 of keep-sets under any router, grouped ones included.
+
+    outputs [T, E, H]: every expert's output on every token; logits [T, E]; keep [C, E] bool;
+    group [T] int64 calibration batch of each token. Candidate c routes token t as
+    ``route_spec(logits, spec, keep_mask=keep[c])`` and outputs ``sum_j w_j * outputs[t, id_j]``;
+    its error is ``||output - target_t||^2`` in float64, summed over the tokens of each batch.
+    ``target`` [T, H] (progressive: the unpruned block output less the shared path); None: the
+    unpruned routed output ``route_spec(logits, spec)`` over the same outputs.
+    """
+    T, E, H = outputs.shape
+    y = outputs.double()
+
+    def routed(mask: torch.Tensor | None) -> torch.Tensor:
+        r = route_spec(logits, spec, keep_mask=mask)
+        ids = r.ids.long()
+        chosen = torch.gather(y, 1, ids.unsqueeze(-1).expand(T, ids.shape[1], H))  # [T, k, H]
+        return (r.weights.double().unsqueeze(-1) * chosen).sum(1)
+
+    want = routed(None) if target is None else target.double()
+    out = torch.zeros(keep.shape[0], num_groups, dtype=torch.float64)
+    for c in range(keep.shape[0]):
+        err = ((routed(keep[c].bool()) - want) ** 2).sum(-1)
+        out[c].index_add_(0, group.long(), err)
+    return out

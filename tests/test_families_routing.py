@@ -1,7 +1,7 @@
 """The families routed by a RoutingSpec other than plain softmax (DeepSeek-V3, GLM-4.5, gpt-oss):
 patch/unpatch against stock transformers, skipping against a plain reference, calibration,
 export (loaded model and checkpoint) against the unpruned model with the dropped experts masked,
-the grouped router's keep-set check, and the pruning search's refusal of group selection."""
+the grouped router's keep-set check, and the pruning search's refusal of a keep it cannot have."""
 
 from __future__ import annotations
 
@@ -229,13 +229,13 @@ def test_grouped_router_refuses_a_keep_set_with_unequal_groups(tmp_path):
         adapter.check_keep([0, 4, 8, 12])
 
 
-def test_pruning_search_refuses_the_grouped_router():
-    """DeepSeek-V3's group selection is refused; GLM-4.5 (one group) and gpt-oss are searched
-    (tests/test_prune_routing_families.py)."""
+def test_pruning_search_refuses_a_keep_the_grouped_router_cannot_have():
+    """DeepSeek-V3's group selection is searched over equal-per-group keep sets
+    (tests/test_prune_grouped_routers.py); a keep of 7 (16 experts in 4 groups) cannot be split evenly."""
     family = "deepseek_v3"
     model = tiny_model(family)
-    with pytest.raises(ValueError, match=f"pruning search for {family} needs subset_loss support for .*/groups: not implemented yet"):
-        moe_fast.prune(model, _ids(6, batch=2, length=8), keep=len(KEEP[family]), progress=False)
+    with pytest.raises(ValueError, match=r"keep = 7 .*same number of experts in every group, got \[2, 2, 2, 1\]"):
+        moe_fast.prune(model, _ids(6, batch=2, length=8), keep=7, progress=False)
 
 
 @pytest.mark.parametrize("family", ROUTING_FAMILIES)

@@ -3,13 +3,11 @@ sigmoid router with a selection bias (n_group = 1) and gpt-oss' biased softmax o
 logits. Exhaustive pruning (layer-wise and progressive) equals a brute force that re-runs the stock transformers
 block with the dropped experts masked (stock code, parameters edited: the selection bias or the
 router bias at -inf), and the exported checkpoint loads in plain transformers and equals the masked
-original. Grouped routers (DeepSeek-V3 with topk_group < n_group) stay refused."""
+original. Grouped routers (DeepSeek-V3 with topk_group < n_group): tests/test_prune_grouped_routers.py."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import math
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from moe_fast.adapters import get_adapter
 
 from helpers.brute_force import BATCH, check_layer
 from helpers.routing_reference import masked_routers
+from helpers.stock_brute_force import brute_force as stock_brute_force
 from helpers.tiny_models import VOCAB, tiny_model
 
 FAMILIES = ("glm4_moe", "gpt_oss")
@@ -30,72 +29,10 @@ def _ids(seed: int, n: int = 8, length: int = 12) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(200 + seed))
 
 
-@contextlib.contextmanager
-def dropped_in_stock_router(router, family: str, dropped):
-    """The stock router with the dropped experts unroutable: GLM's selection bias (choice only; the
-    weights stay the unbiased scores of the chosen) or gpt-oss' router bias (its logits) at -inf."""
-    name = "e_score_correction_bias" if family == "glm4_moe" else "bias"
-    tensor = getattr(router, name)
-    saved = tensor.detach().clone()
-    with torch.no_grad():
-        tensor[list(dropped)] = -math.inf
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            tensor.copy_(saved)
-
-
-def _block_output(block, x: torch.Tensor) -> torch.Tensor:
-    out = block(x.unsqueeze(0))
-    out = out[0] if isinstance(out, tuple) else out
-    return out.reshape(-1, x.shape[-1])
-
-
-def _capture(model, adapter, ids: torch.Tensor) -> dict[int, list[torch.Tensor]]:
-    """Per MoE layer, the block input [T, H] of every calibration batch (unpruned model)."""
-    store: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for ref in adapter.moe_blocks(model):
-        def hook(module, args, _layer=ref.layer):
-            store.setdefault(_layer, []).append(args[0].reshape(-1, args[0].shape[-1]).clone())
-        handles.append(ref.block.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for lo in range(0, ids.shape[0], BATCH):
-                model(ids[lo : lo + BATCH])
-    finally:
-        for h in handles:
-            h.remove()
-    return store
-
-
 def brute_force(model, family: str, ids: torch.Tensor, keep: int, mode: str = "layerwise") -> dict[int, dict[tuple, float]]:
-    """Per MoE layer, the paper's loss of every dropped set: the stock block re-run with the dropped
-    experts masked, sum over batches of the Frobenius norm (float64) against the unpruned block's
-    output on the unpruned model's input. Progressive: the block runs on the input of the model
-    pruned so far (earlier layers masked to their best sets)."""
-    adapter = get_adapter(model)
-    unpruned = _capture(model, adapter, ids)
-    E = adapter.num_experts
-    kept = {ref.layer: list(range(E)) for ref in adapter.moe_blocks(model)}
-    losses: dict[int, dict[tuple, float]] = {}
-    with torch.no_grad():
-        for ref in adapter.moe_blocks(model):
-            inputs = unpruned
-            if mode == "progressive":
-                with masked_routers(model, adapter, kept):
-                    inputs = _capture(model, adapter, ids)
-            batches = [(x, _block_output(ref.block, u)) for x, u in zip(inputs[ref.layer], unpruned[ref.layer])]
-            vals = {}
-            for dropped in itertools.combinations(range(E), E - keep):
-                with dropped_in_stock_router(ref.router, family, dropped):
-                    vals[dropped] = sum(float(torch.linalg.norm(z.double() - _block_output(ref.block, x).double()))
-                                        for x, z in batches)
-            losses[ref.layer] = vals
-            best = min(vals, key=lambda d: (vals[d], d))
-            kept[ref.layer] = [e for e in range(E) if e not in best]
-    return losses
+    """Every dropped set of ``E - keep`` experts, scored by the stock block (helpers.stock_brute_force)."""
+    E = get_adapter(model).num_experts
+    return stock_brute_force(model, family, ids, lambda: itertools.combinations(range(E), E - keep), mode)
 
 
 @pytest.mark.parametrize("mode", ["layerwise", "progressive"])
@@ -145,9 +82,3 @@ def test_pruned_checkpoint_loads_in_transformers_and_equals_the_masked_original(
     with torch.no_grad():
         got = loaded(probe).logits
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
-
-
-def test_grouped_router_search_is_still_refused():
-    model = tiny_model("deepseek_v3")
-    with pytest.raises(ValueError, match="pruning search for deepseek_v3 needs subset_loss support for sigmoid/groups: not implemented yet"):
-        moe_fast.prune(model, _ids(5, n=2, length=8), keep=8, progress=False)

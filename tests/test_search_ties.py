@@ -21,10 +21,10 @@ def _jitter(losses: list[float], rel: float, seed: int) -> list[float]:
 def test_near_ties_go_to_the_smallest_dropped_set() -> None:
     cands = [(0, 1), (0, 2), (1, 2), (2, 3)]
     losses = [1.0 + 1e-13, 1.0, 1.0 - 1e-13, 2.0]  # three sets tied up to rounding
-    assert search._best(cands, losses) == [(0, 1)]
-    assert search._best(cands, losses, width=3) == [(0, 1), (0, 2), (1, 2)]
+    assert search.best_sets(cands, losses) == [(0, 1)]
+    assert search.best_sets(cands, losses, width=3) == [(0, 1), (0, 2), (1, 2)]
     # A real difference (well above TIE_RTOL) still wins.
-    assert search._best(cands, [1.0, 1.0 - 1e-6, 1.0, 2.0]) == [(0, 2)]
+    assert search.best_sets(cands, [1.0, 1.0 - 1e-6, 1.0, 2.0]) == [(0, 2)]
 
 
 def test_choice_is_the_same_under_device_rounding() -> None:
@@ -33,9 +33,9 @@ def test_choice_is_the_same_under_device_rounding() -> None:
     rng = random.Random(0)
     cands = list(itertools.combinations(range(8), 3))
     base = [float(rng.choice([1.0, 1.5, 2.0, 2.0 + 1e-11])) for _ in cands]
-    want = search._best(cands, base, width=4)
+    want = search.best_sets(cands, base, width=4)
     for seed in range(50):
-        assert search._best(cands, _jitter(base, 1e-12, seed), width=4) == want, seed
+        assert search.best_sets(cands, _jitter(base, 1e-12, seed), width=4) == want, seed
 
 
 def _layer_stats(T: int = 300, E: int = 6, k: int = 2, drop: int = 2):
@@ -74,4 +74,4 @@ def test_search_same_for_any_thread_count_and_rounding() -> None:
     cands = list(losses1)
     for seed in range(20):
         jittered = _jitter([losses1[c] for c in cands], 1e-12, seed)
-        assert search._best(cands, jittered) == [ex1], seed
+        assert search.best_sets(cands, jittered) == [ex1], seed

@@ -25,7 +25,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", metavar="MODEL", help=model_help())
     needed = p.add_argument_group("required (--calib and --out: unless --plan)")
-    needed.add_argument("--keep", "-r", metavar="R", type=int, required=True, help="experts kept per MoE layer (R)")
+    needed.add_argument(
+        "--keep", "-r", metavar="R", type=int, required=True,
+        help="experts kept per MoE layer (R; with expert groups a multiple of n_group: see --search)",
+    )
     needed.add_argument("--calib", metavar="SPEC", default=None, help=calib_help())
     needed.add_argument("--out", metavar="DIR", default=None, help="output directory (must not exist or be empty)")
     p.add_argument(
@@ -48,7 +51,10 @@ def register(subparsers) -> None:
         "--search", choices=["auto", "exhaustive", "greedy", "beam"], default="auto",
         help="how the kept set is found: exhaustive (every one of the C(E, R) sets), greedy (drop the expert "
         "that costs least, one at a time), beam (the same keeping the --beam-width best sets per step), auto "
-        "(default: exhaustive when C(E, R) <= 5000, else beam)",
+        "(default: exhaustive when C(E, R) <= 5000, else beam). Routers with expert groups (DeepSeek-V3: "
+        "topk_group < n_group) keep the same number of experts in every group: R must be n_group x per_group "
+        "(per_group >= 2, topk_group x per_group >= top-k); exhaustive then enumerates only such sets, and "
+        "greedy/beam drop an expert only from a group with the fewest drops so far",
     )
     p.add_argument("--beam-width", type=int, default=4, help="candidates kept per step with --search beam (default 4)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")

@@ -21,7 +21,7 @@ from moe_fast.adapters import get_adapter
 from moe_fast.baselines import layer_scores_from_ranked, select_random, top_scores
 from moe_fast.layer_routing import layer_routing
 from moe_fast.pruning.expert_outputs import LayerStats, StatsForward
-from moe_fast.pruning.settings import refuse_unsupported_routing
+from moe_fast.pruning.settings import grouped_routing
 from moe_fast.pruning.search import make_scorer, run_search
 from moe_fast.routing_spec import RoutingSpec
 
@@ -103,13 +103,26 @@ def reconstruction_kept(
     return [e for e in range(num_experts) if e not in dropped]
 
 
+def refuse_grouped_one_pass(adapter) -> None:
+    """The one pass keeps rank-bounded statistics (the first k + dropped ranks of every token), which
+    do not decide a grouped router's candidates (their experts follow group scores over the kept
+    experts); ``moe_fast.prune`` searches grouped routers with its own grouped search instead."""
+    spec = grouped_routing(adapter)
+    if spec is not None:
+        raise ValueError(
+            f"the demo's one-pass selections do not serve {adapter.family}'s grouped router (n_group = {spec.n_group}, "
+            f"topk_group = {spec.topk_group}): its rank-bounded statistics cannot score grouped candidates; "
+            "prune such a model with `moe-fast prune` (grouped search)"
+        )
+
+
 def one_pass_selections(
     model: nn.Module, ids: torch.Tensor, num_keeps: tuple[int, ...], criteria: tuple[str, ...],
     searches: tuple[str, ...], calib: str, seed: int, batch_size: int = 8, beam_width: int = 4,
 ) -> list[Selection]:
     """Reconstruction (each search) and every statistic criterion at every r, from one pass."""
     adapter = get_adapter(model)
-    refuse_unsupported_routing(adapter)  # grouped routers: before any work, not in the middle
+    refuse_grouped_one_pass(adapter)  # before any work, not in the middle
     E, k = adapter.num_experts, adapter.top_k
     routing = {ref.layer: layer_routing(adapter, ref.block) for ref in adapter.moe_blocks(model)}
     rank_bound = min(E, k + E - min(num_keeps))

@@ -10,6 +10,10 @@
 * apply: progressive mode moves the pruned model's hidden states on, through the layer with only
   the kept experts routable.
 
+A grouped router (``topk_group < n_group``) collects its tokens and a pool of expert outputs
+instead (``grouped_outputs``), scores each candidate by routing every token with its mask, and
+searches equal-per-group keep-sets only (``grouped_search``).
+
 How the pipeline strings them together: docs/ARCHITECTURE.md.
 """
 
@@ -26,6 +30,8 @@ from moe_fast.layer_routing import layer_routing
 from moe_fast.pruning.distributed import Dist
 from moe_fast.masked_forward import MaskedForward
 from moe_fast.pruning.expert_outputs import LayerStats, StatsForward
+from moe_fast.pruning.grouped_outputs import GroupedOutputs, GroupedRecorder
+from moe_fast.pruning.grouped_search import grouped_scorer, run_grouped_search
 from moe_fast.pruning.hidden_states import HiddenStates
 from moe_fast.pruning.lazy_outputs import LazyOutputs, LazyRecorder
 from moe_fast.pruning.lazy_search import run_lazy_search
@@ -34,7 +40,7 @@ from moe_fast.pruning.search import Dropped, Scorer, make_scorer, run_search
 from moe_fast.pruning.settings import SearchSpec
 from moe_fast.pruning.source import LayerSource
 
-Collected = dict[str, torch.Tensor | None] | LazyOutputs  # rank-bounded statistics, or lazy outputs
+Collected = dict[str, torch.Tensor | None] | LazyOutputs | GroupedOutputs  # rank-bounded statistics, lazy or grouped outputs
 Found = tuple[Dropped, dict[Dropped, float], dict]  # (best dropped set, scores, report details)
 
 
@@ -76,6 +82,23 @@ class LazyScores:
         return dropped, losses, details
 
 
+class GroupedScores:
+    """Scores of a grouped router's equal-per-group keep-sets: each candidate routes every token,
+    and expert outputs are computed the first time a candidate chooses them."""
+
+    def __init__(self, store: GroupedOutputs, scorer: Scorer) -> None:
+        self.store, self.scorer = store, scorer
+
+    def search(self, spec: SearchSpec) -> Found:
+        dropped, losses = run_grouped_search(
+            spec.method, self.scorer, spec.num_experts, spec.n_group, spec.num_drop, spec.beam_width,
+            on_frontier=self.store.set_frontier,
+        )
+        details = {"expert_outputs_per_token": round(self.store.outputs_per_token, 4), "scored_exactly": len(losses),
+                   "search_state_bytes": self.store.peak_bytes}
+        return dropped, losses, details
+
+
 class LayerPruner:
     """The phases of one run, with what stays the same from layer to layer."""
 
@@ -90,6 +113,11 @@ class LayerPruner:
     def collect(self, stream: HiddenStates, layer: nn.Module, block: nn.Module) -> Collected:
         """Rank-local: records the layer's statistics while ``stream`` passes it."""
         rank_bound = self.spec.rank_bound
+        if self.spec.grouped:
+            grouped = GroupedOutputs(self.adapter, block.experts, layer_routing(self.adapter, block))
+            stream.record(layer, block, GroupedRecorder(self.adapter, block, grouped, self.chunk_tokens))
+            grouped.finish()
+            return grouped
         if self.spec.lazy:
             store = LazyOutputs(self.adapter, block.experts, rank_bound)
             stream.record(layer, block, LazyRecorder(self.adapter, block, store, self.chunk_tokens))
@@ -104,13 +132,19 @@ class LayerPruner:
 
         ``block``: the layer's MoE block, whose routing spec (``layer_routing``) scores the candidates
         (None: softmax over the adapter's top-k, as the stand-in adapters route)."""
+        reduce = self.ctx.summed if self.ctx.active else None
+        if isinstance(collected, GroupedOutputs):
+            collected.num_groups_total = self.num_batches
+            scorer = grouped_scorer(collected, self.spec.objective, self.num_batches, reduce,
+                                    progress=self.show_progress, desc=desc)
+            return GroupedScores(collected, scorer)
         if isinstance(collected, LazyOutputs):
             collected.num_groups_total, collected.num_tokens_total = self.num_batches, self.num_tokens
             return LazyScores(collected, self.ctx)
         scorer = make_scorer(
             collected, self.spec.num_experts, self.spec.top_k, self.adapter.renormalize, self.spec.objective,
             self.num_batches, progress=self.show_progress, desc=desc,
-            reduce=self.ctx.summed if self.ctx.active else None, routing=layer_routing(self.adapter, block),
+            reduce=reduce, routing=layer_routing(self.adapter, block),
         )
         state_bytes = sum(t.numel() * t.element_size() for t in collected.values() if t is not None)
         return BoundedScores(scorer, state_bytes)

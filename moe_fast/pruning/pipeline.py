@@ -72,7 +72,9 @@ def prune(
             (streamed one layer at a time; the returned model is loaded from ``out``, or None with
             ``return_model=False``).
         calibration: a spec for :func:`moe_fast.calibration.load_calibration` or ids [n, L].
-        keep: R, experts kept per layer (top-k <= R < E).
+        keep: R, experts kept per layer (top-k <= R < E). A grouped router (``topk_group < n_group``)
+            keeps R / n_group experts in every group and is searched over such sets only
+            (``grouped_search``); a keep it cannot have is refused before any forward.
         out: directory for the pruned checkpoint and ``moe_fast_report.json``; must not exist or be empty.
         mode: ``layerwise`` (inputs from the unpruned model) or ``progressive`` (from the model
             pruned so far; target still the unpruned model's block output).
@@ -88,6 +90,8 @@ def prune(
             for greedy and beam search, rank-bounded for exhaustive search (whose bounds save
             little on flat routers: benchmarks/RESULTS.md). Data-parallel runs extend each rank's
             own tokens and sum the candidates' errors over ranks, as the rank-bounded search does.
+            Grouped routers always take the grouped search, which computes outputs as candidates
+            need them (None or True; False is refused).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.

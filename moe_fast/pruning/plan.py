@@ -4,7 +4,8 @@ Lets a user size a run (for example Mixtral-8x22B on one card, or on N ranks) be
 is read. Parameter counts come from the model built on the meta device (no memory); the rest
 follows the pipeline's memory model (moe_fast.pruning.pipeline): streaming holds the embedding, one decoder layer, the
 calibration hidden states (two streams in progressive mode), the layer's per-token statistics
-and one chunk of rank-bounded expert outputs.
+and one chunk of rank-bounded expert outputs. Grouped routers (``topk_group < n_group``) are
+budgeted at their worst case: every expert's output on every token (``grouped_outputs``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 
 from moe_fast.adapters import get_adapter
 from moe_fast.loading import resolve_dtype
+from moe_fast.pruning.grouped_search import balanced_count
+from moe_fast.pruning.settings import check_grouped_keep, grouped_routing
 
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -48,6 +51,9 @@ def prune_plan(
     num_keep = keep
     if not k <= num_keep < E:
         raise ValueError(f"keep must satisfy top-k ({k}) <= keep < number of experts ({E}); got {num_keep}")
+    grouped = grouped_routing(adapter)
+    if grouped is not None:
+        check_grouped_keep(adapter, num_keep)
     dt = resolve_dtype(dtype, config)
     nbytes = _BYTES[dt]
     with torch.device("meta"):
@@ -63,6 +69,16 @@ def prune_plan(
     hidden_bytes = streams * tokens * H * nbytes
     target = rank_bound * 4 if mode == "layerwise" else rank_bound * 4 + 4
     stats_per_token = (rank_bound * (rank_bound + 1) // 2) * 4 + rank_bound * 4 + E * 4 + 8 + target
+    outputs_per_token = rank_bound  # expert outputs run per token
+    candidates = math.comb(E, num_keep)  # the paper's enumeration: one block forward each
+    if grouped is not None:
+        # The grouped search (grouped_outputs) keeps the block inputs, logits, batch ids, the unpruned
+        # top-k (ids, weights), the [T, E] pool map and the outputs computed: data-dependent, between
+        # k and E per token; the budget takes E (the pool's capacity may double: 2 E rows at most).
+        outputs_per_token = E
+        candidates = balanced_count(E, grouped.n_group, E - num_keep)
+        target = H * nbytes if mode == "progressive" else 0
+        stats_per_token = H * nbytes + E * 4 + 8 + k * 12 + E * 8 + 2 * E * H * nbytes + target
     embed_bytes = _numel(skeleton.get_input_embeddings()) * nbytes
     rows = []
     for i, layer in enumerate(layers):
@@ -73,9 +89,9 @@ def prune_plan(
             flops_expert = 2 * expert_params  # one expert MLP on one token
             row.update({
                 "stats_bytes": tokens * stats_per_token,
-                "expert_outputs_chunk_bytes": min(chunk_tokens, tokens) * rank_bound * H * nbytes,
-                "expert_flops": tokens * rank_bound * flops_expert,
-                "paper_expert_flops": tokens * (1 + math.comb(E, num_keep)) * k * flops_expert,
+                "expert_outputs_chunk_bytes": min(chunk_tokens, tokens) * (k if grouped else rank_bound) * H * nbytes,
+                "expert_flops": tokens * outputs_per_token * flops_expert,
+                "paper_expert_flops": tokens * (1 + candidates) * k * flops_expert,
             })
         else:
             row.update({"stats_bytes": 0, "expert_outputs_chunk_bytes": 0, "expert_flops": 0, "paper_expert_flops": 0})
@@ -92,6 +108,9 @@ def prune_plan(
         "hidden_state_bytes": hidden_bytes, "peak_bytes": max(r["peak_bytes"] for r in rows),
         "expert_flops": flops, "paper_expert_flops": paper,
         "flop_ratio": paper / flops if flops else None, "layers": rows,
+        **({"grouped_search": f"equal experts per group (n_group={grouped.n_group}, per group {num_keep // grouped.n_group} "
+                              f"of {E // grouped.n_group}); outputs per token between {k} and {E}: the budget takes {E}"}
+           if grouped is not None else {}),
     }
 
 
@@ -103,7 +122,8 @@ def plan_table(plan: dict) -> str:
     """Readable plan; consecutive layers with the same budget share one row."""
     head = (
         f"{plan['model_type']} {plan['dtype']}: E={plan['num_experts']} top-{plan['top_k']}, keep {plan['keep']} "
-        f"(rank bound M={plan['rank_bound']}), {plan['mode']}, {plan['n_samples']} x {plan['seq_len']} tokens "
+        + (f"(grouped search: up to {plan['num_experts']} outputs per token)" if "grouped_search" in plan else f"(rank bound M={plan['rank_bound']})")
+        + f", {plan['mode']}, {plan['n_samples']} x {plan['seq_len']} tokens "
         f"on {plan['world_size']} rank(s): {plan['tokens_per_rank']} tokens per rank"
     )
     lines = [head, f"{'layers':>9} {'weights GiB':>12} {'hidden GiB':>11} {'stats GiB':>10} {'chunk GiB':>10} {'peak GiB':>9} {'expert TFLOP':>13} {'paper TFLOP':>12}"]

@@ -32,12 +32,14 @@ EXHAUSTIVE_LIMIT = 5000  # auto: enumerate when C(E, R) is at most this
 TIE_RTOL = 1e-9  # losses within this relative distance of the best remaining one are tied
 
 
-def choose_search(search: str, num_experts: int, num_keep: int) -> str:
-    """Resolves ``auto``: exhaustive when C(E, R) <= EXHAUSTIVE_LIMIT, else beam."""
+def choose_search(search: str, num_experts: int, num_keep: int, num_candidates: int | None = None) -> str:
+    """Resolves ``auto``: exhaustive when the candidates (``num_candidates``, default C(E, R)) are at
+    most EXHAUSTIVE_LIMIT, else beam."""
     if search not in ("auto", "exhaustive", "greedy", "beam"):
         raise ValueError(f"search must be auto, exhaustive, greedy or beam; got {search!r}")
     if search == "auto":
-        return "exhaustive" if math.comb(num_experts, num_keep) <= EXHAUSTIVE_LIMIT else "beam"
+        count = math.comb(num_experts, num_keep) if num_candidates is None else num_candidates
+        return "exhaustive" if count <= EXHAUSTIVE_LIMIT else "beam"
     return search
 
 
@@ -103,7 +105,7 @@ def make_scorer(
     return score
 
 
-def _best(cands: Sequence[Dropped], losses: Sequence[float], width: int = 1) -> list[Dropped]:
+def best_sets(cands: Sequence[Dropped], losses: Sequence[float], width: int = 1) -> list[Dropped]:
     """The ``width`` best sets, one at a time: among the remaining sets whose loss is within
     TIE_RTOL (relative) of the lowest remaining loss, the lexicographically smallest."""
     remaining = sorted(range(len(cands)), key=lambda i: (losses[i], cands[i]))
@@ -121,7 +123,7 @@ def _best(cands: Sequence[Dropped], losses: Sequence[float], width: int = 1) -> 
 def exhaustive(score: Scorer, num_experts: int, num_drop: int) -> tuple[Dropped, dict[Dropped, float]]:
     cands = list(itertools.combinations(range(num_experts), num_drop))
     losses = score(cands)
-    return _best(cands, losses)[0], dict(zip(cands, losses))
+    return best_sets(cands, losses)[0], dict(zip(cands, losses))
 
 
 def beam(score: Scorer, num_experts: int, num_drop: int, width: int = 1) -> tuple[Dropped, dict[Dropped, float]]:
@@ -134,7 +136,7 @@ def beam(score: Scorer, num_experts: int, num_drop: int, width: int = 1) -> tupl
         cands = sorted({tuple(sorted(d + (e,))) for d in frontier for e in range(num_experts) if e not in d})
         losses = score(cands)
         evaluated.update(zip(cands, losses))
-        frontier = _best(cands, losses, width)
+        frontier = best_sets(cands, losses, width)
     return frontier[0], evaluated
 
 

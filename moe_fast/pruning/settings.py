@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe_fast.adapters import MoEAdapter
+from moe_fast.pruning.grouped_search import balanced_count
 from moe_fast.pruning.search import choose_search
 from moe_fast.pruning.source import LayerSource
+from moe_fast.routing_spec import RoutingSpec
 
 MODES = ("layerwise", "progressive")
 OBJECTIVES = ("paper", "mse")
@@ -26,17 +28,34 @@ def check_arguments(mode: str, objective: str, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def refuse_unsupported_routing(adapter: MoEAdapter) -> None:
-    """Grouped routers (``topk_group < n_group``) are refused: a candidate's experts then depend on
-    the group scores of the experts it keeps, not on a prefix of the ranked row, so the rank-bounded
-    subset losses would be searched wrong without a word. Non-grouped routers of every scoring
-    (softmax, sigmoid with a selection bias, softmax_topk) are searched exactly."""
-    routing = adapter.routing() if hasattr(adapter, "routing") else None  # stand-ins giving only E, k route by softmax
-    if routing is not None and routing.grouped:
+def grouped_routing(adapter: MoEAdapter) -> RoutingSpec | None:
+    """The adapter's config-level RoutingSpec when its router selects expert groups
+    (``topk_group < n_group``), else None (stand-ins giving only E, k route by softmax)."""
+    routing = adapter.routing() if hasattr(adapter, "routing") else None
+    return routing if routing is not None and routing.grouped else None
+
+
+def check_grouped_keep(adapter: MoEAdapter, num_keep: int) -> int:
+    """A grouped router is searched over keep-sets with the same number of experts in every group
+    (``grouped_search``), so ``num_keep`` must be one the pruned router can have: the adapter's
+    ``check_keep`` rule (equal groups, at least 2 each, ``topk_group`` groups holding top-k) on the
+    most even split of ``num_keep``. Returns the experts kept per group; raises before any forward."""
+    spec = grouped_routing(adapter)
+    n, E = spec.n_group, adapter.num_experts
+    if E % n:
+        raise ValueError(f"{adapter.family}: {E} experts do not split into n_group = {n} equal groups")
+    size = E // n
+    per, extra = divmod(num_keep, n)
+    keep = [g * size + j for g in range(n) for j in range(per + (1 if g < extra else 0))]
+    try:
+        adapter.check_keep(keep)
+    except ValueError as err:
         raise ValueError(
-            f"pruning search for {adapter.family} needs subset_loss support for {routing.scoring}/groups: not implemented yet "
-            f"(n_group = {routing.n_group}, topk_group = {routing.topk_group}; only routers without group selection are searched)"
-        )
+            f"keep = {num_keep} is not a keep size the grouped router of {adapter.family} can be pruned to "
+            f"(n_group = {n} groups of {size} experts, topk_group = {spec.topk_group}, top-k = {spec.top_k}; "
+            f"keep must be n_group x per_group with per_group >= 2 and topk_group x per_group >= top-k): {err}"
+        ) from None
+    return per
 
 
 def lazy_supported(adapter: MoEAdapter) -> bool:
@@ -55,11 +74,23 @@ class SearchSpec:
     method: str  # exhaustive, greedy or beam ("auto" resolved)
     beam_width: int
     objective: str  # paper or mse
-    lazy: bool  # expert outputs computed as candidates need them (lazy_search), not all up front
+    lazy: bool  # expert outputs computed as candidates need them (lazy_search, grouped_outputs), not all up front
+    n_group: int = 1  # > 1: a grouped router, searched over equal-per-group keep-sets (grouped_search)
 
     @property
     def num_drop(self) -> int:
         return self.num_experts - self.num_keep
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_group > 1
+
+    def grouped_note(self) -> str | None:
+        """The report's ``grouped_search`` entry (None without groups)."""
+        if not self.grouped:
+            return None
+        size = self.num_experts // self.n_group
+        return f"equal experts per group (n_group={self.n_group}, per group {self.num_keep // self.n_group} of {size})"
 
     @property
     def rank_bound(self) -> int:
@@ -72,10 +103,19 @@ class SearchSpec:
         lazy: bool | None,
     ) -> "SearchSpec":
         """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; routers other
-        than plain softmax (``lazy_supported``) always use the rank-bounded search, and refuse
-        ``lazy=True``. Data-parallel runs take either search alike: both sum their errors over ranks."""
-        refuse_unsupported_routing(adapter)
-        if lazy and not lazy_supported(adapter):
+        than plain softmax (``lazy_supported``) use the rank-bounded search, and refuse
+        ``lazy=True``. Grouped routers (``topk_group < n_group``) always use the grouped search
+        (``grouped_search``: equal experts per group, outputs computed as candidates need them, so
+        ``lazy`` None or True; False is refused). Data-parallel runs take any of them alike: each
+        sums its errors over ranks."""
+        grouped = grouped_routing(adapter)
+        if grouped is not None and lazy is False:
+            raise ValueError(
+                f"{adapter.family}'s router selects expert groups (n_group = {grouped.n_group}, topk_group = "
+                f"{grouped.topk_group}): the rank-bounded search (lazy=False) does not serve it; leave lazy unset "
+                "for the grouped search, which computes expert outputs as candidates need them"
+            )
+        if lazy and grouped is None and not lazy_supported(adapter):
             raise ValueError(
                 f"lazy search for {adapter.family} ({adapter.routing().scoring} routing) is not implemented: "
                 "it scores softmax routers only; use the rank-bounded search (lazy=False, or leave it unset)"
@@ -83,6 +123,11 @@ class SearchSpec:
         num_experts, top_k = adapter.num_experts, adapter.top_k
         if not top_k <= num_keep < num_experts:
             raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")
+        if grouped is not None:
+            check_grouped_keep(adapter, num_keep)
+            count = balanced_count(num_experts, grouped.n_group, num_experts - num_keep)
+            method = choose_search(search, num_experts, num_keep, num_candidates=count)
+            return cls(num_experts, top_k, num_keep, method, beam_width, objective, True, grouped.n_group)
         method = choose_search(search, num_experts, num_keep)
         use_lazy = (method != "exhaustive" if lazy is None else lazy) and lazy_supported(adapter)
         return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy)
@@ -94,6 +139,6 @@ def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: 
         "keep": spec.num_keep, "num_experts": spec.num_experts, "top_k": spec.top_k, "mode": mode,
         "objective": spec.objective, "search": spec.method,
         "beam_width": spec.beam_width if spec.method == "beam" else None, "rank_bound": spec.rank_bound,
-        "lazy": spec.lazy, "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
+        "lazy": spec.lazy, **({"grouped_search": spec.grouped_note()} if spec.grouped else {}), "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
         "calibration": calibration,
     }
