@@ -113,6 +113,7 @@ class LazyOutputs:
         self.num_tokens_total = 0  # tokens of all ranks (the exhaustive search's estimates)
         self.outputs_computed = 0  # (token, expert) outputs run so far, initial ranks included
         self.peak_bytes = 0  # most bytes held by outputs and Gram entries at once
+        self._flat = None  # flat_entries(), until the next extend
 
     # --- filled by LazyRecorder ----------------------------------------------------------------
     def add_chunk(self, x, logits, order, group, y, gram, tw=None, z=None, cross=None, tsq=None) -> None:
@@ -148,6 +149,7 @@ class LazyOutputs:
         need = need.to(self.depth.device).clamp(max=self.rank_bound)
         if not bool((need > self.depth).any()):
             return 0
+        self._flat = None
         moves = []  # (old depth, new depth, rows of the old part's tensors, the part)
         for d in sorted(self.buckets):
             kept_parts = []
@@ -206,6 +208,34 @@ class LazyOutputs:
     @property
     def outputs_per_token(self) -> float:
         return self.outputs_computed / max(1, self.num_tokens)
+
+    def flat_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """All tokens' Gram entries in one flat vector ending in a 0 (token t's packed d x d
+        triangle from gram_start[t]), their cross products likewise (progressive; from cross_start
+        = t's first rank's position), and gram_start. Cached until the next ``extend``; a copy of
+        the Gram entries (d(d+1)/2 floats per token), so built on demand only."""
+        if self._flat is None:
+            grams, crosses, toks = [], [], []
+            for d in sorted(self.buckets):
+                for p in self.buckets[d]:
+                    grams.append(p.gram.reshape(-1))
+                    toks.append(p.tok)
+                    if p.cross is not None:
+                        crosses.append(p.cross.reshape(-1))
+            device = self.depth.device
+            size = self.depth * (self.depth + 1) // 2
+            tok = torch.cat(toks) if toks else torch.zeros(0, dtype=torch.int64, device=device)
+            start = torch.zeros(self.num_tokens, dtype=torch.int64, device=device)
+            start[tok] = torch.cumsum(size[tok], 0) - size[tok]  # tokens in storage order
+            flat = torch.cat(grams + [torch.zeros(1, device=device)])
+            cross = None
+            if self.progressive:
+                cstart = torch.zeros_like(start)
+                cstart[tok] = torch.cumsum(self.depth[tok], 0) - self.depth[tok]
+                cross = (torch.cat(crosses + [torch.zeros(1, device=device)]), cstart)
+            self._flat = (flat, start, cross)
+        flat, start, cross = self._flat
+        return flat, start, None if cross is None else cross[0], None if cross is None else cross[1]
 
     # --- scoring -------------------------------------------------------------------------------
     def _calls(self, tokens_mask: torch.Tensor | None, width: int, chunk: int):

@@ -21,7 +21,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from moe_fast.pruning.lazy_children import child_errors
 from moe_fast.pruning.lazy_outputs import LazyOutputs, kth_kept_depth
+from moe_fast.pruning.search import _best
 
 Dropped = tuple[int, ...]
 Reduce = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
@@ -82,6 +84,46 @@ def _depth_stats(store: LazyOutputs) -> dict:
             "mean_depth": round(float(d.mean()), 4) if d.numel() else 0.0}
 
 
+def _candidate_losses(
+    store: LazyOutputs, cands: list[Dropped], objective: str, reduce: Reduce | None, candidate_chunk: int
+) -> list[float]:
+    """Objective of each candidate, every candidate scored on every token (any softmax router)."""
+    losses: list[float] = []
+    for lo in range(0, len(cands), candidate_chunk):
+        keep_mask = _keep_masks(cands[lo : lo + candidate_chunk], store.num_experts)
+
+        def compute(keep_mask=keep_mask) -> torch.Tensor:
+            return store.group_errors(keep_mask, store.num_groups_total)
+
+        err = compute() if reduce is None else reduce(compute)
+        losses.extend(float(v) for v in _objective(err.cpu(), objective))
+    return losses
+
+
+def _children_losses(
+    store: LazyOutputs, frontier: list[Dropped], cands: list[Dropped], objective: str, reduce: Reduce | None
+) -> list[float]:
+    """Objective of each candidate from its first parent in ``frontier`` (renormalized weights:
+    k + 1 rows per token and parent, ``lazy_children.child_errors``)."""
+    losses = [0.0] * len(cands)
+    todo = {c: i for i, c in enumerate(cands)}
+    for parent in frontier:
+        mine = [(i, (set(c) - set(parent)).pop()) for c, i in todo.items() if set(parent) <= set(c)]
+        if not mine:
+            continue
+
+        def compute(parent=parent) -> torch.Tensor:
+            return child_errors(store, parent, store.num_groups_total)
+
+        err = compute() if reduce is None else reduce(compute)
+        values = _objective(err.cpu()[[e for _, e in mine]], objective).tolist()
+        for (i, _), v in zip(mine, values):
+            losses[i] = float(v)
+            del todo[cands[i]]
+    assert not todo, "every candidate is a child of a frontier set"
+    return losses
+
+
 def lazy_beam(
     store: LazyOutputs, num_drop: int, objective: str, width: int = 1, reduce: Reduce | None = None,
     candidate_chunk: int = 512,
@@ -101,18 +143,12 @@ def lazy_beam(
             dropped[list(d)] = True
             need = torch.maximum(need, kth_kept_depth(store.order, dropped, k + 1))
         store.extend(need)
-        losses: list[float] = []
-        for lo in range(0, len(cands), candidate_chunk):
-            keep_mask = _keep_masks(cands[lo : lo + candidate_chunk], E)
-
-            def compute(keep_mask=keep_mask) -> torch.Tensor:
-                return store.group_errors(keep_mask, store.num_groups_total)
-
-            err = compute() if reduce is None else reduce(compute)
-            losses.extend(float(v) for v in _objective(err.cpu(), objective))
+        if store.renormalize:
+            losses = _children_losses(store, frontier, cands, objective, reduce)
+        else:
+            losses = _candidate_losses(store, cands, objective, reduce, candidate_chunk)
         evaluated.update(zip(cands, losses))
-        order = sorted(range(len(cands)), key=lambda i: (losses[i], cands[i]))
-        frontier = [cands[i] for i in order[:width]]
+        frontier = _best(cands, losses, width)
         info.rounds += 1
         info.trace.append({"candidates": len(cands), **_depth_stats(store)})
     info.scored_exactly = len(evaluated)

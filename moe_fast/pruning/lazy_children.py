@@ -1,0 +1,129 @@
+"""Errors of every child D + e of a frontier set D from k + 1 rows per token (renormalized softmax).
+
+With weights renormalized over the chosen experts, a token's error under D + e differs from its
+error under D only when e is one of its top k experts kept by D: otherwise its chosen experts,
+their weights and its target are unchanged. So a greedy/beam step needs, per token, its error
+under D (the base row) and under D minus each of its k chosen experts (k rows: the (k + 1)-th
+kept expert takes the dropped one's place), not one error per candidate: k + 1 evaluations per
+token instead of E - |D|. The child's per-group error is the parent's plus the changes of the
+tokens where e is chosen.
+
+Each row is scored by ``ops.subset_loss`` on a row-local problem: its k chosen experts (in rank
+order, with their real logits, hence the same renormalized weights) followed by the target's
+other slots (layer-wise: the first k ranks that the row does not choose; logits below the chosen
+ones, dropped by the one candidate), with the Gram entries among those slots. The error is the
+same quadratic form as in the rank-bounded search, up to the order of the floating-point sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_fast import ops, reference
+from moe_fast.pruning.lazy_outputs import LazyOutputs
+
+def first_kept(order: torch.Tensor, dropped: torch.Tensor, n: int) -> torch.Tensor:
+    """Rank positions [T, n] (int64, ascending) of each token's first n experts outside ``dropped``.
+
+    order [T, M] ranked experts, dropped [E] bool. Raises when a token's M ranks keep fewer than n.
+    """
+    M = order.shape[1]
+    kept = ~dropped[order.long()]
+    pos = torch.arange(M, device=order.device).expand_as(kept)
+    key = torch.where(kept, pos, pos + M)  # kept positions first, each group in rank order
+    first = torch.topk(key, n, dim=1, largest=False, sorted=True).values
+    if first.numel() and int(first.max()) >= M:
+        raise ValueError(f"a token's first {M} ranks keep fewer than {n} experts: the rank bound is too small")
+    return first
+
+
+def token_slots(kept: torch.Tensor, k: int, layerwise: bool) -> torch.Tensor:
+    """Ranked slots [T, W] (int64, -1: empty) of each token's row-local problem: its first k + 1
+    kept slots (kept [T, k + 1]), then (layer-wise, W = 2k + 1) the target's slots 0..k-1 among
+    them that are not kept, ascending; progressive: W = k + 1."""
+    if not layerwise:
+        return kept
+    T = kept.shape[0]
+    target = torch.arange(k, device=kept.device)
+    taken = (kept.unsqueeze(-1) == target).any(-2)  # [T, k]: target slot kept
+    rest = torch.where(taken, torch.full((T, k), 2 * k + 1, dtype=torch.int64, device=kept.device), target.expand(T, k))
+    rest = torch.sort(rest, dim=-1).values
+    rest = torch.where(rest > 2 * k, torch.full_like(rest, -1), rest)
+    return torch.cat([kept, rest], dim=-1)
+
+
+def row_keep(k: int, width: int) -> torch.Tensor:
+    """The k + 1 candidates of the row-local problem [k + 1, width] bool: 0 keeps slots 0..k-1
+    (the parent's choice), j + 1 keeps slots 0..k without j (the parent minus its j-th choice)."""
+    keep = torch.zeros(k + 1, width, dtype=torch.bool)
+    keep[0, :k] = True
+    for j in range(k):
+        keep[j + 1, : k + 1] = True
+        keep[j + 1, j] = False
+    return keep
+
+
+def gather_gram(store: LazyOutputs, slots: torch.Tensor) -> torch.Tensor:
+    """Gram entries among each token's slots, packed: slots [T, W] -> [T, W(W+1)/2] float32 (0
+    where a slot is empty). Every slot must lie within its token's computed ranks."""
+    T, W = slots.shape
+    if T and int(slots.max()) >= 0 and bool((slots >= store.depth.unsqueeze(1)).any()):
+        raise RuntimeError("a token needs a rank beyond those computed: extend it first")
+    flat, start, _, _ = store.flat_entries()
+    ia, ib = reference.triu_pairs(W)
+    a, b = slots[:, ia], slots[:, ib]
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    d = store.depth.unsqueeze(1)
+    idx = torch.where(lo >= 0, start.unsqueeze(1) + lo * d - lo * (lo - 1) // 2 + hi - lo, flat.numel() - 1)
+    return flat[idx]
+
+
+def gather_cross(store: LazyOutputs, slots: torch.Tensor) -> torch.Tensor:
+    """Progressive: <y_slot, z> of each token's slots [T, W] -> [T, W] float32 (0 where empty)."""
+    _, _, flat, start = store.flat_entries()
+    return flat[torch.where(slots >= 0, start.unsqueeze(1) + slots, flat.numel() - 1)]
+
+
+def row_errors(store: LazyOutputs, kept: torch.Tensor) -> torch.Tensor:
+    """Squared errors [T, k + 1] float64 of each token under the parent (column 0) and under the
+    parent minus each of its k chosen experts (columns 1..k)."""
+    k = store.k
+    layerwise = not store.progressive
+    slots = token_slots(kept, k, layerwise)  # [T, W]
+    T, W = slots.shape
+    gram = gather_gram(store, slots)
+    ranked = store.order.long().gather(1, slots.clamp_min(0))
+    logits = store.logits.gather(1, ranked)
+    if layerwise:
+        # The target's slots that are not kept get logits below the kept ones, in order: ids
+        # 0..W-1 are then the row's ranking, and every candidate drops them.
+        low = logits[:, : k + 1].nan_to_num(nan=float("-inf")).amin(-1, keepdim=True)
+        step = torch.arange(1, W - k, dtype=logits.dtype, device=logits.device)
+        logits = torch.cat([logits[:, : k + 1], low - step], dim=-1).contiguous()
+        in_target = (slots >= 0) & (slots < k)
+        tw = store.tw.gather(1, slots.clamp(0, k - 1))
+        extra = dict(target_weights=torch.where(in_target, tw, torch.zeros_like(tw)).contiguous())
+    else:
+        extra = dict(cross=gather_cross(store, slots), target_sq=store.tsq)
+    ids = torch.arange(W, dtype=torch.int32, device=slots.device).expand(T, W).contiguous()
+    err = ops.subset_loss(gram, ids, logits, row_keep(k, W), torch.arange(T, device=gram.device), T, k, True, **extra)
+    return err.t().cpu()
+
+
+def child_errors(store: LazyOutputs, parent: tuple[int, ...], num_groups: int) -> torch.Tensor:
+    """Squared errors [E, G] float64 of every child parent + e per group (rows e in ``parent``:
+    meaningless). Needs every token extended to its (k + 1)-th expert outside ``parent``."""
+    if not store.renormalize:
+        raise ValueError("child_errors needs weights renormalized over the chosen experts")
+    E, k = store.num_experts, store.k
+    dropped = torch.zeros(E, dtype=torch.bool, device=store.order.device)
+    dropped[list(parent)] = True
+    kept = first_kept(store.order, dropped, k + 1)  # [T, k + 1]
+    err = row_errors(store, kept)  # [T, k + 1]
+    group = store.group.cpu()
+    base = err[:, 0]
+    out = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, base).expand(E, num_groups).clone()
+    chosen = store.order.long().gather(1, kept[:, :k]).cpu()  # [T, k] expert ids
+    change = err[:, 1:] - base.unsqueeze(1)
+    out.view(-1).index_add_(0, (chosen * num_groups + group.unsqueeze(1)).view(-1), change.reshape(-1))
+    return out
