@@ -1,0 +1,102 @@
+"""lazy_children: every child's per-group error from k + 1 rows per token, against the block output
+computed directly (plain float64 PyTorch, every expert run on every token)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_fast import ops, reference
+from moe_fast.pruning.lazy_children import child_errors, first_kept
+from moe_fast.pruning.lazy_outputs import LazyOutputs, kth_kept_depth
+
+
+class LinearExperts:
+    """Adapter stand-in: expert e maps x to x @ W[e] (what LazyOutputs.extend calls)."""
+
+    def __init__(self, weights: torch.Tensor, top_k: int) -> None:
+        self.w, self.top_k, self.num_experts, self.renormalize = weights, top_k, weights.shape[0], True
+
+    def expert_forward(self, experts, e: int, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w[e]
+
+
+def _store(T: int, E: int, k: int, H: int, rank_bound: int, groups: int, progressive: bool, seed: int):
+    """A LazyOutputs holding each token's k + 1 first ranks (as LazyRecorder leaves it), and
+    everything the reference needs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    w = torch.randn(E, H, H, generator=g) / H**0.5
+    logits = torch.randn(T, E, generator=g) * 1.5
+    logits[0, 3] = logits[0, 5]  # a tie: the lower index ranks first
+    adapter = LinearExperts(w, k)
+    order = reference.rank_experts(logits)[0][:, :rank_bound].to(torch.int32).contiguous()
+    y_all = torch.einsum("th,ehk->tek", x.double(), w.double())  # [T, E, H]
+    first = k + 1
+    y = torch.stack([y_all[t, order[t, :first].long()] for t in range(T)]).float()
+    top = torch.softmax(logits.double().gather(1, order[:, :k].long()), dim=1)
+    z_unpruned = (top.unsqueeze(-1) * y_all.gather(1, order[:, :k].long()[..., None].expand(T, k, H))).sum(1)
+    group = torch.randint(0, groups, (T,), generator=g)
+    store = LazyOutputs(adapter, None, rank_bound)
+    if progressive:
+        z = torch.randn(T, H, generator=g)
+        gram, cross, tsq = ops.expert_gram(y, z)
+        store.add_chunk(x, logits, order, group, y, gram, z=z, cross=cross, tsq=tsq)
+        target = z.double()
+    else:
+        store.add_chunk(x, logits, order, group, y, ops.expert_gram(y)[0], tw=top.float())
+        target = z_unpruned
+    store.num_groups = groups
+    store.finish()
+    return store, SimpleNamespace(y_all=y_all, logits=logits.double(), target=target, group=group)
+
+
+def _reference(ref, dropped: set[int], k: int, groups: int) -> torch.Tensor:
+    """Per-group squared error of the block keeping all experts but ``dropped``: each token's top k
+    kept experts, softmax renormalized over them."""
+    T, E = ref.logits.shape
+    keep = torch.tensor([e not in dropped for e in range(E)])
+    masked = ref.logits.masked_fill(~keep, float("-inf"))
+    chosen = reference.rank_experts(masked.float())[0][:, :k].long()
+    w = torch.softmax(ref.logits.gather(1, chosen), dim=1)
+    out = (w.unsqueeze(-1) * ref.y_all.gather(1, chosen[..., None].expand(-1, -1, ref.y_all.shape[2]))).sum(1)
+    err = ((out - ref.target) ** 2).sum(1)
+    return torch.zeros(groups, dtype=torch.float64).index_add_(0, ref.group, err)
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("E,k,parent", [(16, 2, ()), (16, 2, (1, 4, 9)), (24, 4, (0, 2, 3, 7, 11, 20))])
+def test_child_errors_match_the_block_output_of_every_child(E, k, parent, progressive) -> None:
+    T, H, G = 40, 12, 3
+    rank_bound = k + len(parent) + 1
+    store, ref = _store(T, E, k, H, rank_bound, G, progressive, seed=E + k + len(parent))
+    dropped = torch.zeros(E, dtype=torch.bool)
+    dropped[list(parent)] = True
+    store.extend(kth_kept_depth(store.order, dropped, k + 1))
+    got = child_errors(store, parent, G)
+    for e in range(E):
+        if e in parent:
+            continue
+        want = _reference(ref, set(parent) | {e}, k, G)
+        assert got[e] == pytest.approx(want, rel=1e-4, abs=1e-5), e
+
+
+def test_child_errors_refuse_tokens_not_extended() -> None:
+    store, _ = _store(20, 16, 2, 8, 8, 2, False, seed=1)
+    parent = tuple(int(e) for e in store.order[0, :3])  # drops token 0's first three ranks
+    with pytest.raises(RuntimeError, match="extend it first"):
+        child_errors(store, parent, 2)
+
+
+def test_first_kept_lists_kept_positions_in_rank_order() -> None:
+    g = torch.Generator().manual_seed(3)
+    order = torch.stack([torch.randperm(12, generator=g) for _ in range(30)]).to(torch.int32)
+    dropped = torch.rand(12, generator=g) < 0.5
+    got = first_kept(order, dropped, 3)
+    for t in range(30):
+        want = [i for i, e in enumerate(order[t].tolist()) if not dropped[e]][:3]
+        assert got[t].tolist() == want
+    with pytest.raises(ValueError, match="rank bound"):
+        first_kept(order[:, :4], torch.ones(12, dtype=torch.bool), 1)
