@@ -70,11 +70,14 @@ def gather_gram(store: LazyOutputs, slots: torch.Tensor) -> torch.Tensor:
     if T and int(slots.max()) >= 0 and bool((slots >= store.depth.unsqueeze(1)).any()):
         raise RuntimeError("a token needs a rank beyond those computed: extend it first")
     flat, start, _, _ = store.flat_entries()
+    itype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    s, d = slots.to(itype), store.depth.to(itype).unsqueeze(1)
+    # Token t's packed entry (i, j), i <= j, lies at start + row(i) + j with row(i) = i d - i(i - 1)/2 - i.
+    row = start.to(itype).unsqueeze(1) + s * d - (s * (s + 1)) // 2
     ia, ib = reference.triu_pairs(W)
-    a, b = slots[:, ia], slots[:, ib]
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    d = store.depth.unsqueeze(1)
-    idx = torch.where(lo >= 0, start.unsqueeze(1) + lo * d - lo * (lo - 1) // 2 + hi - lo, flat.numel() - 1)
+    a, b = s[:, ia], s[:, ib]
+    idx = torch.where(a <= b, row[:, ia] + b, row[:, ib] + a)
+    idx = torch.where(torch.minimum(a, b) >= 0, idx, flat.numel() - 1)
     return flat[idx]
 
 

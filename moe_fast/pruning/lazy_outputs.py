@@ -151,7 +151,8 @@ class LazyOutputs:
             return 0
         self._flat = None
         moves = []  # (old depth, new depth, rows of the old part's tensors, the part)
-        for d in sorted(self.buckets):
+        growing = set(torch.unique(self.depth[need > self.depth]).tolist())  # depths with tokens to extend
+        for d in sorted(growing & set(self.buckets)):
             kept_parts = []
             for p in self.buckets[d]:
                 target = need[p.tok]
@@ -199,6 +200,8 @@ class LazyOutputs:
         (block inputs, logits, ranking, group, target)."""
         parts = self._parts + [p for ps in self.buckets.values() for p in ps]
         held = sum(_nbytes(p.y) + _nbytes(p.gram) + _nbytes(p.cross) for p in parts)
+        if self._flat is not None:  # the flat copy of the Gram entries (and cross products)
+            held += _nbytes(self._flat[0]) + _nbytes(self._flat[1]) + sum(_nbytes(t) for t in self._flat[2] or ())
         if self._chunks:
             held += sum(_nbytes(v) for vs in self._chunks.values() for v in vs)
         else:
@@ -234,6 +237,7 @@ class LazyOutputs:
                 cstart[tok] = torch.cumsum(self.depth[tok], 0) - self.depth[tok]
                 cross = (torch.cat(crosses + [torch.zeros(1, device=device)]), cstart)
             self._flat = (flat, start, cross)
+            self._track()
         flat, start, cross = self._flat
         return flat, start, None if cross is None else cross[0], None if cross is None else cross[1]
 
