@@ -9,9 +9,11 @@ need what.
 
 Storage follows the outputs computed: tokens are kept in buckets by their computed depth d, each
 with the d outputs (needed for the Gram entries of later ranks) and the d(d+1)/2 Gram entries.
-Scoring reuses ``ops.subset_loss``: a bucket is handed to it with its ids padded to the width
-the op's rank-bound check asks for (k + dropped) and zero Gram entries there, which a covered
-token never reaches (its top-k among the kept lies within its d computed ranks).
+Scoring reuses ``ops.subset_loss``. Greedy and beam with renormalized weights gather each token's
+few Gram entries they need from one flat copy of all tokens' entries (``flat_entries``, rebuilt
+after each ``extend``; ``lazy_children``). Otherwise a bucket is handed to the op with its ids padded
+to the width the op's rank-bound check asks for (k + dropped) and zero Gram entries there, which
+a covered token never reaches (its top-k among the kept lies within its d computed ranks).
 """
 
 from __future__ import annotations

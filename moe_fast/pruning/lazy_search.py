@@ -4,6 +4,10 @@
   expert outside D (dropping e moves the token's top-k one kept expert further only when e is
   in it). Each step extends the tokens to that depth for every frontier set, then scores all
   children exactly: the same losses, hence the same selections, as the rank-bounded search.
+  With weights renormalized over the chosen experts a child changes a token's error only when it
+  drops one of the token's k chosen experts, so each parent's children are scored from k + 1
+  errors per token (``lazy_children``) instead of one per child; otherwise (softmax over all
+  kept experts) every child is scored on every token.
 * Exhaustive: branch and bound. A candidate's squared error over the tokens it covers (its top-k
   among the kept lies within their computed ranks) is a lower bound of its full error per batch
   (an uncovered token adds >= 0), and so are the objective's square roots and sums. Candidates
