@@ -109,10 +109,17 @@ def _children_losses(
 ) -> list[float]:
     """Objective of each candidate from its first parent in ``frontier`` (renormalized weights:
     k + 1 rows per token and parent, ``lazy_children.child_errors``)."""
-    losses = [0.0] * len(cands)
-    todo = {c: i for i, c in enumerate(cands)}
+    index = {c: i for i, c in enumerate(cands)}
+    losses: list[float | None] = [None] * len(cands)
     for parent in frontier:
-        mine = [(i, (set(c) - set(parent)).pop()) for c, i in todo.items() if set(parent) <= set(c)]
+        mine = []  # (candidate index, e) of the candidates not scored from an earlier parent
+        for e in range(store.num_experts):
+            if e in parent:
+                continue
+            i = index[tuple(sorted(parent + (e,)))]
+            if losses[i] is None:
+                losses[i] = 0.0
+                mine.append((i, e))
         if not mine:
             continue
 
@@ -123,8 +130,6 @@ def _children_losses(
         values = _objective(err.cpu()[[e for _, e in mine]], objective).tolist()
         for (i, _), v in zip(mine, values):
             losses[i] = float(v)
-            del todo[cands[i]]
-    assert not todo, "every candidate is a child of a frontier set"
     return losses
 
 
