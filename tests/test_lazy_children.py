@@ -100,3 +100,37 @@ def test_first_kept_lists_kept_positions_in_rank_order() -> None:
         assert got[t].tolist() == want
     with pytest.raises(ValueError, match="rank bound"):
         first_kept(order[:, :4], torch.ones(12, dtype=torch.bool), 1)
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_store_stays_exact_over_a_greedy_sequence_of_extensions(progressive) -> None:
+    """Tokens move between depth buckets step after step (rows left behind as dead until their part
+    is compacted, pieces merged): every child's error and the padded all-token scoring
+    (group_errors) still match the block output, and every token lives in exactly one bucket."""
+    E, k, T, G, steps = 24, 2, 60, 3, 12
+    store, ref = _store(T, E, k, 10, k + steps + 1, G, progressive, seed=11)
+    g = torch.Generator().manual_seed(12)
+    parent: tuple[int, ...] = ()
+    for _ in range(steps):
+        dropped = torch.zeros(E, dtype=torch.bool)
+        dropped[list(parent)] = True
+        store.extend(kth_kept_depth(store.order, dropped, k + 1))
+        owners = torch.zeros(T, dtype=torch.int64)
+        for d, parts in store.buckets.items():
+            for p in parts:
+                rows = p.live_rows()
+                owners.index_add_(0, p.tok[rows], torch.ones_like(rows))
+                assert bool((store.depth[p.tok[rows]] == d).all())
+        assert bool((owners == 1).all())
+        got = child_errors(store, parent, G)
+        children = [e for e in range(E) if e not in parent]
+        for e in children:
+            assert got[e] == pytest.approx(_reference(ref, set(parent) | {e}, k, G), rel=1e-4, abs=1e-5), (parent, e)
+        keep = torch.ones(2, E, dtype=torch.bool)
+        pick = [children[0], children[-1]]
+        for row, e in enumerate(pick):
+            keep[row, list(parent) + [e]] = False
+        padded = store.group_errors(keep, G)
+        for row, e in enumerate(pick):
+            assert padded[row] == pytest.approx(_reference(ref, set(parent) | {e}, k, G), rel=1e-4, abs=1e-5)
+        parent = tuple(sorted(parent + (children[int(torch.randint(len(children), (1,), generator=g))],)))

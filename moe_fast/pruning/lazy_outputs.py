@@ -84,15 +84,35 @@ MAX_PARTS = 8  # pieces per depth bucket before they are concatenated
 @dataclass
 class _Part:
     tok: torch.Tensor  # [n] int64 token indices
-    y: torch.Tensor  # [n, d, H] outputs of the first d ranks
+    y: torch.Tensor | None  # [n, d, H] outputs of the first d ranks (None: a merged view for scoring)
     gram: torch.Tensor  # [n, d(d+1)/2] float32
     cross: torch.Tensor | None  # [n, d] float32 (progressive)
+    alive: torch.Tensor | None = None  # [n] bool: rows still this part's (None: all); a row whose
+    # token moved to a deeper bucket stays until the part is compacted (moving is then O(moved))
+
+    def live(self) -> "_Part":
+        """The part without its dead rows (itself when all are alive)."""
+        if self.alive is None:
+            return self
+        rows = torch.nonzero(self.alive).squeeze(1)
+        cross = None if self.cross is None else self.cross[rows]
+        return _Part(self.tok[rows], None if self.y is None else self.y[rows], self.gram[rows], cross)
+
+    def live_rows(self) -> torch.Tensor:
+        """Indices [n'] of the alive rows."""
+        if self.alive is None:
+            return torch.arange(self.tok.shape[0], device=self.tok.device)
+        return torch.nonzero(self.alive).squeeze(1)
 
 
 def _merge(parts: list[_Part], outputs: bool = True) -> _Part:
-    """One piece from several of the same depth (without the outputs when ``outputs`` is False)."""
-    if len(parts) == 1:
+    """One piece of the alive rows of several of the same depth (without the outputs when
+    ``outputs`` is False)."""
+    if len(parts) == 1 and parts[0].alive is None:
         return parts[0]
+    if not outputs:  # only the small tensors are copied
+        parts = [_Part(p.tok, None, p.gram, p.cross, p.alive) for p in parts]
+    parts = [p.live() for p in parts]
     cross = None if parts[0].cross is None else torch.cat([p.cross for p in parts])
     y = torch.cat([p.y for p in parts]) if outputs else None
     return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross)
@@ -159,16 +179,23 @@ class LazyOutputs:
             for p in self.buckets[d]:
                 target = need[p.tok]
                 grow = target > d
+                if p.alive is not None:
+                    grow &= p.alive
                 if not bool(grow.any()):
                     kept_parts.append(p)
                     continue
-                stay = ~grow
-                if bool(stay.any()):
-                    kept_parts.append(_Part(p.tok[stay], p.y[stay], p.gram[stay], None if p.cross is None else p.cross[stay]))
                 idx = torch.nonzero(grow).squeeze(1)
                 for nd in torch.unique(target[idx]).tolist():
                     sel = idx[target[idx] == nd]
                     moves.append((d, int(nd), sel, p))
+                alive = ~grow if p.alive is None else p.alive & ~grow
+                count = int(alive.sum())
+                if count == 0:
+                    continue
+                rest = _Part(p.tok, p.y, p.gram, p.cross, alive)
+                # Compact when at most half the rows are alive (the moved rows are read below
+                # from p, which keeps its tensors).
+                kept_parts.append(rest.live() if 2 * count <= p.tok.shape[0] else rest)
             self.buckets[d] = kept_parts
         # All new (token, rank) pairs in one dispatch, grouped move by move.
         rows, ids, spans = [], [], []
@@ -220,24 +247,23 @@ class LazyOutputs:
         = t's first rank's position), and gram_start. Cached until the next ``extend``; a copy of
         the Gram entries (d(d+1)/2 floats per token), so built on demand only."""
         if self._flat is None:
-            grams, crosses, toks = [], [], []
-            for d in sorted(self.buckets):
-                for p in self.buckets[d]:
-                    grams.append(p.gram.reshape(-1))
-                    toks.append(p.tok)
-                    if p.cross is not None:
-                        crosses.append(p.cross.reshape(-1))
             device = self.depth.device
-            size = self.depth * (self.depth + 1) // 2
-            tok = torch.cat(toks) if toks else torch.zeros(0, dtype=torch.int64, device=device)
+            grams, crosses = [], []
             start = torch.zeros(self.num_tokens, dtype=torch.int64, device=device)
-            start[tok] = torch.cumsum(size[tok], 0) - size[tok]  # tokens in storage order
+            cstart = torch.zeros_like(start)
+            offset = coffset = 0
+            for d in sorted(self.buckets):
+                for p in self.buckets[d]:  # dead rows are copied too (and never read)
+                    rows = p.live_rows()
+                    start[p.tok[rows]] = offset + rows * (d * (d + 1) // 2)
+                    grams.append(p.gram.reshape(-1))
+                    offset += grams[-1].numel()
+                    if p.cross is not None:
+                        cstart[p.tok[rows]] = coffset + rows * d
+                        crosses.append(p.cross.reshape(-1))
+                        coffset += crosses[-1].numel()
             flat = torch.cat(grams + [torch.zeros(1, device=device)])
-            cross = None
-            if self.progressive:
-                cstart = torch.zeros_like(start)
-                cstart[tok] = torch.cumsum(self.depth[tok], 0) - self.depth[tok]
-                cross = (torch.cat(crosses + [torch.zeros(1, device=device)]), cstart)
+            cross = (torch.cat(crosses + [torch.zeros(1, device=device)]), cstart) if self.progressive else None
             self._flat = (flat, start, cross)
             self._track()
         flat, start, cross = self._flat
