@@ -106,11 +106,13 @@ def test_first_kept_lists_kept_positions_in_rank_order() -> None:
 def test_store_stays_exact_over_a_greedy_sequence_of_extensions(progressive) -> None:
     """Tokens move between depth buckets step after step (rows left behind as dead until their part
     is compacted, pieces merged): every child's error and the padded all-token scoring
-    (group_errors) still match the block output, and every token lives in exactly one bucket."""
+    (group_errors) still match the block output, and every token lives in exactly one bucket.
+    Children scored from the previous parent's rows equal those scored from scratch."""
     E, k, T, G, steps = 24, 2, 60, 3, 12
     store, ref = _store(T, E, k, 10, k + steps + 1, G, progressive, seed=11)
     g = torch.Generator().manual_seed(12)
     parent: tuple[int, ...] = ()
+    cache = {}
     for _ in range(steps):
         dropped = torch.zeros(E, dtype=torch.bool)
         dropped[list(parent)] = True
@@ -122,7 +124,9 @@ def test_store_stays_exact_over_a_greedy_sequence_of_extensions(progressive) -> 
                 owners.index_add_(0, p.tok[rows], torch.ones_like(rows))
                 assert bool((store.depth[p.tok[rows]] == d).all())
         assert bool((owners == 1).all())
-        got = child_errors(store, parent, G)
+        got = child_errors(store, parent, G, cache)  # rescores only the tokens whose kept slots changed
+        assert torch.equal(got, child_errors(store, parent, G))
+        assert parent in cache and len(cache) == len(parent) + 1
         children = [e for e in range(E) if e not in parent]
         for e in children:
             assert got[e] == pytest.approx(_reference(ref, set(parent) | {e}, k, G), rel=1e-4, abs=1e-5), (parent, e)

@@ -65,41 +65,43 @@ def row_keep(k: int, width: int) -> torch.Tensor:
     return keep
 
 
-def gather_gram(store: LazyOutputs, slots: torch.Tensor) -> torch.Tensor:
-    """Gram entries among each token's slots, packed: slots [T, W] -> [T, W(W+1)/2] float32 (0
-    where a slot is empty). Every slot must lie within its token's computed ranks."""
-    T, W = slots.shape
-    if T and int(slots.max()) >= 0 and bool((slots >= store.depth.unsqueeze(1)).any()):
+def gather_gram(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Gram entries among the slots of the given tokens, packed: slots [n, W] of tokens [n] ->
+    [n, W(W+1)/2] float32 (0 where a slot is empty). Every slot must lie within its token's
+    computed ranks."""
+    n, W = slots.shape
+    depth = store.depth[tokens]
+    if n and bool((slots >= depth.unsqueeze(1)).any()):
         raise RuntimeError("a token needs a rank beyond those computed: extend it first")
     flat, start, _, _ = store.flat_entries()
     itype = torch.int32 if flat.numel() < 2**31 else torch.int64
-    s, d = slots.to(itype), store.depth.to(itype).unsqueeze(1)
+    s, d = slots.to(itype), depth.to(itype).unsqueeze(1)
     # Token t's packed entry (i, j), i <= j, lies at start + i d - i(i + 1)/2 + j (elementwise ops
     # and index_select: far cheaper on the CPU than advanced indexing and where).
     ia, ib = reference.triu_pairs(W)
     a, b = s.index_select(1, ia.to(slots.device)), s.index_select(1, ib.to(slots.device))
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    idx = start.to(itype).unsqueeze(1) + lo * d - ((lo * (lo + 1)) >> 1) + hi
+    idx = start[tokens].to(itype).unsqueeze(1) + lo * d - ((lo * (lo + 1)) >> 1) + hi
     idx.masked_fill_(lo < 0, flat.numel() - 1)
     return flat.index_select(0, idx.view(-1)).view(idx.shape)
 
 
-def gather_cross(store: LazyOutputs, slots: torch.Tensor) -> torch.Tensor:
-    """Progressive: <y_slot, z> of each token's slots [T, W] -> [T, W] float32 (0 where empty)."""
+def gather_cross(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Progressive: <y_slot, z> of the slots [n, W] of tokens [n] -> [n, W] float32 (0 where empty)."""
     _, _, flat, start = store.flat_entries()
-    return flat[torch.where(slots >= 0, start.unsqueeze(1) + slots, flat.numel() - 1)]
+    return flat[torch.where(slots >= 0, start[tokens].unsqueeze(1) + slots, flat.numel() - 1)]
 
 
-def row_errors(store: LazyOutputs, kept: torch.Tensor) -> torch.Tensor:
-    """Squared errors [T, k + 1] float64 of each token under the parent (column 0) and under the
-    parent minus each of its k chosen experts (columns 1..k)."""
+def row_errors(store: LazyOutputs, kept: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Squared errors [n, k + 1] float64 of tokens [n] (first k + 1 kept slots ``kept`` [n, k + 1])
+    under the parent (column 0) and under the parent minus each of its k chosen experts."""
     k = store.k
     layerwise = not store.progressive
-    slots = token_slots(kept, k, layerwise)  # [T, W]
-    T, W = slots.shape
-    gram = gather_gram(store, slots)
-    ranked = store.order.long().gather(1, slots.clamp_min(0))
-    logits = store.logits.gather(1, ranked)
+    slots = token_slots(kept, k, layerwise)  # [n, W]
+    n, W = slots.shape
+    gram = gather_gram(store, slots, tokens)
+    ranked = store.order[tokens].long().gather(1, slots.clamp_min(0))
+    logits = store.logits[tokens].gather(1, ranked)
     if layerwise:
         # The target's slots that are not kept get logits below the kept ones, in order: ids
         # 0..W-1 are then the row's ranking, and every candidate drops them.
@@ -107,25 +109,49 @@ def row_errors(store: LazyOutputs, kept: torch.Tensor) -> torch.Tensor:
         step = torch.arange(1, W - k, dtype=logits.dtype, device=logits.device)
         logits = torch.cat([logits[:, : k + 1], low - step], dim=-1).contiguous()
         in_target = (slots >= 0) & (slots < k)
-        tw = store.tw.gather(1, slots.clamp(0, k - 1))
+        tw = store.tw[tokens].gather(1, slots.clamp(0, k - 1))
         extra = dict(target_weights=torch.where(in_target, tw, torch.zeros_like(tw)).contiguous())
     else:
-        extra = dict(cross=gather_cross(store, slots), target_sq=store.tsq)
-    ids = torch.arange(W, dtype=torch.int32, device=slots.device).expand(T, W).contiguous()
-    err = ops.subset_loss(gram, ids, logits, row_keep(k, W), torch.arange(T, device=gram.device), T, k, True, **extra)
+        extra = dict(cross=gather_cross(store, slots, tokens), target_sq=store.tsq[tokens].contiguous())
+    ids = torch.arange(W, dtype=torch.int32, device=slots.device).expand(n, W).contiguous()
+    err = ops.subset_loss(gram, ids, logits, row_keep(k, W), torch.arange(n, device=gram.device), n, k, True, **extra)
     return err.t().cpu()
 
 
-def child_errors(store: LazyOutputs, parent: tuple[int, ...], num_groups: int) -> torch.Tensor:
+Rows = dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]  # parent -> (first kept slots, row errors)
+
+
+def child_errors(store: LazyOutputs, parent: tuple[int, ...], num_groups: int, rows: Rows | None = None) -> torch.Tensor:
     """Squared errors [E, G] float64 of every child parent + e per group (rows e in ``parent``:
-    meaningless). Needs every token extended to its (k + 1)-th expert outside ``parent``."""
+    meaningless). Needs every token extended to its (k + 1)-th expert outside ``parent``.
+
+    ``rows`` (optional) holds earlier parents' row errors: when it has ``parent`` minus one expert,
+    only the tokens whose first k + 1 kept slots differ from that set's are scored again (a
+    greedy step changes them for the tokens that kept the newly dropped expert among their first
+    k + 1, about (k + 1) / E of them). This parent's rows are added to it.
+    """
     if not store.renormalize:
         raise ValueError("child_errors needs weights renormalized over the chosen experts")
     E, k = store.num_experts, store.k
-    dropped = torch.zeros(E, dtype=torch.bool, device=store.order.device)
+    device = store.order.device
+    dropped = torch.zeros(E, dtype=torch.bool, device=device)
     dropped[list(parent)] = True
     kept = first_kept(store.order, dropped, k + 1)  # [T, k + 1]
-    err = row_errors(store, kept)  # [T, k + 1]
+    before = None
+    if rows:
+        for x in parent:
+            before = rows.get(tuple(e for e in parent if e != x))
+            if before is not None:
+                break
+    if before is None:
+        err = row_errors(store, kept, torch.arange(kept.shape[0], device=device))  # [T, k + 1]
+    else:
+        err = before[1].clone()
+        changed = torch.nonzero((kept != before[0]).any(1)).squeeze(1)
+        if changed.numel():
+            err[changed.cpu()] = row_errors(store, kept[changed], changed)
+    if rows is not None:
+        rows[parent] = (kept, err)
     group = store.group.cpu()
     base = err[:, 0]
     out = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, base).expand(E, num_groups).clone()

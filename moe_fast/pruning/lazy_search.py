@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from moe_fast.pruning.lazy_children import child_errors
+from moe_fast.pruning.lazy_children import Rows, child_errors
 from moe_fast.pruning.lazy_outputs import LazyOutputs, kth_kept_depth
 from moe_fast.pruning.search import _best
 
@@ -105,7 +105,8 @@ def _candidate_losses(
 
 
 def _children_losses(
-    store: LazyOutputs, frontier: list[Dropped], cands: list[Dropped], objective: str, reduce: Reduce | None
+    store: LazyOutputs, frontier: list[Dropped], cands: list[Dropped], objective: str, reduce: Reduce | None,
+    rows: Rows,
 ) -> list[float]:
     """Objective of each candidate from its first parent in ``frontier`` (renormalized weights:
     k + 1 rows per token and parent, ``lazy_children.child_errors``)."""
@@ -124,7 +125,7 @@ def _children_losses(
             continue
 
         def compute(parent=parent) -> torch.Tensor:
-            return child_errors(store, parent, store.num_groups_total)
+            return child_errors(store, parent, store.num_groups_total, rows)
 
         err = compute() if reduce is None else reduce(compute)
         values = _objective(err.cpu()[[e for _, e in mine]], objective).tolist()
@@ -144,6 +145,7 @@ def lazy_beam(
     info = LazyInfo()
     frontier: list[Dropped] = [()]
     evaluated: dict[Dropped, float] = {}
+    rows: Rows = {}  # the frontier's row errors (lazy_children.child_errors)
     for _ in range(num_drop):
         cands = sorted({tuple(sorted(d + (e,))) for d in frontier for e in range(E) if e not in d})
         need = torch.zeros_like(store.depth)
@@ -153,10 +155,11 @@ def lazy_beam(
             need = torch.maximum(need, kth_kept_depth(store.order, dropped, k + 1))
         store.extend(need)
         if store.renormalize:
-            losses = _children_losses(store, frontier, cands, objective, reduce)
+            losses = _children_losses(store, frontier, cands, objective, reduce, rows)
         else:
             losses = _candidate_losses(store, cands, objective, reduce, candidate_chunk)
         evaluated.update(zip(cands, losses))
+        rows = {d: rows[d] for d in frontier if d in rows}  # this step's parents' rows: the next step's starting points
         frontier = _best(cands, losses, width)
         info.rounds += 1
         info.trace.append({"candidates": len(cands), **_depth_stats(store)})
