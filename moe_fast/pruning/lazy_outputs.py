@@ -9,6 +9,8 @@ need what.
 
 Storage follows the outputs computed: tokens are kept in buckets by their computed depth d, each
 with the d outputs (needed for the Gram entries of later ranks) and the d(d+1)/2 Gram entries.
+A token that is extended leaves its piece as a dead row (``_Part.alive``) rather than having the
+piece copied without it; a piece is compacted when half its rows are dead.
 Scoring reuses ``ops.subset_loss``. Greedy and beam with renormalized weights gather each token's
 few Gram entries they need from one flat copy of all tokens' entries (``flat_entries``, rebuilt
 after each ``extend``; ``lazy_children``). Otherwise a bucket is handed to the op with its ids padded
