@@ -102,21 +102,40 @@ def test_first_kept_lists_kept_positions_in_rank_order() -> None:
         first_kept(order[:, :4], torch.ones(12, dtype=torch.bool), 1)
 
 
+@pytest.mark.parametrize("skip_dead", [False, True])
 @pytest.mark.parametrize("progressive", [False, True])
-def test_store_stays_exact_over_a_greedy_sequence_of_extensions(progressive) -> None:
+def test_store_stays_exact_over_a_greedy_sequence_of_extensions(progressive, skip_dead) -> None:
     """Tokens move between depth buckets step after step (rows left behind as dead until their part
     is compacted, pieces merged): every child's error and the padded all-token scoring
     (group_errors) still match the block output, and every token lives in exactly one bucket.
-    Children scored from the previous parent's rows equal those scored from scratch."""
+    Children scored from the previous parent's rows equal those scored from scratch. With
+    ``skip_dead`` the ranks of dropped experts are not computed (as greedy passes them)."""
     E, k, T, G, steps = 24, 2, 60, 3, 12
     store, ref = _store(T, E, k, 10, k + steps + 1, G, progressive, seed=11)
     g = torch.Generator().manual_seed(12)
     parent: tuple[int, ...] = ()
     cache = {}
+    expected = {t: set(range(k + 1)) for t in range(T)}  # ranks whose outputs the store holds
+    expected_before = {t: set(v) for t, v in expected.items()}
     for _ in range(steps):
         dropped = torch.zeros(E, dtype=torch.bool)
         dropped[list(parent)] = True
-        store.extend(kth_kept_depth(store.order, dropped, k + 1))
+        before, old_depth = store.outputs_computed, store.depth.clone()
+        new = store.extend(kth_kept_depth(store.order, dropped, k + 1), dropped if skip_dead else None)
+        assert store.outputs_computed == before + new
+        for t in range(T):  # what should be held: every rank, or (skip_dead) not those dropped when reached
+            for r in range(int(old_depth[t]), int(store.depth[t])):
+                if not (skip_dead and int(store.order[t, r]) in parent):
+                    expected[t].add(r)
+        held = {}
+        for ps in store.buckets.values():
+            for p in ps:
+                rows = p.live_rows()
+                for t, slots in zip(p.tok[rows].tolist(), p.slots()[rows].tolist()):
+                    held[t] = set(slots)
+        assert held == expected
+        assert new == sum(len(v) for v in expected.values()) - sum(len(v) for v in expected_before.values())
+        expected_before = {t: set(v) for t, v in expected.items()}
         owners = torch.zeros(T, dtype=torch.int64)
         for d, parts in store.buckets.items():
             for p in parts:

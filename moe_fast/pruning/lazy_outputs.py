@@ -86,19 +86,22 @@ MAX_PARTS = 8  # pieces per depth bucket before they are concatenated
 @dataclass
 class _Part:
     tok: torch.Tensor  # [n] int64 token indices
-    y: torch.Tensor | None  # [n, d, H] outputs of the first d ranks (None: a merged view for scoring)
-    gram: torch.Tensor  # [n, d(d+1)/2] float32
-    cross: torch.Tensor | None  # [n, d] float32 (progressive)
+    y: torch.Tensor | None  # [n, L, H] outputs of the ranks in `slot` (None: a merged view for scoring)
+    gram: torch.Tensor  # [n, d(d+1)/2] float32: all d first ranks (0 for a rank not computed)
+    cross: torch.Tensor | None  # [n, d] float32 (progressive; 0 for a rank not computed)
     alive: torch.Tensor | None = None  # [n] bool: rows still this part's (None: all); a row whose
     # token moved to a deeper bucket stays until the part is compacted (moving is then O(moved))
+    slot: torch.Tensor | None = None  # [n, L] int64 ascending rank positions of y's outputs (None:
+    # all d first ranks); ranks of experts that no search set can keep any more are not computed
+
+    def rows(self, idx: torch.Tensor) -> "_Part":
+        """The given rows (all alive)."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return _Part(self.tok[idx], pick(self.y), self.gram[idx], pick(self.cross), None, pick(self.slot))
 
     def live(self) -> "_Part":
         """The part without its dead rows (itself when all are alive)."""
-        if self.alive is None:
-            return self
-        rows = torch.nonzero(self.alive).squeeze(1)
-        cross = None if self.cross is None else self.cross[rows]
-        return _Part(self.tok[rows], None if self.y is None else self.y[rows], self.gram[rows], cross)
+        return self if self.alive is None else self.rows(torch.nonzero(self.alive).squeeze(1))
 
     def live_rows(self) -> torch.Tensor:
         """Indices [n'] of the alive rows."""
@@ -106,18 +109,35 @@ class _Part:
             return torch.arange(self.tok.shape[0], device=self.tok.device)
         return torch.nonzero(self.alive).squeeze(1)
 
+    def slots(self) -> torch.Tensor:
+        """[n, L] rank positions of y's outputs."""
+        if self.slot is not None:
+            return self.slot
+        return torch.arange(self.y.shape[1], device=self.tok.device).expand(self.tok.shape[0], -1)
+
 
 def _merge(parts: list[_Part], outputs: bool = True) -> _Part:
     """One piece of the alive rows of several of the same depth (without the outputs when
-    ``outputs`` is False)."""
+    ``outputs`` is False; with them, all must hold as many outputs)."""
     if len(parts) == 1 and parts[0].alive is None:
-        return parts[0]
+        return parts[0] if outputs else _Part(parts[0].tok, None, parts[0].gram, parts[0].cross)
     if not outputs:  # only the small tensors are copied
         parts = [_Part(p.tok, None, p.gram, p.cross, p.alive) for p in parts]
     parts = [p.live() for p in parts]
     cross = None if parts[0].cross is None else torch.cat([p.cross for p in parts])
     y = torch.cat([p.y for p in parts]) if outputs else None
-    return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross)
+    slot = None
+    if outputs and any(p.slot is not None for p in parts):
+        slot = torch.cat([p.slots() for p in parts])
+    return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross, None, slot)
+
+
+def _merge_bucket(parts: list[_Part]) -> list[_Part]:
+    """Pieces of one depth merged per number of outputs held (only those can share a tensor)."""
+    by_width: dict[int, list[_Part]] = {}
+    for p in parts:
+        by_width.setdefault(p.y.shape[1], []).append(p)
+    return [_merge(ps) if len(ps) > 1 else ps[0] for ps in by_width.values()]
 
 
 class LazyOutputs:
@@ -167,9 +187,14 @@ class LazyOutputs:
         self._parts = []
 
     # --- growth --------------------------------------------------------------------------------
-    def extend(self, need: torch.Tensor) -> int:
+    def extend(self, need: torch.Tensor, dead: torch.Tensor | None = None) -> int:
         """Computes further ranks so that token t holds at least min(need[t], rank_bound); returns
-        the number of new (token, expert) outputs."""
+        the number of new (token, expert) outputs.
+
+        ``dead`` [E] bool (greedy and beam: the experts every search set drops, so that no later
+        set keeps them): their ranks are not computed (zero Gram entries, never read for a set
+        that drops them). The exhaustive search passes none.
+        """
         need = need.to(self.depth.device).clamp(max=self.rank_bound)
         if not bool((need > self.depth).any()):
             return 0
@@ -194,37 +219,59 @@ class LazyOutputs:
                 count = int(alive.sum())
                 if count == 0:
                     continue
-                rest = _Part(p.tok, p.y, p.gram, p.cross, alive)
+                rest = _Part(p.tok, p.y, p.gram, p.cross, alive, p.slot)
                 # Compact when at most half the rows are alive (the moved rows are read below
                 # from p, which keeps its tensors).
                 kept_parts.append(rest.live() if 2 * count <= p.tok.shape[0] else rest)
             self.buckets[d] = kept_parts
         # All new (token, rank) pairs in one dispatch, grouped move by move.
-        rows, ids, spans = [], [], []
+        rows, ids, plans = [], [], []
         total = 0
         for d, nd, sel, p in moves:
             tok = p.tok[sel]
-            r = self.order[tok, d:nd]  # [n, nd - d]
-            rows.append(tok.unsqueeze(1).expand_as(r).reshape(-1))
-            ids.append(r.reshape(-1))
-            spans.append((total, total + r.numel()))
-            total += r.numel()
+            r = self.order[tok, d:nd].long()  # [n, nd - d]
+            run = torch.ones_like(r, dtype=torch.bool) if dead is None else ~dead.to(r.device)[r]
+            count = run.sum(1)
+            for c in torch.unique(count).tolist():  # one new piece per number of new outputs
+                these = torch.nonzero(count == c).squeeze(1)
+                pos = torch.nonzero(run[these])[:, 1].view(these.shape[0], c) + d  # rank positions run
+                t = tok[these]
+                rows.append(t.unsqueeze(1).expand(-1, c).reshape(-1))
+                ids.append(self.order[t.unsqueeze(1), pos].reshape(-1))
+                plans.append((d, nd, sel[these], p, pos, total))
+                total += t.shape[0] * c
         new = run_pairs(self.adapter, self.experts, self.x, torch.cat(rows), torch.cat(ids))
-        for (d, nd, sel, p), (lo, hi) in zip(moves, spans):
+        for d, nd, sel, p, pos, lo in plans:
             tok = p.tok[sel]
-            y = torch.cat([p.y[sel], new[lo:hi].view(tok.shape[0], nd - d, -1)], dim=1).contiguous()
-            if self.progressive:
-                gram, cross, _ = ops.expert_gram(y, self.z[tok].contiguous())
+            n, c = pos.shape
+            y = torch.cat([p.y[sel], new[lo : lo + n * c].view(n, c, new.shape[1])], dim=1).contiguous()
+            z = self.z[tok].contiguous() if self.progressive else None
+            if p.slot is None and c == nd - d:  # all ranks held: the packed triangle directly
+                gram, cross, _ = ops.expert_gram(y, z)
+                slot = None
             else:
-                gram, cross = ops.expert_gram(y)[0], None
-            self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross))
+                slot = torch.cat([p.slots()[sel], pos], dim=1)
+                gram, cross = self._scatter_gram(y, z, slot, nd)
+            self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross if self.progressive else None, None, slot))
         for d, parts in self.buckets.items():  # bound the number of pieces (one copy now and then)
             if len(parts) > MAX_PARTS:
-                self.buckets[d] = [_merge(parts)]
+                self.buckets[d] = _merge_bucket(parts)
         self.depth = torch.maximum(self.depth, need)
         self.outputs_computed += total
         self._track()
         return total
+
+    @staticmethod
+    def _scatter_gram(y: torch.Tensor, z: torch.Tensor | None, slot: torch.Tensor, d: int):
+        """Gram entries (and cross products) of outputs y [n, L, H] at rank positions slot [n, L],
+        placed in the packed d x d triangle of all first d ranks (zeros elsewhere)."""
+        n, L = slot.shape
+        g, cross, _ = ops.expert_gram(y, z)
+        ia, ib = reference.triu_pairs(L)
+        a, b = slot[:, ia.to(slot.device)], slot[:, ib.to(slot.device)]  # ascending slots: a <= b
+        gram = g.new_zeros(n, d * (d + 1) // 2).scatter_(1, a * d - a * (a - 1) // 2 + b - a, g)
+        full_cross = None if z is None else g.new_zeros(n, d).scatter_(1, slot, cross)
+        return gram, full_cross
 
     def _track(self) -> None:
         """Updates peak_bytes: outputs, Gram and cross products held, plus the per-token inputs

@@ -153,7 +153,12 @@ def lazy_beam(
             dropped = torch.zeros(E, dtype=torch.bool, device=store.order.device)
             dropped[list(d)] = True
             need = torch.maximum(need, kth_kept_depth(store.order, dropped, k + 1))
-        store.extend(need)
+        dead = torch.ones(E, dtype=torch.bool, device=store.order.device)  # dropped by every frontier set
+        for d in frontier:
+            drops = torch.zeros_like(dead)
+            drops[list(d)] = True
+            dead &= drops
+        store.extend(need, dead)
         if store.renormalize:
             losses = _children_losses(store, frontier, cands, objective, reduce, rows)
         else:
