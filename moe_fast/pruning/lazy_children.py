@@ -121,7 +121,9 @@ def row_errors(store: LazyOutputs, kept: torch.Tensor, tokens: torch.Tensor) -> 
 Rows = dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]  # parent -> (first kept slots, row errors)
 
 
-def child_errors(store: LazyOutputs, parent: tuple[int, ...], num_groups: int, rows: Rows | None = None) -> torch.Tensor:
+def child_errors(
+    store: LazyOutputs, parent: tuple[int, ...], num_groups: int, rows: Rows | None = None
+) -> torch.Tensor:
     """Squared errors [E, G] float64 of every child parent + e per group (rows e in ``parent``:
     meaningless). Needs every token extended to its (k + 1)-th expert outside ``parent``.
 
@@ -133,6 +135,8 @@ def child_errors(store: LazyOutputs, parent: tuple[int, ...], num_groups: int, r
     if not store.renormalize:
         raise ValueError("child_errors needs weights renormalized over the chosen experts")
     E, k = store.num_experts, store.k
+    if store.num_tokens == 0:
+        return torch.zeros(E, num_groups, dtype=torch.float64)
     device = store.order.device
     dropped = torch.zeros(E, dtype=torch.bool, device=device)
     dropped[list(parent)] = True
