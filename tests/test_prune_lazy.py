@@ -102,3 +102,22 @@ def test_lazy_exhaustive_exact_tie() -> None:
         # dropping expert 1 or its copy 4 gives the same block output (up to the expert batches)
         assert ref_losses[layer][(1,)] == pytest.approx(ref_losses[layer][(4,)], rel=1e-7)
         check_layer(report.layers[layer].kept, ref_losses[layer], report.layers[layer].loss, 8, complete=False)
+
+
+@pytest.mark.parametrize("search,width", [("greedy", 1), ("beam", 2)])
+def test_lazy_without_renormalized_weights_selects_what_the_rank_bounded_search_selects(search, width) -> None:
+    """OLMoE-style softmax over all experts (norm_topk_prob False): dropping any expert changes every
+    token's weights, so the lazy search scores every candidate on every token (not the k + 1 rows)."""
+    from helpers.tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("olmoe", seed=3, num_experts=48, num_experts_per_tok=4)
+    ids = calibration_ids(3, n=16, length=32, vocab=VOCAB)
+    kw = dict(search=search, beam_width=width, batch_size=BATCH, progress=False)
+    _, full = moe_fast.prune(copy.deepcopy(model), ids, 40, lazy=False, **kw)
+    _, lazy = moe_fast.prune(copy.deepcopy(model), ids, 40, lazy=True, **kw)
+    for layer, a in full.layers.items():
+        b = lazy.layers[layer]
+        assert b.dropped == a.dropped
+        assert sorted(b.loss) == sorted(a.loss)
+        for key, v in a.loss.items():
+            assert b.loss[key] == pytest.approx(v, rel=1e-5, abs=1e-9)

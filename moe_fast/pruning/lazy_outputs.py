@@ -9,9 +9,13 @@ need what.
 
 Storage follows the outputs computed: tokens are kept in buckets by their computed depth d, each
 with the d outputs (needed for the Gram entries of later ranks) and the d(d+1)/2 Gram entries.
-Scoring reuses ``ops.subset_loss``: a bucket is handed to it with its ids padded to the width
-the op's rank-bound check asks for (k + dropped) and zero Gram entries there, which a covered
-token never reaches (its top-k among the kept lies within its d computed ranks).
+A token that is extended leaves its piece as a dead row (``_Part.alive``) rather than having the
+piece copied without it; a piece is compacted when half its rows are dead.
+Scoring reuses ``ops.subset_loss``. Greedy and beam with renormalized weights gather each token's
+few Gram entries they need from one flat copy of all tokens' entries (``flat_entries``, rebuilt
+after each ``extend``; ``lazy_children``). Otherwise a bucket is handed to the op with its ids padded
+to the width the op's rank-bound check asks for (k + dropped) and zero Gram entries there, which
+a covered token never reaches (its top-k among the kept lies within its d computed ranks).
 """
 
 from __future__ import annotations
@@ -82,18 +86,58 @@ MAX_PARTS = 8  # pieces per depth bucket before they are concatenated
 @dataclass
 class _Part:
     tok: torch.Tensor  # [n] int64 token indices
-    y: torch.Tensor  # [n, d, H] outputs of the first d ranks
-    gram: torch.Tensor  # [n, d(d+1)/2] float32
-    cross: torch.Tensor | None  # [n, d] float32 (progressive)
+    y: torch.Tensor | None  # [n, L, H] outputs of the ranks in `slot` (None: a merged view for scoring)
+    gram: torch.Tensor  # [n, d(d+1)/2] float32: all d first ranks (0 for a rank not computed)
+    cross: torch.Tensor | None  # [n, d] float32 (progressive; 0 for a rank not computed)
+    alive: torch.Tensor | None = None  # [n] bool: rows still this part's (None: all); a row whose
+    # token moved to a deeper bucket stays until the part is compacted (moving is then O(moved))
+    slot: torch.Tensor | None = None  # [n, L] int64 ascending rank positions of y's outputs (None:
+    # all d first ranks); ranks of experts that no search set can keep any more are not computed
+
+    def rows(self, idx: torch.Tensor) -> "_Part":
+        """The given rows (all alive)."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return _Part(self.tok[idx], pick(self.y), self.gram[idx], pick(self.cross), None, pick(self.slot))
+
+    def live(self) -> "_Part":
+        """The part without its dead rows (itself when all are alive)."""
+        return self if self.alive is None else self.rows(torch.nonzero(self.alive).squeeze(1))
+
+    def live_rows(self) -> torch.Tensor:
+        """Indices [n'] of the alive rows."""
+        if self.alive is None:
+            return torch.arange(self.tok.shape[0], device=self.tok.device)
+        return torch.nonzero(self.alive).squeeze(1)
+
+    def slots(self) -> torch.Tensor:
+        """[n, L] rank positions of y's outputs."""
+        if self.slot is not None:
+            return self.slot
+        return torch.arange(self.y.shape[1], device=self.tok.device).expand(self.tok.shape[0], -1)
 
 
 def _merge(parts: list[_Part], outputs: bool = True) -> _Part:
-    """One piece from several of the same depth (without the outputs when ``outputs`` is False)."""
-    if len(parts) == 1:
-        return parts[0]
+    """One piece of the alive rows of several of the same depth (without the outputs when
+    ``outputs`` is False; with them, all must hold as many outputs)."""
+    if len(parts) == 1 and parts[0].alive is None:
+        return parts[0] if outputs else _Part(parts[0].tok, None, parts[0].gram, parts[0].cross)
+    if not outputs:  # only the small tensors are copied
+        parts = [_Part(p.tok, None, p.gram, p.cross, p.alive) for p in parts]
+    parts = [p.live() for p in parts]
     cross = None if parts[0].cross is None else torch.cat([p.cross for p in parts])
     y = torch.cat([p.y for p in parts]) if outputs else None
-    return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross)
+    slot = None
+    if outputs and any(p.slot is not None for p in parts):
+        slot = torch.cat([p.slots() for p in parts])
+    return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross, None, slot)
+
+
+def _merge_bucket(parts: list[_Part]) -> list[_Part]:
+    """Pieces of one depth merged per number of outputs held (only those can share a tensor)."""
+    by_width: dict[int, list[_Part]] = {}
+    for p in parts:
+        by_width.setdefault(p.y.shape[1], []).append(p)
+    return [_merge(ps) if len(ps) > 1 else ps[0] for ps in by_width.values()]
 
 
 class LazyOutputs:
@@ -113,6 +157,7 @@ class LazyOutputs:
         self.num_tokens_total = 0  # tokens of all ranks (the exhaustive search's estimates)
         self.outputs_computed = 0  # (token, expert) outputs run so far, initial ranks included
         self.peak_bytes = 0  # most bytes held by outputs and Gram entries at once
+        self._flat = None  # flat_entries(), until the next extend
 
     # --- filled by LazyRecorder ----------------------------------------------------------------
     def add_chunk(self, x, logits, order, group, y, gram, tw=None, z=None, cross=None, tsq=None) -> None:
@@ -142,61 +187,99 @@ class LazyOutputs:
         self._parts = []
 
     # --- growth --------------------------------------------------------------------------------
-    def extend(self, need: torch.Tensor) -> int:
+    def extend(self, need: torch.Tensor, dead: torch.Tensor | None = None) -> int:
         """Computes further ranks so that token t holds at least min(need[t], rank_bound); returns
-        the number of new (token, expert) outputs."""
+        the number of new (token, expert) outputs.
+
+        ``dead`` [E] bool (greedy and beam: the experts every search set drops, so that no later
+        set keeps them): their ranks are not computed (zero Gram entries, never read for a set
+        that drops them). The exhaustive search passes none.
+        """
         need = need.to(self.depth.device).clamp(max=self.rank_bound)
         if not bool((need > self.depth).any()):
             return 0
+        self._flat = None
         moves = []  # (old depth, new depth, rows of the old part's tensors, the part)
-        for d in sorted(self.buckets):
+        growing = set(torch.unique(self.depth[need > self.depth]).tolist())  # depths with tokens to extend
+        for d in sorted(growing & set(self.buckets)):
             kept_parts = []
             for p in self.buckets[d]:
                 target = need[p.tok]
                 grow = target > d
+                if p.alive is not None:
+                    grow &= p.alive
                 if not bool(grow.any()):
                     kept_parts.append(p)
                     continue
-                stay = ~grow
-                if bool(stay.any()):
-                    kept_parts.append(_Part(p.tok[stay], p.y[stay], p.gram[stay], None if p.cross is None else p.cross[stay]))
                 idx = torch.nonzero(grow).squeeze(1)
                 for nd in torch.unique(target[idx]).tolist():
                     sel = idx[target[idx] == nd]
                     moves.append((d, int(nd), sel, p))
+                alive = ~grow if p.alive is None else p.alive & ~grow
+                count = int(alive.sum())
+                if count == 0:
+                    continue
+                rest = _Part(p.tok, p.y, p.gram, p.cross, alive, p.slot)
+                # Compact when at most half the rows are alive (the moved rows are read below
+                # from p, which keeps its tensors).
+                kept_parts.append(rest.live() if 2 * count <= p.tok.shape[0] else rest)
             self.buckets[d] = kept_parts
         # All new (token, rank) pairs in one dispatch, grouped move by move.
-        rows, ids, spans = [], [], []
+        rows, ids, plans = [], [], []
         total = 0
         for d, nd, sel, p in moves:
             tok = p.tok[sel]
-            r = self.order[tok, d:nd]  # [n, nd - d]
-            rows.append(tok.unsqueeze(1).expand_as(r).reshape(-1))
-            ids.append(r.reshape(-1))
-            spans.append((total, total + r.numel()))
-            total += r.numel()
+            r = self.order[tok, d:nd].long()  # [n, nd - d]
+            run = torch.ones_like(r, dtype=torch.bool) if dead is None else ~dead.to(r.device)[r]
+            count = run.sum(1)
+            for c in torch.unique(count).tolist():  # one new piece per number of new outputs
+                these = torch.nonzero(count == c).squeeze(1)
+                pos = torch.nonzero(run[these])[:, 1].view(these.shape[0], c) + d  # rank positions run
+                t = tok[these]
+                rows.append(t.unsqueeze(1).expand(-1, c).reshape(-1))
+                ids.append(self.order[t.unsqueeze(1), pos].reshape(-1))
+                plans.append((d, nd, sel[these], p, pos, total))
+                total += t.shape[0] * c
         new = run_pairs(self.adapter, self.experts, self.x, torch.cat(rows), torch.cat(ids))
-        for (d, nd, sel, p), (lo, hi) in zip(moves, spans):
+        for d, nd, sel, p, pos, lo in plans:
             tok = p.tok[sel]
-            y = torch.cat([p.y[sel], new[lo:hi].view(tok.shape[0], nd - d, -1)], dim=1).contiguous()
-            if self.progressive:
-                gram, cross, _ = ops.expert_gram(y, self.z[tok].contiguous())
+            n, c = pos.shape
+            y = torch.cat([p.y[sel], new[lo : lo + n * c].view(n, c, new.shape[1])], dim=1).contiguous()
+            z = self.z[tok].contiguous() if self.progressive else None
+            if p.slot is None and c == nd - d:  # all ranks held: the packed triangle directly
+                gram, cross, _ = ops.expert_gram(y, z)
+                slot = None
             else:
-                gram, cross = ops.expert_gram(y)[0], None
-            self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross))
+                slot = torch.cat([p.slots()[sel], pos], dim=1)
+                gram, cross = self._scatter_gram(y, z, slot, nd)
+            self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross if self.progressive else None, None, slot))
         for d, parts in self.buckets.items():  # bound the number of pieces (one copy now and then)
             if len(parts) > MAX_PARTS:
-                self.buckets[d] = [_merge(parts)]
+                self.buckets[d] = _merge_bucket(parts)
         self.depth = torch.maximum(self.depth, need)
         self.outputs_computed += total
         self._track()
         return total
+
+    @staticmethod
+    def _scatter_gram(y: torch.Tensor, z: torch.Tensor | None, slot: torch.Tensor, d: int):
+        """Gram entries (and cross products) of outputs y [n, L, H] at rank positions slot [n, L],
+        placed in the packed d x d triangle of all first d ranks (zeros elsewhere)."""
+        n, L = slot.shape
+        g, cross, _ = ops.expert_gram(y, z)
+        ia, ib = reference.triu_pairs(L)
+        a, b = slot[:, ia.to(slot.device)], slot[:, ib.to(slot.device)]  # ascending slots: a <= b
+        gram = g.new_zeros(n, d * (d + 1) // 2).scatter_(1, a * d - a * (a - 1) // 2 + b - a, g)
+        full_cross = None if z is None else g.new_zeros(n, d).scatter_(1, slot, cross)
+        return gram, full_cross
 
     def _track(self) -> None:
         """Updates peak_bytes: outputs, Gram and cross products held, plus the per-token inputs
         (block inputs, logits, ranking, group, target)."""
         parts = self._parts + [p for ps in self.buckets.values() for p in ps]
         held = sum(_nbytes(p.y) + _nbytes(p.gram) + _nbytes(p.cross) for p in parts)
+        if self._flat is not None:  # the flat copy of the Gram entries (and cross products)
+            held += _nbytes(self._flat[0]) + _nbytes(self._flat[1]) + sum(_nbytes(t) for t in self._flat[2] or ())
         if self._chunks:
             held += sum(_nbytes(v) for vs in self._chunks.values() for v in vs)
         else:
@@ -206,6 +289,34 @@ class LazyOutputs:
     @property
     def outputs_per_token(self) -> float:
         return self.outputs_computed / max(1, self.num_tokens)
+
+    def flat_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """All tokens' Gram entries in one flat vector ending in a 0 (token t's packed d x d
+        triangle from gram_start[t]), their cross products likewise (progressive; from cross_start
+        = t's first rank's position), and gram_start. Cached until the next ``extend``; a copy of
+        the Gram entries (d(d+1)/2 floats per token), so built on demand only."""
+        if self._flat is None:
+            device = self.depth.device
+            grams, crosses = [], []
+            start = torch.zeros(self.num_tokens, dtype=torch.int64, device=device)
+            cstart = torch.zeros_like(start)
+            offset = coffset = 0
+            for d in sorted(self.buckets):
+                for p in self.buckets[d]:  # dead rows are copied too (and never read)
+                    rows = p.live_rows()
+                    start[p.tok[rows]] = offset + rows * (d * (d + 1) // 2)
+                    grams.append(p.gram.reshape(-1))
+                    offset += grams[-1].numel()
+                    if p.cross is not None:
+                        cstart[p.tok[rows]] = coffset + rows * d
+                        crosses.append(p.cross.reshape(-1))
+                        coffset += crosses[-1].numel()
+            flat = torch.cat(grams + [torch.zeros(1, device=device)])
+            cross = (torch.cat(crosses + [torch.zeros(1, device=device)]), cstart) if self.progressive else None
+            self._flat = (flat, start, cross)
+            self._track()
+        flat, start, cross = self._flat
+        return flat, start, None if cross is None else cross[0], None if cross is None else cross[1]
 
     # --- scoring -------------------------------------------------------------------------------
     def _calls(self, tokens_mask: torch.Tensor | None, width: int, chunk: int):

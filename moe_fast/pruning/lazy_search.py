@@ -4,6 +4,10 @@
   expert outside D (dropping e moves the token's top-k one kept expert further only when e is
   in it). Each step extends the tokens to that depth for every frontier set, then scores all
   children exactly: the same losses, hence the same selections, as the rank-bounded search.
+  With weights renormalized over the chosen experts a child changes a token's error only when it
+  drops one of the token's k chosen experts, so each parent's children are scored from k + 1
+  errors per token (``lazy_children``) instead of one per child; otherwise (softmax over all
+  kept experts) every child is scored on every token.
 * Exhaustive: branch and bound. A candidate's squared error over the tokens it covers (its top-k
   among the kept lies within their computed ranks) is a lower bound of its full error per batch
   (an uncovered token adds >= 0), and so are the objective's square roots and sums. Candidates
@@ -21,7 +25,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from moe_fast.pruning.lazy_children import Rows, child_errors
 from moe_fast.pruning.lazy_outputs import LazyOutputs, kth_kept_depth
+from moe_fast.pruning.search import _best
 
 Dropped = tuple[int, ...]
 Reduce = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
@@ -82,6 +88,52 @@ def _depth_stats(store: LazyOutputs) -> dict:
             "mean_depth": round(float(d.mean()), 4) if d.numel() else 0.0}
 
 
+def _candidate_losses(
+    store: LazyOutputs, cands: list[Dropped], objective: str, reduce: Reduce | None, candidate_chunk: int
+) -> list[float]:
+    """Objective of each candidate, every candidate scored on every token (any softmax router)."""
+    losses: list[float] = []
+    for lo in range(0, len(cands), candidate_chunk):
+        keep_mask = _keep_masks(cands[lo : lo + candidate_chunk], store.num_experts)
+
+        def compute(keep_mask=keep_mask) -> torch.Tensor:
+            return store.group_errors(keep_mask, store.num_groups_total)
+
+        err = compute() if reduce is None else reduce(compute)
+        losses.extend(float(v) for v in _objective(err.cpu(), objective))
+    return losses
+
+
+def _children_losses(
+    store: LazyOutputs, frontier: list[Dropped], cands: list[Dropped], objective: str, reduce: Reduce | None,
+    rows: Rows,
+) -> list[float]:
+    """Objective of each candidate from its first parent in ``frontier`` (renormalized weights:
+    k + 1 rows per token and parent, ``lazy_children.child_errors``)."""
+    index = {c: i for i, c in enumerate(cands)}
+    losses: list[float | None] = [None] * len(cands)
+    for parent in frontier:
+        mine = []  # (candidate index, e) of the candidates not scored from an earlier parent
+        for e in range(store.num_experts):
+            if e in parent:
+                continue
+            i = index[tuple(sorted(parent + (e,)))]
+            if losses[i] is None:
+                losses[i] = 0.0
+                mine.append((i, e))
+        if not mine:
+            continue
+
+        def compute(parent=parent) -> torch.Tensor:
+            return child_errors(store, parent, store.num_groups_total, rows)
+
+        err = compute() if reduce is None else reduce(compute)
+        values = _objective(err.cpu()[[e for _, e in mine]], objective).tolist()
+        for (i, _), v in zip(mine, values):
+            losses[i] = float(v)
+    return losses
+
+
 def lazy_beam(
     store: LazyOutputs, num_drop: int, objective: str, width: int = 1, reduce: Reduce | None = None,
     candidate_chunk: int = 512,
@@ -93,6 +145,7 @@ def lazy_beam(
     info = LazyInfo()
     frontier: list[Dropped] = [()]
     evaluated: dict[Dropped, float] = {}
+    rows: Rows = {}  # the frontier's row errors (lazy_children.child_errors)
     for _ in range(num_drop):
         cands = sorted({tuple(sorted(d + (e,))) for d in frontier for e in range(E) if e not in d})
         need = torch.zeros_like(store.depth)
@@ -100,19 +153,19 @@ def lazy_beam(
             dropped = torch.zeros(E, dtype=torch.bool, device=store.order.device)
             dropped[list(d)] = True
             need = torch.maximum(need, kth_kept_depth(store.order, dropped, k + 1))
-        store.extend(need)
-        losses: list[float] = []
-        for lo in range(0, len(cands), candidate_chunk):
-            keep_mask = _keep_masks(cands[lo : lo + candidate_chunk], E)
-
-            def compute(keep_mask=keep_mask) -> torch.Tensor:
-                return store.group_errors(keep_mask, store.num_groups_total)
-
-            err = compute() if reduce is None else reduce(compute)
-            losses.extend(float(v) for v in _objective(err.cpu(), objective))
+        dead = torch.ones(E, dtype=torch.bool, device=store.order.device)  # dropped by every frontier set
+        for d in frontier:
+            drops = torch.zeros_like(dead)
+            drops[list(d)] = True
+            dead &= drops
+        store.extend(need, dead)
+        if store.renormalize:
+            losses = _children_losses(store, frontier, cands, objective, reduce, rows)
+        else:
+            losses = _candidate_losses(store, cands, objective, reduce, candidate_chunk)
         evaluated.update(zip(cands, losses))
-        order = sorted(range(len(cands)), key=lambda i: (losses[i], cands[i]))
-        frontier = [cands[i] for i in order[:width]]
+        rows = {d: rows[d] for d in frontier if d in rows}  # this step's parents' rows: the next step's starting points
+        frontier = _best(cands, losses, width)
         info.rounds += 1
         info.trace.append({"candidates": len(cands), **_depth_stats(store)})
     info.scored_exactly = len(evaluated)
