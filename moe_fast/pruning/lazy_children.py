@@ -14,7 +14,7 @@ renormalized weights), then (layer-wise) the target's slots among the first k ra
 parent drops (logits below the kept ones: every candidate drops them), with the Gram entries among
 those slots gathered from the token's computed ones. Candidate 0 keeps the first k slots, candidate
 j + 1 all k + 1 but slot j. The errors are the quadratic forms of the rank-bounded search, up to
-the order of the floating-point sums; ties are resolved as there (``search._best``).
+the order of the floating-point sums; ties are resolved as there (``search.best_sets``).
 """
 
 from __future__ import annotations

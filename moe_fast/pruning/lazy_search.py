@@ -27,7 +27,7 @@ import torch
 
 from moe_fast.pruning.lazy_children import Rows, child_errors
 from moe_fast.pruning.lazy_outputs import LazyOutputs, kth_kept_depth
-from moe_fast.pruning.search import _best
+from moe_fast.pruning.search import best_sets
 
 Dropped = tuple[int, ...]
 Reduce = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
@@ -165,7 +165,7 @@ def lazy_beam(
             losses = _candidate_losses(store, cands, objective, reduce, candidate_chunk)
         evaluated.update(zip(cands, losses))
         rows = {d: rows[d] for d in frontier if d in rows}  # this step's parents' rows: the next step's starting points
-        frontier = _best(cands, losses, width)
+        frontier = best_sets(cands, losses, width)
         info.rounds += 1
         info.trace.append({"candidates": len(cands), **_depth_stats(store)})
     info.scored_exactly = len(evaluated)
