@@ -10,6 +10,9 @@ each peak resident memory is its own):
 * rank-bounded: ``moe_fast.prune(..., lazy=False)``: every token's k + dropped = 72 first ranks
   up front, 72 * 73 / 2 Gram entries per token.
 * lazy: ``moe_fast.prune(...)`` (default): outputs computed as far as a candidate needs them.
+* lean D0/L (``--lean``): ``moe_fast.prune(..., recompute_outputs=(D0, L))``: lazy, holding per
+  token its Gram entries but no outputs (earlier ranks recomputed on extension; D0 first ranks,
+  extensions L ranks past the need).
 
 for greedy (to 64) and beam search (width 4, to 64). Prints time, expert outputs per token
 (mean over layers; these do not depend on machine noise), forward passes' worth (outputs / k),
@@ -18,6 +21,7 @@ the process peak RSS, and checks that lazy and rank-bounded select the same expe
 
     python benchmarks/bench_prune_wide.py                           # the full configuration
     python benchmarks/bench_prune_wide.py --layers 2 --n-samples 8  # a shorter run
+    python benchmarks/bench_prune_wide.py --n-samples 64 --lean 16,4 20,4  # with lean rows
 """
 
 from __future__ import annotations
@@ -69,12 +73,13 @@ def run_forward(path: str, batch_size: int) -> dict:
     return {"seconds": seconds, "peak_rss": peak_rss_bytes()}
 
 
-def run_prune(path: str, keep: int, batch_size: int, search: str, width: int, lazy: bool) -> dict:
+def run_prune(path: str, keep: int, batch_size: int, search: str, width: int, lazy: bool, recompute=False) -> dict:
     import moe_fast
 
     t0 = time.perf_counter()
     _, report = moe_fast.prune(path, os.path.join(path, "calib_ids.pt"), keep, batch_size=batch_size, search=search,
-                               beam_width=width, return_model=False, progress=False, lazy=lazy)
+                               beam_width=width, return_model=False, progress=False, lazy=lazy,
+                               recompute_outputs=recompute)
     seconds = time.perf_counter() - t0
     layers = list(report.layers.values())
     k, E = report.settings["top_k"], report.settings["num_experts"]
@@ -103,16 +108,21 @@ def main() -> None:
     p.add_argument("--beam-width", type=int, default=4)
     p.add_argument("--searches", nargs="+", default=["greedy", "beam"], choices=["greedy", "beam"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lean", nargs="*", default=[], metavar="D0,L",
+                   help="also run the lean lazy search (recompute_outputs=(D0, L)) with these settings")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=["forward", "lazy", "rank"], help=argparse.SUPPRESS)
     p.add_argument("--child-search", help=argparse.SUPPRESS)
+    p.add_argument("--child-recompute", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         if args.child == "forward":
             result = run_forward(args.path, args.batch_size)
         else:
-            result = run_prune(args.path, args.keep, args.batch_size, args.child_search, args.beam_width, args.child == "lazy")
+            recompute = tuple(int(v) for v in args.child_recompute.split(",")) if args.child_recompute else False
+            result = run_prune(args.path, args.keep, args.batch_size, args.child_search, args.beam_width, args.child == "lazy",
+                               recompute)
         print(json.dumps(result))
         return
 
@@ -130,10 +140,12 @@ def main() -> None:
         print(f"forward pass: {fwd['seconds']:.2f} s, peak RSS {fwd['peak_rss'] / 2**20:.0f} MiB", flush=True)
         for search in args.searches:
             res = {}
-            for which in ("rank", "lazy"):
-                res[which] = _child(ckpt, "--child", which, "--child-search", search, *common)
+            for which in ("rank", "lazy", *(f"lean {v}" for v in args.lean)):
+                extra = ["--child-recompute", which.split()[1]] if which.startswith("lean") else []
+                child = "lazy" if which.startswith("lean") else which
+                res[which] = _child(ckpt, "--child", child, "--child-search", search, *common, *extra)
                 print(f"{search} {which}: {res[which]['seconds']:.1f} s", flush=True)
-            same = res["rank"]["dropped"] == res["lazy"]["dropped"]
+            same = {w: res["rank"]["dropped"] == x["dropped"] for w, x in res.items()}
             rows.append({"search": search, "forward": fwd, **res, "same_selection": same})
     k = args.top_k
     label = {"greedy": "greedy", "beam": f"beam {args.beam_width}"}
@@ -143,14 +155,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| - | one forward pass | {fwd['seconds']:.2f} | - | 1.0 | {k} | 1.0 | - | - | {fwd['peak_rss'] / 2**20:.0f} | - |")
     for r in rows:
-        for which, name in (("rank", "rank-bounded"), ("lazy", "lazy")):
+        for which, name in (("rank", "rank-bounded"), ("lazy", "lazy"), *((f"lean {v}", f"lean {v.replace(',', '/')}") for v in args.lean)):
             x = r[which]
             mean = sum(x["outputs_per_token"]) / len(x["outputs_per_token"])
             per_layer = ", ".join(f"{v:.2f}" for v in x["outputs_per_token"])
             ratio = r["rank"]["state_bytes"] / x["state_bytes"]
             print(f"| {label[r['search']]} | {name} | {x['seconds']:.1f} | {x['phases']:.1f} | {x['seconds'] / fwd['seconds']:.1f} | "
                   f"{mean:.2f} ({per_layer}) | {mean / k:.2f} | {x['state_bytes'] / 2**20:.1f} | {ratio:.2f}x | "
-                  f"{x['peak_rss'] / 2**20:.0f} | {r['same_selection']} |")
+                  f"{x['peak_rss'] / 2**20:.0f} | {r['same_selection'][which]} |")
     for r in rows:
         print(f"{label[r['search']]}: lazy vs rank-bounded {r['rank']['seconds'] / r['lazy']['seconds']:.2f}x faster "
               f"(phases {r['rank']['phases'] / r['lazy']['phases']:.2f}x)")

@@ -55,7 +55,7 @@ def test_run_settings_keep_the_report_keys_in_order() -> None:
     spec = SearchSpec.build(_Adapter(), 5, "beam", 3, "mse", None)
     settings = run_settings(spec, "progressive", Source(), {"n_samples": 2})
     assert list(settings) == ["keep", "num_experts", "top_k", "mode", "objective", "search", "beam_width", "rank_bound",
-                              "lazy", "model_type", "dtype", "calibration"]
+                              "lazy", "recompute_outputs", "model_type", "dtype", "calibration"]
     assert (settings["keep"], settings["rank_bound"], settings["beam_width"], settings["dtype"]) == (5, 5, 3, "bfloat16")
 
 

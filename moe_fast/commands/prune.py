@@ -70,6 +70,13 @@ def register(subparsers) -> None:
         help="precision of the computation (default auto: the checkpoint's dtype)",
     )
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens whose expert outputs are held at once")
+    p.add_argument(
+        "--recompute-outputs", nargs="?", const="default", default=None, metavar="D0,L",
+        help="lean lazy search (greedy/beam): hold per token its Gram entries, not its expert outputs, and "
+        "recompute the outputs still needed when a token's later ranks are needed. Less search memory, more "
+        "expert outputs run (same selections). Optional D0,L: ranks every token starts with and ranks an "
+        "extension goes past the need (default 2k,k)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
@@ -161,6 +168,19 @@ def run_reconstruction(args: argparse.Namespace) -> None:
         print(report.table())
 
 
+def _recompute(value: str | None) -> bool | tuple[int, int]:
+    """--recompute-outputs: absent -> False, bare -> True, "D0,L" -> (D0, L)."""
+    if value is None:
+        return False
+    if value == "default":
+        return True
+    try:
+        first, ahead = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--recompute-outputs takes D0,L (two integers), got {value!r}") from None
+    return first, ahead
+
+
 def _prune(args: argparse.Namespace, prune, device):
     from moe_fast.pruning.distributed import RankFailed
 
@@ -180,6 +200,7 @@ def _prune(args: argparse.Namespace, prune, device):
             resume=args.resume,
             chunk_tokens=args.chunk_tokens,
             return_model=False,
+            recompute_outputs=_recompute(args.recompute_outputs),
             **_calibration_options(args),
         )
     except RankFailed as err:

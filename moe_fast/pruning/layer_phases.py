@@ -119,8 +119,9 @@ class LayerPruner:
             grouped.finish()
             return grouped
         if self.spec.lazy:
-            store = LazyOutputs(self.adapter, block.experts, rank_bound)
-            stream.record(layer, block, LazyRecorder(self.adapter, block, store, self.chunk_tokens))
+            first, ahead = self.spec.recompute or (None, 0)
+            store = LazyOutputs(self.adapter, block.experts, rank_bound, hold_outputs=self.spec.recompute is None, lookahead=ahead)
+            stream.record(layer, block, LazyRecorder(self.adapter, block, store, self.chunk_tokens, first_ranks=first))
             store.finish()
             return store
         stats = LayerStats(rank_bound=rank_bound)

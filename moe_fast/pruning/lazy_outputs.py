@@ -81,6 +81,7 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 
 MAX_PARTS = 8  # pieces per depth bucket before they are concatenated
+LEAN_DISPATCH = 1 << 15  # lean mode: most (token, expert) outputs recomputed and alive at once
 
 
 @dataclass
@@ -132,8 +133,18 @@ def _merge(parts: list[_Part], outputs: bool = True) -> _Part:
     return _Part(torch.cat([p.tok for p in parts]), y, torch.cat([p.gram for p in parts]), cross, None, slot)
 
 
+def _depth_of(p: _Part) -> int:
+    """The ranks a piece's Gram entries cover (d from its d(d+1)/2 entries per token)."""
+    d = int(((8 * p.gram.shape[1] + 1) ** 0.5 - 1) / 2 + 0.5)
+    if d * (d + 1) // 2 != p.gram.shape[1]:
+        raise ValueError(f"{p.gram.shape[1]} Gram entries per token are no packed triangle")
+    return d
+
+
 def _merge_bucket(parts: list[_Part]) -> list[_Part]:
     """Pieces of one depth merged per number of outputs held (only those can share a tensor)."""
+    if all(p.y is None for p in parts):  # lean mode: no outputs held
+        return [_merge(parts, outputs=False)]
     by_width: dict[int, list[_Part]] = {}
     for p in parts:
         by_width.setdefault(p.y.shape[1], []).append(p)
@@ -143,7 +154,14 @@ def _merge_bucket(parts: list[_Part]) -> list[_Part]:
 class LazyOutputs:
     """One layer's calibration tokens, their computed ranks, outputs and Gram entries."""
 
-    def __init__(self, adapter: MoEAdapter, experts: nn.Module, rank_bound: int) -> None:
+    def __init__(self, adapter: MoEAdapter, experts: nn.Module, rank_bound: int, hold_outputs: bool = True,
+                 lookahead: int = 0) -> None:
+        """``hold_outputs`` False (lean): a token keeps only its Gram entries; extending it recomputes
+        the outputs of its earlier ranks that are still needed (counted in ``outputs_computed``).
+        ``lookahead``: ranks computed past what a token needs when it is extended (fewer extensions)."""
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.hold_outputs, self.lookahead = hold_outputs, lookahead
         self.adapter, self.experts = adapter, experts
         self.k, self.num_experts, self.rank_bound = adapter.top_k, adapter.num_experts, rank_bound
         self.renormalize = adapter.renormalize
@@ -155,7 +173,8 @@ class LazyOutputs:
         self.first_ranks = self.k + 1  # ranks every token starts with (LazyRecorder)
         self.num_groups_total = 0  # groups of the objective (all ranks' batches); set by finish()
         self.num_tokens_total = 0  # tokens of all ranks (the exhaustive search's estimates)
-        self.outputs_computed = 0  # (token, expert) outputs run so far, initial ranks included
+        self.outputs_computed = 0  # (token, expert) outputs run so far, initial ranks and recomputed ones included
+        self.outputs_recomputed = 0  # lean mode: of those, outputs run again for a token's earlier ranks
         self.peak_bytes = 0  # most bytes held by outputs and Gram entries at once
         self._flat = None  # flat_entries(), until the next extend
 
@@ -166,7 +185,7 @@ class LazyOutputs:
         for name, v in (("x", x), ("logits", logits), ("order", order), ("group", group), ("tw", tw), ("z", z), ("tsq", tsq)):
             if v is not None:
                 self._chunks[name].append(v)
-        self._parts.append(_Part(tok, y, gram, cross))
+        self._parts.append(_Part(tok, y if self.hold_outputs else None, gram, cross))
         self.num_tokens += n
         self.outputs_computed += n * y.shape[1]
         self._track()
@@ -182,8 +201,9 @@ class LazyOutputs:
         device = self.order.device if self.order is not None else torch.device("cpu")
         self.depth = torch.zeros(self.num_tokens, dtype=torch.int64, device=device)
         for p in self._parts:
-            self.buckets.setdefault(p.y.shape[1], []).append(p)
-            self.depth[p.tok] = p.y.shape[1]
+            d = _depth_of(p)
+            self.buckets.setdefault(d, []).append(p)
+            self.depth[p.tok] = d
         self._parts = []
 
     # --- growth --------------------------------------------------------------------------------
@@ -195,7 +215,10 @@ class LazyOutputs:
         set keeps them): their ranks are not computed (zero Gram entries, never read for a set
         that drops them). The exhaustive search passes none.
         """
-        need = need.to(self.depth.device).clamp(max=self.rank_bound)
+        need = need.to(self.depth.device)
+        if self.lookahead:  # tokens that grow at all grow past the need
+            need = torch.where(need > self.depth, need + self.lookahead, need)
+        need = need.clamp(max=self.rank_bound)
         if not bool((need > self.depth).any()):
             return 0
         self._flat = None
@@ -222,44 +245,87 @@ class LazyOutputs:
                 rest = _Part(p.tok, p.y, p.gram, p.cross, alive, p.slot)
                 # Compact when at most half the rows are alive (the moved rows are read below
                 # from p, which keeps its tensors).
-                kept_parts.append(rest.live() if 2 * count <= p.tok.shape[0] else rest)
+                # Lean pieces (no outputs) are compacted at once: a copy of their Gram entries only.
+                kept_parts.append(rest.live() if 2 * count <= p.tok.shape[0] or p.y is None else rest)
             self.buckets[d] = kept_parts
-        # All new (token, rank) pairs in one dispatch, grouped move by move.
-        rows, ids, plans = [], [], []
-        total = 0
+        # All new (token, rank) pairs in one dispatch, grouped move by move (lean: in dispatches of
+        # at most LEAN_DISPATCH outputs, so that the recomputed outputs alive at once stay bounded).
+        cap = None if self.hold_outputs else LEAN_DISPATCH
+        batches: list[list[tuple]] = [[]]  # per dispatch: (d, nd, sel, p, pos, rows, ids)
+        held = total = 0
         for d, nd, sel, p in moves:
             tok = p.tok[sel]
-            r = self.order[tok, d:nd].long()  # [n, nd - d]
+            # Lean: the outputs of the earlier ranks [0, d) are recomputed too, but the dead ones'
+            # (their entries with later ranks are never read) outside the layer-wise target's first k.
+            lo_rank = d if self.hold_outputs else 0
+            r = self.order[tok, lo_rank:nd].long()  # [n, nd - lo_rank]
             run = torch.ones_like(r, dtype=torch.bool) if dead is None else ~dead.to(r.device)[r]
+            if not self.hold_outputs and not self.progressive:
+                run[:, : self.k] = True
             count = run.sum(1)
             for c in torch.unique(count).tolist():  # one new piece per number of new outputs
-                these = torch.nonzero(count == c).squeeze(1)
-                pos = torch.nonzero(run[these])[:, 1].view(these.shape[0], c) + d  # rank positions run
-                t = tok[these]
-                rows.append(t.unsqueeze(1).expand(-1, c).reshape(-1))
-                ids.append(self.order[t.unsqueeze(1), pos].reshape(-1))
-                plans.append((d, nd, sel[these], p, pos, total))
-                total += t.shape[0] * c
-        new = run_pairs(self.adapter, self.experts, self.x, torch.cat(rows), torch.cat(ids))
-        for d, nd, sel, p, pos, lo in plans:
-            tok = p.tok[sel]
-            n, c = pos.shape
-            y = torch.cat([p.y[sel], new[lo : lo + n * c].view(n, c, new.shape[1])], dim=1).contiguous()
-            z = self.z[tok].contiguous() if self.progressive else None
-            if p.slot is None and c == nd - d:  # all ranks held: the packed triangle directly
-                gram, cross, _ = ops.expert_gram(y, z)
-                slot = None
-            else:
-                slot = torch.cat([p.slots()[sel], pos], dim=1)
-                gram, cross = self._scatter_gram(y, z, slot, nd)
-            self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross if self.progressive else None, None, slot))
+                these_all = torch.nonzero(count == c).squeeze(1)
+                step = these_all.shape[0] if cap is None else max(1, cap // max(1, c))
+                for a in range(0, these_all.shape[0], step):
+                    these = these_all[a : a + step]
+                    pos = torch.nonzero(run[these])[:, 1].view(these.shape[0], c) + lo_rank  # rank positions run
+                    t = tok[these]
+                    if cap is not None and held and held + t.shape[0] * c > cap:
+                        batches.append([])
+                        held = 0
+                    batches[-1].append((d, nd, sel[these], p, pos, t.unsqueeze(1).expand(-1, c).reshape(-1),
+                                        self.order[t.unsqueeze(1), pos].reshape(-1)))
+                    held += t.shape[0] * c
+                    total += t.shape[0] * c
+        recomputed = 0
+        for plans in batches:
+            if not plans:
+                continue
+            new = run_pairs(self.adapter, self.experts, self.x, torch.cat([q[5] for q in plans]), torch.cat([q[6] for q in plans]))
+            lo = 0
+            for d, nd, sel, p, pos, _, _ in plans:
+                n, c = pos.shape
+                y_new = new[lo : lo + n * c].view(n, c, new.shape[1])
+                lo += n * c
+                if self.hold_outputs:
+                    self._grow_holding(d, nd, sel, p, pos, y_new)
+                else:
+                    recomputed += int((pos < d).sum())
+                    self._grow_lean(d, nd, sel, p, pos, y_new)
+            del new
         for d, parts in self.buckets.items():  # bound the number of pieces (one copy now and then)
             if len(parts) > MAX_PARTS:
                 self.buckets[d] = _merge_bucket(parts)
         self.depth = torch.maximum(self.depth, need)
         self.outputs_computed += total
+        self.outputs_recomputed += recomputed
         self._track()
         return total
+
+    def _grow_holding(self, d: int, nd: int, sel: torch.Tensor, p: _Part, pos: torch.Tensor, y_new: torch.Tensor) -> None:
+        """The rows ``sel`` of piece p (depth d), with new outputs y_new at rank positions pos, as a
+        piece of depth nd holding all their outputs."""
+        tok = p.tok[sel]
+        z = self.z[tok].contiguous() if self.progressive else None
+        y = torch.cat([p.y[sel], y_new], dim=1).contiguous()
+        if p.slot is None and pos.shape[1] == nd - d:  # all ranks held: the packed triangle directly
+            gram, cross, _ = ops.expert_gram(y, z)
+            slot = None
+        else:
+            slot = torch.cat([p.slots()[sel], pos], dim=1)
+            gram, cross = self._scatter_gram(y, z, slot, nd)
+        self.buckets.setdefault(nd, []).append(_Part(tok, y, gram, cross if self.progressive else None, None, slot))
+
+    def _grow_lean(self, d: int, nd: int, sel: torch.Tensor, p: _Part, pos: torch.Tensor, y: torch.Tensor) -> None:
+        """Lean: the rows ``sel`` of piece p (depth d) as a piece of depth nd without outputs; y holds
+        the outputs at rank positions pos (earlier ranks recomputed, then the new ones)."""
+        tok = p.tok[sel]
+        z = self.z[tok].contiguous() if self.progressive else None
+        gram, cross = self._scatter_gram(y, z, pos, nd)
+        gram[:, _pack_index(d, nd, gram.device)] = p.gram[sel]  # the earlier ranks' entries as first computed
+        if self.progressive:
+            cross[:, :d] = p.cross[sel]
+        self.buckets.setdefault(nd, []).append(_Part(tok, None, gram, cross if self.progressive else None))
 
     @staticmethod
     def _scatter_gram(y: torch.Tensor, z: torch.Tensor | None, slot: torch.Tensor, d: int):

@@ -64,6 +64,7 @@ def prune(
     return_model: bool = True,
     progress: bool = True,
     lazy: bool | None = None,
+    recompute_outputs: bool | tuple[int, int] = False,
 ) -> PruneResult:
     """Prunes every MoE layer to ``keep`` experts; returns ``(model, report)``.
 
@@ -92,6 +93,13 @@ def prune(
             own tokens and sum the candidates' errors over ranks, as the rank-bounded search does.
             Grouped routers always take the grouped search, which computes outputs as candidates
             need them (None or True; False is refused).
+        recompute_outputs: lean lazy search: per token hold only its block input and the Gram
+            entries of its computed ranks, not the expert outputs; when a candidate needs a token's
+            later ranks, its earlier outputs still needed are recomputed. Less search memory (about
+            H + d(d+1)/2 floats per token for d computed ranks), more expert outputs run (counted
+            in ``expert_outputs_per_token``); the same selections. True: every token starts with
+            2k ranks and an extension goes k ranks past the need; a pair (first_ranks, lookahead)
+            sets them. Lazy search only (greedy, beam, or ``lazy=True``).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -110,7 +118,7 @@ def prune(
     with claimed(out, ctx) as partial:  # the lock and resume file of <out>.moe_fast_partial
         with ctx.guard():
             source = open_source(model_or_path, device, dtype)
-            spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy)
+            spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
             if tokenizer is None and needs_tokenizer(calibration):
                 tokenizer = find_tokenizer(source.path, loaded)
             calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed)

@@ -76,6 +76,7 @@ class SearchSpec:
     objective: str  # paper or mse
     lazy: bool  # expert outputs computed as candidates need them (lazy_search, grouped_outputs), not all up front
     n_group: int = 1  # > 1: a grouped router, searched over equal-per-group keep-sets (grouped_search)
+    recompute: tuple[int, int] | None = None  # lean lazy search: (first ranks, lookahead); None: outputs held
 
     @property
     def num_drop(self) -> int:
@@ -100,7 +101,7 @@ class SearchSpec:
     @classmethod
     def build(
         cls, adapter: MoEAdapter, num_keep: int, search: str, beam_width: int, objective: str,
-        lazy: bool | None,
+        lazy: bool | None, recompute_outputs: bool | tuple[int, int] = False,
     ) -> "SearchSpec":
         """``lazy`` None: lazy for greedy and beam, rank-bounded for exhaustive search; routers other
         than plain softmax (``lazy_supported``) use the rank-bounded search, and refuse
@@ -130,7 +131,33 @@ class SearchSpec:
             return cls(num_experts, top_k, num_keep, method, beam_width, objective, True, grouped.n_group)
         method = choose_search(search, num_experts, num_keep)
         use_lazy = (method != "exhaustive" if lazy is None else lazy) and lazy_supported(adapter)
-        return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy)
+        recompute = resolve_recompute(recompute_outputs, top_k, top_k + num_experts - num_keep)
+        if recompute is not None and not use_lazy:
+            raise ValueError("recompute_outputs serves the lazy search only: pass lazy=True (or leave it unset with "
+                             "greedy or beam search) on a plain softmax router")
+        return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy, recompute=recompute)
+
+
+def resolve_recompute(value: bool | tuple[int, int] | list[int], top_k: int, rank_bound: int) -> tuple[int, int] | None:
+    """``recompute_outputs`` as (first ranks, lookahead): False -> None, True -> the defaults
+    (2k first ranks, lookahead k: DEFAULT_RECOMPUTE), a pair as given (first ranks >= k + 1,
+    lookahead >= 0; first ranks clamped to the rank bound)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        first, ahead = DEFAULT_RECOMPUTE[0] * top_k, DEFAULT_RECOMPUTE[1] * top_k
+    else:
+        try:
+            first, ahead = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"recompute_outputs must be a bool or a pair (first_ranks, lookahead), got {value!r}") from None
+        if first < top_k + 1 or ahead < 0:
+            raise ValueError(f"recompute_outputs (first_ranks, lookahead) needs first_ranks >= top-k + 1 = {top_k + 1} "
+                             f"and lookahead >= 0, got ({first}, {ahead})")
+    return min(first, rank_bound), ahead
+
+
+DEFAULT_RECOMPUTE = (2, 1)  # recompute_outputs=True: first ranks 2k, lookahead k (benchmarks/RESULTS.md)
 
 
 def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: dict) -> dict:
@@ -139,6 +166,8 @@ def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: 
         "keep": spec.num_keep, "num_experts": spec.num_experts, "top_k": spec.top_k, "mode": mode,
         "objective": spec.objective, "search": spec.method,
         "beam_width": spec.beam_width if spec.method == "beam" else None, "rank_bound": spec.rank_bound,
-        "lazy": spec.lazy, **({"grouped_search": spec.grouped_note()} if spec.grouped else {}), "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
+        "lazy": spec.lazy,
+        "recompute_outputs": None if spec.recompute is None else dict(zip(("first_ranks", "lookahead"), spec.recompute)),
+        **({"grouped_search": spec.grouped_note()} if spec.grouped else {}), "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
         "calibration": calibration,
     }
