@@ -11,6 +11,13 @@ Storage follows the outputs computed: tokens are kept in buckets by their comput
 with the d outputs (needed for the Gram entries of later ranks) and the d(d+1)/2 Gram entries.
 A token that is extended leaves its piece as a dead row (``_Part.alive``) rather than having the
 piece copied without it; a piece is compacted when half its rows are dead.
+Lean mode (``hold_outputs=False``: ``moe_fast.prune(..., recompute_outputs=...)``) holds no
+outputs: a token keeps its block input x and its Gram entries; extending it from d to nd ranks
+recomputes its outputs of the ranks [0, d) still needed (all but those of dead experts, and
+layer-wise always the target's first k), computes the new ranks, forms the entries with the new
+ranks and drops the outputs again (in dispatches of at most ``LEAN_DISPATCH`` outputs). The
+earlier ranks' entries are kept as first computed. Recomputed outputs count in
+``outputs_computed``; more first ranks and a ``lookahead`` past the need make extensions rarer.
 Scoring reuses ``ops.subset_loss``. Greedy and beam with renormalized weights gather each token's
 few Gram entries they need from one flat copy of all tokens' entries (``flat_entries``, rebuilt
 after each ``extend``; ``lazy_children``). Otherwise a bucket is handed to the op with its ids padded
