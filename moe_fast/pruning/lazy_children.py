@@ -73,6 +73,10 @@ def gather_gram(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -
     depth = store.depth[tokens]
     if n and bool((slots >= depth.unsqueeze(1)).any()):
         raise RuntimeError("a token needs a rank beyond those computed: extend it first")
+    if not store.hold_outputs:  # lean: read in place, no flat copy
+        ia, ib = reference.triu_pairs(W)
+        a, b = slots.index_select(1, ia.to(slots.device)), slots.index_select(1, ib.to(slots.device))
+        return store.lean_entries(tokens, torch.minimum(a, b), torch.maximum(a, b))
     flat, start, _, _ = store.flat_entries()
     itype = torch.int32 if flat.numel() < 2**31 else torch.int64
     s, d = slots.to(itype), depth.to(itype).unsqueeze(1)
@@ -88,6 +92,8 @@ def gather_gram(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -
 
 def gather_cross(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Progressive: <y_slot, z> of the slots [n, W] of tokens [n] -> [n, W] float32 (0 where empty)."""
+    if not store.hold_outputs:
+        return store.lean_cross(tokens, slots)
     _, _, flat, start = store.flat_entries()
     return flat[torch.where(slots >= 0, start[tokens].unsqueeze(1) + slots, flat.numel() - 1)]
 

@@ -212,6 +212,9 @@ class LazyOutputs:
             self.buckets.setdefault(d, []).append(p)
             self.depth[p.tok] = d
         self._parts = []
+        self.row = torch.zeros_like(self.depth)  # lean: each token's row in its depth's single piece
+        if not self.hold_outputs:
+            self._one_piece_per_depth(list(self.buckets))
 
     # --- growth --------------------------------------------------------------------------------
     def extend(self, need: torch.Tensor, dead: torch.Tensor | None = None) -> int:
@@ -300,6 +303,8 @@ class LazyOutputs:
                     recomputed += int((pos < d).sum())
                     self._grow_lean(d, nd, sel, p, pos, y_new)
             del new
+        if not self.hold_outputs:
+            self._one_piece_per_depth([d for d, ps in self.buckets.items() if len(ps) != 1 or ps[0].alive is not None])
         for d, parts in self.buckets.items():  # bound the number of pieces (one copy now and then)
             if len(parts) > MAX_PARTS:
                 self.buckets[d] = _merge_bucket(parts)
@@ -333,6 +338,44 @@ class LazyOutputs:
         if self.progressive:
             cross[:, :d] = p.cross[sel]
         self.buckets.setdefault(nd, []).append(_Part(tok, None, gram, cross if self.progressive else None))
+
+    def _one_piece_per_depth(self, depths: list[int]) -> None:
+        """Lean: the given depths' pieces merged into one each (a copy of that depth's Gram entries
+        only), and ``row`` updated, so that scoring reads the pieces in place (``lean_entries``)
+        instead of a flat copy of all entries."""
+        for d in depths:
+            parts = self.buckets[d]
+            if not parts:
+                del self.buckets[d]
+                continue
+            self.buckets[d] = [_merge(parts, outputs=False)]
+        for ps in self.buckets.values():  # compacted pieces moved their rows too
+            self.row[ps[0].tok] = torch.arange(ps[0].tok.shape[0], device=ps[0].tok.device)
+
+    def lean_entries(self, tokens: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Lean: Gram entries (lo, hi) [n, P] of tokens [n] (lo <= hi < the token's depth; lo < 0:
+        0), read from each depth's piece."""
+        out = torch.zeros(lo.shape, dtype=torch.float32, device=lo.device)
+        depth = self.depth[tokens]
+        for d in torch.unique(depth).tolist():
+            sel = torch.nonzero(depth == d).squeeze(1)
+            a, b = lo[sel], hi[sel]
+            idx = (self.row[tokens[sel]] * (d * (d + 1) // 2)).unsqueeze(1) + a * d - ((a * (a + 1)) >> 1) + b
+            gram = self.buckets[d][0].gram.reshape(-1)
+            out[sel] = torch.where(a >= 0, gram[idx.clamp_min(0)], torch.zeros((), dtype=gram.dtype, device=gram.device))
+        return out
+
+    def lean_cross(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Lean, progressive: cross products [n, W] of tokens [n] at slots (-1: 0)."""
+        out = torch.zeros(slots.shape, dtype=torch.float32, device=slots.device)
+        depth = self.depth[tokens]
+        for d in torch.unique(depth).tolist():
+            sel = torch.nonzero(depth == d).squeeze(1)
+            s = slots[sel]
+            cross = self.buckets[d][0].cross.reshape(-1)
+            idx = (self.row[tokens[sel]] * d).unsqueeze(1) + s
+            out[sel] = torch.where(s >= 0, cross[idx.clamp_min(0)], torch.zeros((), dtype=cross.dtype, device=cross.device))
+        return out
 
     @staticmethod
     def _scatter_gram(y: torch.Tensor, z: torch.Tensor | None, slot: torch.Tensor, d: int):
