@@ -100,7 +100,8 @@ def test_lean_settings_are_checked() -> None:
         moe_fast.prune(copy.deepcopy(model), ids, 4, search="greedy", progress=False, recompute_outputs=(4,))
     with pytest.raises(ValueError, match="lazy search only"):
         moe_fast.prune(copy.deepcopy(model), ids, 4, search="greedy", progress=False, lazy=False, recompute_outputs=True)
-    assert resolve_recompute(True, 8, 72) == (16, 8)
+    assert resolve_recompute(True, 8, 72) == (18, 6)
+    assert resolve_recompute(True, 2, 4) == (4, 2)
     assert resolve_recompute((100, 3), 8, 72) == (72, 3)  # clamped to the rank bound
     assert resolve_recompute(False, 8, 72) is None
     assert (_recompute(None), _recompute("default"), _recompute("12,4")) == (False, True, (12, 4))

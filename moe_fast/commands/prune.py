@@ -75,7 +75,7 @@ def register(subparsers) -> None:
         help="lean lazy search (greedy/beam): hold per token its Gram entries, not its expert outputs, and "
         "recompute the outputs still needed when a token's later ranks are needed. Less search memory, more "
         "expert outputs run (same selections). Optional D0,L: ranks every token starts with and ranks an "
-        "extension goes past the need (default 2k,k)",
+        "extension goes past the need (default 2k+2,ceil(3k/4): 18,6 for top-8)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same settings")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

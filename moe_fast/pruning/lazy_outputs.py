@@ -16,7 +16,9 @@ outputs: a token keeps its block input x and its Gram entries; extending it from
 recomputes its outputs of the ranks [0, d) still needed (all but those of dead experts, and
 layer-wise always the target's first k), computes the new ranks, forms the entries with the new
 ranks and drops the outputs again (in dispatches of at most ``LEAN_DISPATCH`` outputs). The
-earlier ranks' entries are kept as first computed. Recomputed outputs count in
+earlier ranks' entries are kept as first computed. Each depth's entries are one piece (merged
+after each extension), read in place by ``lean_entries`` rather than through the flat copy, which
+would double the Gram entries held. Recomputed outputs count in
 ``outputs_computed``; more first ranks and a ``lookahead`` past the need make extensions rarer.
 Scoring reuses ``ops.subset_loss``. Greedy and beam with renormalized weights gather each token's
 few Gram entries they need from one flat copy of all tokens' entries (``flat_entries``, rebuilt

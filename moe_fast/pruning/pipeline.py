@@ -98,8 +98,8 @@ def prune(
             later ranks, its earlier outputs still needed are recomputed. Less search memory (about
             H + d(d+1)/2 floats per token for d computed ranks), more expert outputs run (counted
             in ``expert_outputs_per_token``); the same selections. True: every token starts with
-            2k ranks and an extension goes k ranks past the need; a pair (first_ranks, lookahead)
-            sets them. Lazy search only (greedy, beam, or ``lazy=True``).
+            2k + 2 ranks and an extension goes ceil(3k/4) ranks past the need (18 and 6 for
+            k = 8); a pair (first_ranks, lookahead) sets them. Lazy search only (greedy, beam, or ``lazy=True``).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
