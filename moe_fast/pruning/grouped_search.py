@@ -20,10 +20,9 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from moe_fast.pruning.grouped_outputs import GroupedOutputs
-from moe_fast.pruning.search import Dropped, Scorer, best_sets
+from moe_fast.pruning.search import Dropped, Scorer, best_sets, chunked_scorer
 
 Reduce = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
 
@@ -70,38 +69,19 @@ def grouped_scorer(
 ) -> Scorer:
     """Dropped sets -> objective values (paper: sum_g sqrt(err_g); mse: sum_g err_g). ``reduce``
     (data-parallel) sums the ranks' [C, G] squared errors before the square roots."""
-    if objective not in ("paper", "mse"):
-        raise ValueError(f"objective must be paper or mse; got {objective!r}")
-    E = store.num_experts
 
-    def score(cands: Sequence[Dropped]) -> list[float]:
-        values: list[float] = []
-        bar = tqdm(total=len(cands), desc=desc, leave=False, disable=not progress)
-        for lo in range(0, len(cands), candidate_chunk):
-            part = cands[lo : lo + candidate_chunk]
-            keep = torch.ones(len(part), E, dtype=torch.bool)
-            for row, dropped in enumerate(part):
-                keep[row, list(dropped)] = False
+    def errors(part: Sequence[Dropped], keep: torch.Tensor) -> torch.Tensor:
+        err = torch.zeros(len(part), num_groups, dtype=torch.float64)
+        parents = [store.parent_in_frontier(d) for d in part]
+        full = [i for i, p in enumerate(parents) if p is None]
+        if full:
+            err[full] = store.group_errors(keep[full], num_groups)
+        for i, p in enumerate(parents):
+            if p is not None:  # one expert beyond a frontier set: only its affected tokens
+                err[i] = store.child_errors(p[0], p[1], num_groups)
+        return err
 
-            def compute(part=part, keep=keep) -> torch.Tensor:
-                err = torch.zeros(len(part), num_groups, dtype=torch.float64)
-                parents = [store.parent_in_frontier(d) for d in part]
-                full = [i for i, p in enumerate(parents) if p is None]
-                if full:
-                    err[full] = store.group_errors(keep[full], num_groups)
-                for i, p in enumerate(parents):
-                    if p is not None:  # one expert beyond a frontier set: only its affected tokens
-                        err[i] = store.child_errors(p[0], p[1], num_groups)
-                return err
-
-            err = (compute() if reduce is None else reduce(compute)).cpu()
-            val = err.clamp_min(0.0).sqrt().sum(1) if objective == "paper" else err.sum(1)
-            values.extend(float(v) for v in val)
-            bar.update(len(part))
-        bar.close()
-        return values
-
-    return score
+    return chunked_scorer(errors, store.num_experts, objective, candidate_chunk, progress, desc, reduce)
 
 
 def run_grouped_search(

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from moe_fast.pruning.lazy_children import Rows, child_errors
 from moe_fast.pruning.lazy_outputs import LazyOutputs, kth_kept_depth
-from moe_fast.pruning.search import best_sets
+from moe_fast.pruning.search import best_sets, keep_masks, objective_values
 
 Dropped = tuple[int, ...]
 Reduce = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
@@ -70,18 +70,6 @@ def _shares(depth: torch.Tensor) -> dict[int, float]:
     return {int(v): round(int(c) / total, 4) for v, c in zip(values, counts)}
 
 
-def _objective(err: torch.Tensor, objective: str) -> torch.Tensor:
-    return err.clamp_min(0.0).sqrt().sum(1) if objective == "paper" else err.sum(1)
-
-
-def _keep_masks(cands: Sequence[Dropped], num_experts: int) -> torch.Tensor:
-    """[C, E] bool, False at each candidate's dropped experts (all candidates drop as many)."""
-    keep_mask = torch.ones(len(cands), num_experts, dtype=torch.bool)
-    if cands and cands[0]:
-        keep_mask.scatter_(1, torch.tensor(cands, dtype=torch.int64), False)
-    return keep_mask
-
-
 def _depth_stats(store: LazyOutputs) -> dict:
     d = store.depth.float()
     return {"outputs_per_token": round(store.outputs_per_token, 4), "max_depth": int(store.depth.max()) if d.numel() else 0,
@@ -94,13 +82,13 @@ def _candidate_losses(
     """Objective of each candidate, every candidate scored on every token (any softmax router)."""
     losses: list[float] = []
     for lo in range(0, len(cands), candidate_chunk):
-        keep_mask = _keep_masks(cands[lo : lo + candidate_chunk], store.num_experts)
+        keep_mask = keep_masks(cands[lo : lo + candidate_chunk], store.num_experts)
 
         def compute(keep_mask=keep_mask) -> torch.Tensor:
             return store.group_errors(keep_mask, store.num_groups_total)
 
         err = compute() if reduce is None else reduce(compute)
-        losses.extend(float(v) for v in _objective(err.cpu(), objective))
+        losses.extend(float(v) for v in objective_values(err.cpu(), objective))
     return losses
 
 
@@ -128,7 +116,7 @@ def _children_losses(
             return child_errors(store, parent, store.num_groups_total, rows)
 
         err = compute() if reduce is None else reduce(compute)
-        values = _objective(err.cpu()[[e for _, e in mine]], objective).tolist()
+        values = objective_values(err.cpu()[[e for _, e in mine]], objective).tolist()
         for (i, _), v in zip(mine, values):
             losses[i] = float(v)
     return losses
@@ -187,7 +175,7 @@ def lazy_exhaustive(
     G = store.num_groups_total
     cands = list(itertools.combinations(range(E), num_drop))
     C = len(cands)
-    keep_mask = _keep_masks(cands, E)
+    keep_mask = keep_masks(cands, E)
     dropped_dev = (~keep_mask).to(store.order.device)
     cov = torch.zeros(C, G, dtype=torch.float64)  # squared error summed over covered tokens
     uncovered = torch.zeros(C, dtype=torch.float64)  # tokens not covered yet (summed over ranks)
@@ -224,7 +212,7 @@ def lazy_exhaustive(
 
     while True:
         account()
-        bound = _objective(cov, objective)
+        bound = objective_values(cov, objective)
         done = alive & (uncovered == 0)
         for i in torch.nonzero(done).squeeze(1).tolist():
             exact.setdefault(cands[i], float(bound[i].detach()))

@@ -43,6 +43,53 @@ def choose_search(search: str, num_experts: int, num_keep: int, num_candidates: 
     return search
 
 
+def objective_values(err: torch.Tensor, objective: str) -> torch.Tensor:
+    """[C, G] squared errors per calibration batch -> [C] (paper: sum_g sqrt(err_g); mse: sum_g err_g)."""
+    return err.clamp_min(0.0).sqrt().sum(1) if objective == "paper" else err.sum(1)
+
+
+def keep_masks(cands: Sequence[Dropped], num_experts: int) -> torch.Tensor:
+    """[C, E] bool keep-sets of the dropped sets (built on the host)."""
+    keep = torch.ones(len(cands), num_experts, dtype=torch.bool)
+    if cands and cands[0] and all(len(d) == len(cands[0]) for d in cands):  # one scatter
+        return keep.scatter_(1, torch.tensor(cands, dtype=torch.int64), False)
+    for row, dropped in enumerate(cands):
+        keep[row, list(dropped)] = False
+    return keep
+
+
+GroupErrors = Callable[[Sequence[Dropped], torch.Tensor], torch.Tensor]  # (sets, keep [C, E]) -> [C, G] float64
+
+
+def chunked_scorer(
+    errors: GroupErrors, num_experts: int, objective: str, candidate_chunk: int = 512, progress: bool = False,
+    desc: str = "candidates", reduce: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+) -> Scorer:
+    """A Scorer from a function giving the [C, G] squared errors of a chunk of sets: chunks of
+    ``candidate_chunk`` sets, a progress bar, and (data-parallel) ``reduce``, which gets the function
+    computing this rank's errors and returns their sum over ranks (the square roots come after)."""
+    if objective not in ("paper", "mse"):
+        raise ValueError(f"objective must be paper or mse; got {objective!r}")
+
+    def score(cands: Sequence[Dropped]) -> list[float]:
+        values: list[float] = []
+        bar = tqdm(total=len(cands), desc=desc, leave=False, disable=not progress)
+        for lo in range(0, len(cands), candidate_chunk):
+            part = cands[lo : lo + candidate_chunk]
+            keep = keep_masks(part, num_experts)
+
+            def compute(part=part, keep=keep) -> torch.Tensor:
+                return errors(part, keep)
+
+            err = (compute() if reduce is None else reduce(compute)).cpu()
+            values.extend(float(v) for v in objective_values(err, objective))
+            bar.update(len(part))
+        bar.close()
+        return values
+
+    return score
+
+
 def make_scorer(
     stats: dict[str, torch.Tensor | None],
     num_experts: int,
@@ -60,49 +107,25 @@ def make_scorer(
 
     ``routing`` (the layer's spec, the one its ``ids`` were ranked by): a router other than plain
     softmax is scored with ``ops.subset_loss_spec``; None or plain softmax with ``ops.subset_loss``
-    over ``top_k`` and ``renormalize`` as always.
-
-    ``reduce`` (data-parallel calibration) gets the function computing this rank's [C, G]
-    squared errors and returns their sum over ranks; the square roots come after the sum.
+    over ``top_k`` and ``renormalize`` as always. ``reduce``: see ``chunked_scorer``.
     """
-    if objective not in ("paper", "mse"):
-        raise ValueError(f"objective must be paper or mse; got {objective!r}")
     # Candidate masks are built on the host and the groups never change during a search: both stay
     # on the CPU, so that a GPU subset_loss call does not synchronize with the host.
     group = stats["group"].cpu()
 
-    def score(cands: Sequence[Dropped]) -> list[float]:
-        values: list[float] = []
-        bar = tqdm(total=len(cands), desc=desc, leave=False, disable=not progress)
-        for lo in range(0, len(cands), candidate_chunk):
-            part = cands[lo : lo + candidate_chunk]
-            keep_mask = torch.ones(len(part), num_experts, dtype=torch.bool)
-            for row, dropped in enumerate(part):
-                keep_mask[row, list(dropped)] = False
+    def errors(part: Sequence[Dropped], keep_mask: torch.Tensor) -> torch.Tensor:
+        if routing is not None and not routing.is_plain_softmax:
+            return ops.subset_loss_spec(
+                stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups, routing,
+                target_weights=stats["target_weights"], cross=stats["cross"], target_sq=stats["target_sq"],
+            )
+        return ops.subset_loss(
+            stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups,
+            top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],
+            target_sq=stats["target_sq"],
+        )
 
-            def compute(keep_mask=keep_mask) -> torch.Tensor:
-                if routing is not None and not routing.is_plain_softmax:
-                    return ops.subset_loss_spec(
-                        stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups, routing,
-                        target_weights=stats["target_weights"], cross=stats["cross"], target_sq=stats["target_sq"],
-                    )
-                return ops.subset_loss(
-                    stats["gram"], stats["ids"], stats["logits"], keep_mask, group, num_groups,
-                    top_k, renormalize, target_weights=stats["target_weights"], cross=stats["cross"],
-                    target_sq=stats["target_sq"],
-                )
-
-            err = (compute() if reduce is None else reduce(compute)).cpu()
-            if objective == "paper":
-                val = err.clamp_min(0.0).sqrt().sum(1)
-            else:
-                val = err.sum(1)
-            values.extend(float(v) for v in val)
-            bar.update(len(part))
-        bar.close()
-        return values
-
-    return score
+    return chunked_scorer(errors, num_experts, objective, candidate_chunk, progress, desc, reduce)
 
 
 def best_sets(cands: Sequence[Dropped], losses: Sequence[float], width: int = 1) -> list[Dropped]:
