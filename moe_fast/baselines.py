@@ -222,7 +222,7 @@ def prune_baseline(
     ``moe_fast.pruning`` (criterion, keep, seed, kept, and the statistics used). Pass ``stats``
     to reuse routing statistics across several calls on the same model and calibration.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from moe_fast.adapters import get_adapter
     from moe_fast.loading import load_tokenizer
@@ -239,9 +239,9 @@ def prune_baseline(
         from moe_fast.calibration import load_calibration
 
         ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
-        from moe_fast.loading import model_load_kwargs
+        from moe_fast.loading import load_pretrained
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model_path, dtype=torch.float32)).to(device)
+        model = load_pretrained(model_path, dtype=torch.float32).to(device)
         stats = routing_stats(model, ids, batch_size, progress)
         del model
     layers = stats.layers if stats is not None else _moe_layers(adapter, num_layers)

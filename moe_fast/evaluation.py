@@ -335,7 +335,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     With ``skip`` the model is loaded through ``moe_fast.from_pretrained`` (patched with the betas
     recorded in its config); without, as a stock transformers model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from moe_fast.checkpoint_check import verify_checkpoint
     from moe_fast.models import quiet_loading, resolve_model
@@ -349,9 +349,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
 
             model = from_pretrained(path, dtype=dtype)
         else:
-            from moe_fast.loading import model_load_kwargs
+            from moe_fast.loading import load_pretrained
 
-            model = AutoModelForCausalLM.from_pretrained(path, **model_load_kwargs(path, dtype=dtype))
+            model = load_pretrained(path, dtype=dtype)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path

@@ -80,3 +80,28 @@ def model_load_kwargs(path: str | os.PathLike, **kwargs) -> dict:
 
         return {**kwargs, "quantization_config": Mxfp4Config(dequantize=True)}
     return kwargs
+
+
+def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs):
+    """``model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))`` (default class:
+    AutoModelForCausalLM), with every floating tensor in one dtype.
+
+    Why the second part: transformers before 5.24 keeps MXFP4 experts dequantized in bf16 even when
+    another ``dtype`` is asked for, so a float32 load mixes dtypes. The bf16 values are exact in
+    float32, so casting them to the model's dtype loses nothing and every version computes alike.
+    """
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    model = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
+    return uniform_dtype(model)
+
+
+def uniform_dtype(model):
+    """Casts floating parameters and buffers that differ from the input embedding's dtype to it."""
+    target = model.get_input_embeddings().weight.dtype
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return model

@@ -76,9 +76,9 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.M
     """
     if model_class is None:
         model_class = saved_model_class(path, **kwargs)
-    from moe_fast.loading import model_load_kwargs
+    from moe_fast.loading import load_pretrained
 
-    model = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
+    model = load_pretrained(path, model_class, **kwargs)
     if has_record_entry(model.config, SKIPPING_KEY):
         skipping = record_entry(model.config, SKIPPING_KEY)
         if not isinstance(skipping, dict) or "betas" not in skipping:

@@ -39,12 +39,11 @@ def skip_checkpoint(
     ``seq_len`` default to 32 x 512 for text, the whole tensor for ids. Returns the report (also
     written to ``out/moe_fast_skip.json``).
     """
-    from transformers import AutoModelForCausalLM
 
     from moe_fast import patching, saving
     from moe_fast.calibration import calibration_fingerprint, load_calibration
     from moe_fast.checkpoint_check import verify_checkpoint
-    from moe_fast.loading import from_pretrained_dtype, load_tokenizer, model_load_kwargs
+    from moe_fast.loading import from_pretrained_dtype, load_pretrained, load_tokenizer
     from moe_fast.models import quiet_loading, resolve_model
     from moe_fast.skipping import calibrate_skipping
 
@@ -55,8 +54,7 @@ def skip_checkpoint(
     if os.path.isdir(model_path):
         verify_checkpoint(model_path)  # a truncated or corrupt file: one clear error, nothing written
     with quiet_loading():
-        kwargs = model_load_kwargs(model_path, dtype=from_pretrained_dtype(dtype))
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(device).eval()
+        model = load_pretrained(model_path, dtype=from_pretrained_dtype(dtype)).to(device).eval()
     tokenizer = None
     if isinstance(calibration, str) and not calibration.lower().endswith(".pt"):
         tokenizer = load_tokenizer(model_path)

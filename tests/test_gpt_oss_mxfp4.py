@@ -99,7 +99,9 @@ def test_checkpoint_source_reads_what_transformers_loads(tmp_path):
             want = model.model.layers[index].state_dict()
             assert sorted(got) == sorted(want)
             for key in want:
-                assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+                # transformers < 5.24 keeps the dequantized experts in bf16 whatever dtype is asked:
+                # the source gives the asked dtype, with the same (bf16-exact) values
+                assert got[key].dtype == dtype and torch.equal(got[key], want[key].to(dtype)), key
             for proj in PROJS:  # and the library's helper against transformers' on the stored pair
                 blocks = _read(path, f"model.layers.{index}.mlp.experts.{proj}_blocks")
                 scales = _read(path, f"model.layers.{index}.mlp.experts.{proj}_scales")

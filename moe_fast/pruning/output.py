@@ -73,13 +73,11 @@ def prune_in_memory(model: nn.Module, source: LayerSource, report: PruneReport) 
 def load_pruned(source: LayerSource, report: PruneReport, exported: str | None) -> nn.Module:
     """The pruned model of a checkpoint run: read back from ``exported``, or (nothing written on
     this rank) the source loaded whole and pruned in memory."""
-    from transformers import AutoModelForCausalLM
-
-    from moe_fast.loading import model_load_kwargs
+    from moe_fast.loading import load_pretrained
     from moe_fast.models import quiet_loading
 
     with quiet_loading():
         if exported is not None:
-            return AutoModelForCausalLM.from_pretrained(exported, **model_load_kwargs(exported, dtype=source.dtype))
-        full = AutoModelForCausalLM.from_pretrained(source.path, **model_load_kwargs(source.path, dtype=source.dtype))
+            return load_pretrained(exported, dtype=source.dtype)
+        full = load_pretrained(source.path, dtype=source.dtype)
         return prune_in_memory(full, source, report)
