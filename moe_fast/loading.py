@@ -84,24 +84,29 @@ def model_load_kwargs(path: str | os.PathLike, **kwargs) -> dict:
 
 def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs):
     """``model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))`` (default class:
-    AutoModelForCausalLM), with every floating tensor in one dtype.
-
-    Why the second part: transformers before 5.24 keeps MXFP4 experts dequantized in bf16 even when
-    another ``dtype`` is asked for, so a float32 load mixes dtypes. The bf16 values are exact in
-    float32, so casting them to the model's dtype loses nothing and every version computes alike.
-    """
+    AutoModelForCausalLM); an MXFP4 checkpoint's dequantized experts then take the dtype of their
+    biases (``match_dequantized_experts``)."""
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     model = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
-    return uniform_dtype(model)
+    from moe_fast import mxfp4
+
+    return match_dequantized_experts(model) if mxfp4.is_mxfp4(model.config) else model
 
 
-def uniform_dtype(model):
-    """Casts floating parameters and buffers that differ from the input embedding's dtype to it."""
-    target = model.get_input_embeddings().weight.dtype
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != target:
-            tensor.data = tensor.data.to(target)
+def match_dequantized_experts(model):
+    """Casts expert projections (``gate_up_proj``, ``down_proj``) whose dtype differs from their
+    bias's to the bias's dtype, which is the one the load asked for.
+
+    Why: transformers before 5.24 keeps MXFP4 experts dequantized in bf16 even when float32 is
+    asked for, beside float32 biases and layers. The bf16 values are exact in float32, so the cast
+    loses nothing and every version computes alike. Nothing else changes dtype.
+    """
+    for module in model.modules():
+        for name in ("gate_up_proj", "down_proj"):
+            weight, bias = getattr(module, name, None), getattr(module, f"{name}_bias", None)
+            if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and weight.dtype != bias.dtype:
+                weight.data = weight.data.to(bias.dtype)
     return model

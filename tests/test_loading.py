@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moe_fast.loading import checkpoint_dtype, from_pretrained_dtype, load_tokenizer, parse_dtype, resolve_dtype, uniform_dtype
+from moe_fast.loading import checkpoint_dtype, from_pretrained_dtype, load_tokenizer, parse_dtype, resolve_dtype, match_dequantized_experts
 from moe_fast.memory import peak_rss_bytes, process_max_rss_bytes
 
 
@@ -34,14 +34,17 @@ def test_peak_rss_is_at_least_what_is_resident_now():
     assert peak_rss_bytes() > 0 and process_max_rss_bytes() > 0
 
 
-def test_uniform_dtype_casts_what_differs_from_the_embeddings_and_keeps_the_values():
-    """transformers < 5.24 loads MXFP4 experts in bf16 beside float32 weights: one dtype after."""
-    from helpers.tiny_models import tiny_mixtral
+def test_dequantized_experts_take_their_biases_dtype_and_keep_their_values():
+    """transformers < 5.24 loads MXFP4 experts in bf16 beside float32 biases: the projections are
+    cast to the biases' dtype, exactly, and nothing else changes."""
+    from helpers.tiny_models import tiny_model
 
-    model = tiny_mixtral(3)
+    model = tiny_model("gpt_oss")
     experts = model.model.layers[0].mlp.experts
     experts.gate_up_proj.data = experts.gate_up_proj.data.to(torch.bfloat16)
     want = experts.gate_up_proj.detach().float().clone()
-    uniform_dtype(model)
+    before = {n: t.dtype for n, t in model.named_buffers()}
+    match_dequantized_experts(model)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(experts.gate_up_proj, want)
+    assert {n: t.dtype for n, t in model.named_buffers()} == before

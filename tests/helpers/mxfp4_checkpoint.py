@@ -91,7 +91,14 @@ def write_mxfp4_checkpoint(path, seed: int = 0, state: dict | None = None, shard
 
 
 def load_dequantized(path, dtype: torch.dtype = torch.float32):
-    """The checkpoint as transformers loads it on CPU: ``Mxfp4Config(dequantize=True)``."""
+    """The checkpoint as transformers loads it on CPU: ``Mxfp4Config(dequantize=True)``. Before 5.24
+    transformers keeps the dequantized expert projections in bf16 whatever dtype is asked: they are
+    cast here to ``dtype`` (exact), so that every version gives the same model."""
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=Mxfp4Config(dequantize=True)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=Mxfp4Config(dequantize=True))
+    for layer in model.model.layers:
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(layer.mlp.experts, name)
+            weight.data = weight.data.to(dtype)
+    return model.eval()
