@@ -84,16 +84,14 @@ def model_load_kwargs(path: str | os.PathLike, **kwargs) -> dict:
 
 def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs):
     """``model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))`` (default class:
-    AutoModelForCausalLM); an MXFP4 checkpoint's dequantized experts then take the dtype of their
-    biases (``match_dequantized_experts``)."""
+    AutoModelForCausalLM); dequantized MXFP4 experts then take the dtype of their biases
+    (``match_dequantized_experts``)."""
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
     model = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
-    from moe_fast import mxfp4
-
-    return match_dequantized_experts(model) if mxfp4.is_mxfp4(model.config) else model
+    return match_dequantized_experts(model)  # a no-op unless dtypes differ (loaded configs may drop the quantization entry)
 
 
 def match_dequantized_experts(model):
