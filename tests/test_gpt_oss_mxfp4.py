@@ -125,6 +125,23 @@ def test_prune_from_path_equals_prune_of_the_dequantized_model(tmp_path, dtype, 
         assert res.loss == loaded.report.layers[layer].loss  # the same numbers in, the same search
 
 
+def test_prune_of_a_model_with_bf16_experts_beside_float32_layers_equals_the_uniform_one(tmp_path):
+    """transformers < 5.24 leaves dequantized MXFP4 experts in bf16 in a float32 load: pruning such
+    a model casts them once (exact) and selects and scores as the all-float32 model."""
+    path = write_mxfp4_checkpoint(tmp_path / "src")
+    ids = _ids(3)
+    mixed = load_dequantized(path, torch.float32)
+    for layer in mixed.model.layers:
+        for name in PROJS:
+            weight = getattr(layer.mlp.experts, name)
+            weight.data = weight.data.to(torch.bfloat16)
+    got = moe_fast.prune(mixed, ids, keep=KEEP, search="exhaustive", batch_size=4, progress=False, return_model=False)
+    want = moe_fast.prune(load_dequantized(path, torch.float32), ids, keep=KEEP, search="exhaustive", batch_size=4,
+                          progress=False, return_model=False)
+    for layer, res in want.report.layers.items():
+        assert got.report.layers[layer].kept == res.kept and got.report.layers[layer].loss == res.loss
+
+
 # --- (c) export -----------------------------------------------------------------------------------
 
 def _masked_original_logits(path: str, kept: dict[int, list[int]], probe: torch.Tensor) -> torch.Tensor:

@@ -71,12 +71,9 @@ class GptOssAdapter(MoEAdapter):
         return output, None
 
     def expert_forward(self, experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
-        """As ``GptOssExperts.forward``: x @ W_gu + b_gu, its clamped SwiGLU, @ W_d + b_d, in the
-        input's dtype (a model loaded from MXFP4 by transformers < 5.24 keeps bf16 expert weights
-        beside float32 ones; their values are exact in float32)."""
-        dt = hidden.dtype
-        gate_up = hidden @ experts.gate_up_proj[expert].to(dt) + experts.gate_up_proj_bias[expert].to(dt)
-        return experts._apply_gate(gate_up) @ experts.down_proj[expert].to(dt) + experts.down_proj_bias[expert].to(dt)
+        """As ``GptOssExperts.forward``: x @ W_gu + b_gu, its clamped SwiGLU, @ W_d + b_d."""
+        gate_up = hidden @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
+        return experts._apply_gate(gate_up) @ experts.down_proj[expert] + experts.down_proj_bias[expert]
 
     def moe_blocks(self, model: nn.Module) -> list[MoEBlockRef]:
         """As the base, refusing transformers' MXFP4 experts (packed uint8 weights run by Triton

@@ -20,7 +20,7 @@ from torch import nn
 
 from moe_fast.adapters import MoEAdapter, get_adapter
 from moe_fast.checkpoint_check import verify_checkpoint
-from moe_fast.loading import resolve_dtype
+from moe_fast.loading import match_dequantized_experts, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,14 @@ class LayerSource:
 
 
 class LoadedSource(LayerSource):
-    """A transformers model already in memory; a layer moves to ``device`` only while it is used."""
+    """A transformers model already in memory; a layer moves to ``device`` only while it is used.
+
+    A model transformers (< 5.24) dequantized from MXFP4 keeps its expert projections in bf16
+    beside float32 layers: they are cast once here, exactly (``match_dequantized_experts``), so that
+    every forward of the run sees one dtype."""
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
-        self.model = model
+        self.model = match_dequantized_experts(model)
         self.config = model.config
         self.adapter = get_adapter(model)
         first = next(model.parameters())
