@@ -70,6 +70,13 @@ def test_lean_selects_what_the_rank_bounded_and_the_lazy_search_select(
     assert c.expert_outputs_per_token == pytest.approx(count[0] / tokens, abs=1e-4)
     assert c.expert_outputs_per_token > b.expert_outputs_per_token  # recomputation is counted
     assert c.search_state_bytes < b.search_state_bytes
+    # outputs = first ranks + new ranks + recomputed ones; the default lazy search recomputes none
+    recomputed = c.lazy_detail["recomputed_outputs_per_token"]
+    first_ranks = resolve_recompute(recompute, top_k, top_k + experts - keep)[0]
+    assert 0 <= recomputed <= c.expert_outputs_per_token - first_ranks
+    # an extended token reruns its kept earlier ranks: none recomputed exactly when none was extended
+    assert (recomputed == 0) == (c.expert_outputs_per_token == first_ranks)
+    assert b.lazy_detail["recomputed_outputs_per_token"] == 0
     first, ahead = resolve_recompute(recompute, top_k, top_k + experts - keep)
     assert lean.settings["recompute_outputs"] == {"first_ranks": first, "lookahead": ahead}
     assert lazy.settings["recompute_outputs"] is None

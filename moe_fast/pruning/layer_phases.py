@@ -72,12 +72,14 @@ class LazyScores:
     def search(self, spec: SearchSpec) -> Found:
         reduce = self.ctx.summed if self.ctx.active else None
         dropped, losses, info = run_lazy_search(spec.method, self.store, spec.num_drop, spec.objective, spec.beam_width, reduce)
-        counts = torch.tensor([float(self.store.outputs_computed), float(self.store.num_tokens)], dtype=torch.float64)
-        outputs, tokens = self.ctx.sum(counts).tolist() if self.ctx.active else counts.tolist()
+        store = self.store
+        counts = torch.tensor([store.outputs_computed, store.outputs_recomputed, store.num_tokens], dtype=torch.float64)
+        outputs, recomputed, tokens = self.ctx.sum(counts).tolist() if self.ctx.active else counts.tolist()
         details = {
             "expert_outputs_per_token": round(outputs / max(1.0, tokens), 4), "scored_exactly": info.scored_exactly,
             "discarded_by_bound": info.discarded_by_bound if spec.method == "exhaustive" else None,
-            "search_state_bytes": info.peak_bytes, "lazy_detail": info.summary(),
+            "search_state_bytes": info.peak_bytes,
+            "lazy_detail": {**info.summary(), "recomputed_outputs_per_token": round(recomputed / max(1.0, tokens), 4)},
         }
         return dropped, losses, details
 
