@@ -332,6 +332,8 @@ def test_lazy_choices_on_a_grouped_router():
     _forbid_forward(model)
     with pytest.raises(ValueError, match="rank-bounded search \\(lazy=False\\) does not serve it"):
         moe_fast.prune(model, ids, keep=8, lazy=False, progress=False, return_model=False)
+    with pytest.raises(ValueError, match="grouped router is searched by the grouped search"):
+        moe_fast.prune(model, ids, keep=8, recompute_outputs=True, progress=False, return_model=False)
 
 
 def test_demo_one_pass_refuses_grouped_routers():

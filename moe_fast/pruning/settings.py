@@ -125,6 +125,9 @@ class SearchSpec:
         if not top_k <= num_keep < num_experts:
             raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")
         if grouped is not None:
+            if recompute_outputs:
+                raise ValueError(f"recompute_outputs serves the lazy search of softmax routers; {adapter.family}'s "
+                                 "grouped router is searched by the grouped search (leave recompute_outputs unset)")
             check_grouped_keep(adapter, num_keep)
             count = balanced_count(num_experts, grouped.n_group, num_experts - num_keep)
             method = choose_search(search, num_experts, num_keep, num_candidates=count)
