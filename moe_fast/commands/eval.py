@@ -74,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = args.skip or args.beta is not None
-    if not args.data and not args.tasks:
-        raise ValueError("give --data SPEC (perplexity, speed; with --base: KL against it) and/or --tasks T1,T2 (accuracy)")
     if args.base is not None and not args.data:
         raise ValueError("--base needs --data SPEC: the text on which MODEL is compared with the original")
+    if not args.data and not args.tasks:
+        raise ValueError("give --data SPEC (perplexity, speed; with --base: KL against it) and/or --tasks T1,T2 (accuracy)")
     if args.base is not None and args.tasks:
         raise ValueError("--base and --tasks: run them as two commands (--tasks scores one model)")
     prepared = limit = None
