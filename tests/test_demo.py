@@ -154,3 +154,18 @@ def test_quick_demo(tmp_path, capsys):
                   if f.endswith(".safetensors"))
     assert unpruned["size_mib"] * 2**20 == pytest.approx(weights, rel=0.01)
     assert "| Method |" in (out / "report.md").read_text()
+    # accuracy: every row has both tasks; the unpruned row equals a plain scorer on the same items
+    from helpers.choice_scoring import accuracy
+    from moe_fast.evaluation import load_model
+    from moe_fast.tasks.items import task_items
+    from moe_fast.tasks.scorer import subset
+
+    assert all("acc_next-line" in r and "acc_docstring" in r for r in report["rows"])
+    model, tokenizer, _ = load_model("builtin:small-mixtral")
+    for task, short in (("moe_fast_next_line", "next-line"), ("moe_fast_docstring", "docstring")):
+        items = subset(task_items(task), report["settings"]["task_items"])
+        assert len(items) == report["settings"]["task_items"] == unpruned[f"acc_{short}_items"]
+        _, acc, acc_norm = accuracy(model, tokenizer, items)
+        assert unpruned[f"acc_{short}"] == pytest.approx(acc) and unpruned[f"acc_norm_{short}"] == pytest.approx(acc_norm)
+        assert row[f"acc_{short}_sd"] == pytest.approx(statistics.stdev(v["acc"][task]["acc"] for v in runs))
+    assert any("accuracy" in f for f in report["findings"])

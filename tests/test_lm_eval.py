@@ -14,6 +14,7 @@ import torch
 from moe_fast import cli
 from moe_fast.models import SMALL_MIXTRAL_DIR
 from moe_fast.tasks.items import NUM_CHOICES, TASKS, task_items
+from helpers.choice_scoring import accuracy, choice_loglikelihood
 
 LIMIT = 24  # items per task in the lm-eval runs
 
@@ -48,27 +49,9 @@ def _tiny_model(seed: int = 0):
     return model
 
 
-@torch.no_grad()
-def _score(model, tokenizer, context: str, choice: str) -> float:
-    """Sum of the choice's token log-probs after the context, as lm-eval's HFLM._encode_pair splits them:
-    the context's trailing whitespace moves into the continuation; the continuation's tokens are those
-    of tokenize(context + choice) past tokenize(context)."""
-    stripped = context.rstrip()
-    whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
-    n_ctx = len(tokenizer(stripped, add_special_tokens=False)["input_ids"])
-    logp = torch.log_softmax(model(input_ids=torch.tensor([whole[:-1]])).logits[0].double(), -1)
-    return float(sum(logp[i - 1, whole[i]] for i in range(n_ctx, len(whole))))
-
-
 def _independent(model, tokenizer, task: str, n: int) -> tuple[list[list[float]], float, float]:
     """(per-item choice log-likelihoods, acc, acc_norm) of the first ``n`` items."""
-    lls, acc, acc_norm = [], 0, 0
-    for item in task_items(task)[:n]:
-        ll = [_score(model, tokenizer, item.context, c) for c in item.choices]
-        lls.append(ll)
-        acc += max(range(NUM_CHOICES), key=lambda j: (ll[j], -j)) == item.gold
-        acc_norm += max(range(NUM_CHOICES), key=lambda j: (ll[j] / len(item.choices[j]), -j)) == item.gold
-    return lls, acc / n, acc_norm / n
+    return accuracy(model, tokenizer, task_items(task)[:n])
 
 
 def test_builtin_tasks_come_from_the_test_modules():
@@ -100,6 +83,8 @@ def test_builtin_tasks_come_from_the_test_modules():
 def test_lm_eval_accuracy_equals_an_independent_scorer():
     pytest.importorskip("lm_eval")
     from moe_fast.tasks.harness import metric_rows, prepare, run_tasks
+    from moe_fast.tasks.scorer import accuracy as scorer_accuracy
+    from moe_fast.tasks.scorer import choice_loglikelihoods, encode
 
     model, tokenizer = _tiny_model(), _tokenizer()
     prepared = prepare(list(TASKS))
@@ -116,6 +101,10 @@ def test_lm_eval_accuracy_equals_an_independent_scorer():
         assert rows[(task, "acc_norm")]["value"] == pytest.approx(acc_norm)
         assert rows[(task, "acc")]["stderr"] == pytest.approx((acc * (1 - acc) / (LIMIT - 1)) ** 0.5)
         assert rows[(task, "acc")]["n"] == LIMIT
+        # the demo's packed scorer (context once, choices side by side) gives the same log-likelihoods
+        packed = choice_loglikelihoods(model, encode(tokenizer, list(task_items(task)[:LIMIT])), batch_tokens=700)
+        assert packed.tolist() == [pytest.approx(x, abs=2e-4) for x in lls]
+        assert scorer_accuracy(list(task_items(task)[:LIMIT]), packed)["acc"] == pytest.approx(acc)
 
 
 def test_skipping_changes_what_lm_eval_sees():
@@ -196,7 +185,7 @@ def test_cli_runs_a_local_task_and_writes_lm_evals_json(tmp_path, capsys):
     assert set(res["results"]) == {"my_local_task", "moe_fast_docstring"}
     assert res["n-samples"]["moe_fast_docstring"]["effective"] == 6
     model, tokenizer = _load_small()
-    acc = sum(max(range(2), key=lambda j: (_score(model, tokenizer, f"def f{i}(x):\n    return", [" x", " None"][j]), -j)) == 0
+    acc = sum(max(range(2), key=lambda j: (choice_loglikelihood(model, tokenizer, f"def f{i}(x):\n    return", [" x", " None"][j]), -j)) == 0
               for i in range(6)) / 6
     assert res["results"]["my_local_task"]["acc,none"] == pytest.approx(acc)
     assert {r["task"] for r in res["moe_fast"]["metrics"]} == {"my_local_task", "moe_fast_docstring"}

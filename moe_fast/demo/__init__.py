@@ -13,8 +13,10 @@ One run:
   reconstruction loss (exhaustive, or greedy and beam for wide models), frequency, REAP and
   EAN; progressive reconstruction runs ``moe_fast.prune`` per r; random draws five times;
 * scores every selection on the masked model (:mod:`.scoring`): perplexity and the mean KL
-  divergence from the unpruned model on each test split, expert FLOPs per token, size on disk;
-  plus dynamic skipping alone and on the layer-wise model;
+  divergence from the unpruned model on each test split, accuracy on a fixed subset of the
+  built-in tasks ``moe_fast_next_line`` and ``moe_fast_docstring`` (:mod:`moe_fast.tasks`,
+  scored as lm-eval scores them), expert FLOPs per token, size on disk; plus dynamic skipping
+  alone and on the layer-wise model;
 * writes ``report.md``, ``report.json`` and ``perplexity_vs_experts.png`` (moved in whole).
 """
 
@@ -134,6 +136,14 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
             betas = skip_betas(model, lw.kept_dict, skip_ids, s.skip_quantile)
             jobs.append((f"{lw.method} + skipping", lw.num_keep, "prose", lw.seed, lw.kept_dict, betas))
 
+    from moe_fast.tasks.items import TASKS, task_items
+    from moe_fast.tasks.scorer import encode, subset
+
+    t0 = time.perf_counter()
+    task_sets = {task: subset(task_items(task), s.task_items) for task in TASKS}
+    tasks = {task: (items, encode(tokenizer, items)) for task, items in task_sets.items()}
+    timings["accuracy"] = time.perf_counter() - t0  # building and tokenizing the items; scoring adds below
+
     t0 = time.perf_counter()
     scored: dict[tuple, dict] = {}
     variants = []
@@ -141,7 +151,7 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
         key = (None if kept is None else tuple(sorted((l, tuple(v)) for l, v in kept.items())),
                None if betas is None else tuple(sorted((l, tuple(v)) for l, v in betas.items())))
         if key not in scored:
-            scored[key] = _score(model, refs, kept, betas, num_moe, s)
+            scored[key] = _score(model, refs, tasks, kept, betas, num_moe, s, timings)
         result = scored[key]
         variants.append({
             "method": method, "keep": num_keep, "calib": calib, "seed": seed,
@@ -181,15 +191,21 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
     return report
 
 
-def _score(model, refs, kept, betas, num_moe: int, s: Settings) -> dict:
-    result: dict = {"ppl": {}, "kl": {}}
+def _score(model, refs, tasks, kept, betas, num_moe: int, s: Settings, timings: dict) -> dict:
+    from moe_fast.tasks.scorer import accuracy, choice_loglikelihoods
+
+    result: dict = {"ppl": {}, "kl": {}, "acc": {}}
     computed = slots = tokens = 0
     with masked(model, kept, betas) as blocks:
         for split, ref in refs.items():
             result["ppl"][split], result["kl"][split] = perplexity_and_kl(model, ref, s.batch_size)
             tokens += ref.windows.numel()
-        computed = sum(b.computed for b in blocks.values())
+        computed = sum(b.computed for b in blocks.values())  # the skip rate is that of the test splits
         slots = sum(b.slots for b in blocks.values())
+        t0 = time.perf_counter()
+        for task, (items, packed) in tasks.items():
+            result["acc"][task] = accuracy(items, choice_loglikelihoods(model, packed))
+        timings["accuracy"] += time.perf_counter() - t0
     k = slots // max(1, tokens * num_moe)
     result["expert_outputs_per_token"] = computed / max(1, tokens * num_moe)  # per MoE layer
     result["skip_rate"] = (slots - computed) / max(1, slots * (k - 1) // max(1, k)) if betas is not None else None

@@ -29,6 +29,7 @@ LABELS = {
     "greedy + skipping": "Greedy + skipping",
 }
 SPLITS = ("prose", "code")
+TASKS = {"moe_fast_next_line": "next-line", "moe_fast_docstring": "docstring"}  # built-in accuracy tasks
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -47,6 +48,13 @@ def summarize(variants: list[dict]) -> list[dict]:
         for split in SPLITS:
             row[f"ppl_{split}"], row[f"ppl_{split}_sd"] = _mean_sd([v["ppl"][split] for v in vs])
             row[f"kl_{split}"], row[f"kl_{split}_sd"] = _mean_sd([v["kl"][split] for v in vs])
+        for task, short in TASKS.items():
+            accs = [v["acc"][task] for v in vs if task in v.get("acc", {})]
+            if accs:
+                row[f"acc_{short}"], row[f"acc_{short}_sd"] = _mean_sd([a["acc"] for a in accs])
+                row[f"acc_{short}_stderr"] = statistics.fmean(a["acc_stderr"] for a in accs)  # items' sampling error
+                row[f"acc_norm_{short}"] = statistics.fmean(a["acc_norm"] for a in accs)
+                row[f"acc_{short}_items"] = accs[0]["n"]
         row["expert_mflops_per_token"] = statistics.fmean(v["expert_flops_per_token"] for v in vs) / 1e6
         row["expert_outputs_per_token"] = statistics.fmean(v["expert_outputs_per_token"] for v in vs)
         row["size_mib"] = statistics.fmean(v["size_bytes"] for v in vs) / 2**20
@@ -64,14 +72,23 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return f"{value:{fmt}} ± {sd:{fmt}}" if row["n"] > 1 else f"{value:{fmt}}"
 
 
+def _acc_cell(row: dict, short: str) -> str:
+    """accuracy ± its standard error over items; with several seeds also their sd."""
+    if f"acc_{short}" not in row:
+        return "-"
+    cell = f"{row[f'acc_{short}']:.3f} ± {row[f'acc_{short}_stderr']:.3f}"
+    return cell + (f" (sd {row[f'acc_{short}_sd']:.3f})" if row["n"] > 1 else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ["Method", "Calib", "r", "n", "PPL prose", "PPL code", "KL prose", "KL code", "Expert MFLOP/tok",
-            "Size (MiB)", "Skip rate"]
+    head = ["Method", "Calib", "r", "n", "PPL prose", "PPL code", "KL prose", "KL code", "Acc next-line",
+            "Acc docstring", "Expert MFLOP/tok", "Size (MiB)", "Skip rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows:
         cells = [
             r["label"], r["calib"], str(r["keep"]), str(r["n"]), _cell(r, "ppl_prose", ".2f"), _cell(r, "ppl_code", ".2f"),
-            _cell(r, "kl_prose", ".4f"), _cell(r, "kl_code", ".4f"), f"{r['expert_mflops_per_token']:.2f}",
+            _cell(r, "kl_prose", ".4f"), _cell(r, "kl_code", ".4f"), _acc_cell(r, "next-line"), _acc_cell(r, "docstring"),
+            f"{r['expert_mflops_per_token']:.2f}",
             f"{r['size_mib']:.2f}", f"{r['skip_rate']:.1%}" if r["skip_rate"] is not None else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -122,6 +139,7 @@ def findings(rows: list[dict]) -> list[str]:
                     f"KL {best_ours[f'kl_{split}']:.4f}) {word} the best other criterion ({best_base['method']}, "
                     f"KL {best_base[f'kl_{split}']:.4f}; {rel:+.1%}, {note}). By KL: {order}."
                 )
+            out += _accuracy_findings(calib, keep, cands, ours, base)
     for keep in keeps:
         code_cal, prose_cal = find(rows, "layer-wise", keep, "code"), find(rows, "layer-wise", keep, "prose")
         if code_cal and prose_cal and code_cal["calib"] == "code":
@@ -151,6 +169,31 @@ def findings(rows: list[dict]) -> list[str]:
                 f"(pruned alone {lw['expert_mflops_per_token']:.2f} M), size {r['size_mib']:.2f} MiB; prose perplexity "
                 f"{lw['ppl_prose']:.2f} -> {r['ppl_prose']:.2f}, code {lw['ppl_code']:.2f} -> {r['ppl_code']:.2f}."
             )
+    return out
+
+
+def _accuracy_findings(calib: str, keep: int, cands: list[dict], ours: list[dict], base: list[dict]) -> list[str]:
+    """Per task: the ordering by accuracy, and best reconstruction against the best other criterion.
+
+    A difference is a tie when it is within the larger of the seeds' sd and the standard error of
+    the difference (items taken as independent: conservative, since both score the same items).
+    """
+    out = []
+    for short in TASKS.values():
+        key = f"acc_{short}"
+        if not all(key in r for r in cands):
+            continue
+        ranking = sorted(cands, key=lambda r: -r[key])
+        order = " > ".join(f"{r['method']} {r[key]:.3f}" for r in ranking)
+        a, b = max(ours, key=lambda r: r[key]), max(base, key=lambda r: r[key])
+        diff = a[key] - b[key]
+        spread = max(a[f"{key}_sd"], b[f"{key}_sd"], (a[f"{key}_stderr"] ** 2 + b[f"{key}_stderr"] ** 2) ** 0.5)
+        word = "ties with (difference within the spread)" if abs(diff) <= spread else "beats" if diff > 0 else "does NOT beat"
+        out.append(
+            f"{calib} calibration, r={keep}, {short} accuracy ({a[f'{key}_items']} items): best reconstruction "
+            f"({a['method']}, {a[key]:.3f}) {word} the best other criterion ({b['method']}, {b[key]:.3f}; "
+            f"{diff:+.3f}, spread {spread:.3f}). By accuracy: {order}."
+        )
     return out
 
 

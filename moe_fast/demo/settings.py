@@ -22,6 +22,7 @@ class Settings:
     n_samples: int = 128  # calibration sequences per sample
     seq_len: int = 256  # calibration and evaluation window
     eval_tokens: int = 32768  # tokens scored per test split
+    task_items: int = 96  # items of each built-in task scored for accuracy (evenly spread; the tasks hold 1053-1406)
     batch_size: int = 8  # calibration sequences per group of the paper's objective
     keeps: tuple[int, ...] = ()
     seeded_keeps: tuple[int, ...] = ()
@@ -62,7 +63,7 @@ class Settings:
     def quick_settings(cls, model: str = "builtin:small-mixtral") -> "Settings":
         """A shortened run that exercises every path (for the tests, not for conclusions)."""
         return cls(
-            model=model, n_samples=8, seq_len=128, eval_tokens=1024,
+            model=model, n_samples=8, seq_len=128, eval_tokens=1024, task_items=12,
             calib_seeds=(0, 1), random_seeds=(0, 1), quick=True,
         )
 
