@@ -85,7 +85,8 @@ def _hf_dataset_texts(spec: str) -> list[str]:
     except ImportError:
         raise ValueError(
             f"calibration spec {spec!r} is neither an existing file nor builtin:NAME, and the "
-            "'datasets' package is not installed to fetch it from the Hugging Face hub"
+            "'datasets' package is not installed to fetch it from the Hugging Face hub "
+            "(pip install 'moe_fast[hub]')"
         ) from None
     import datasets
 
