@@ -45,8 +45,10 @@ else
   rm -rf "${VENV}"
   mkdir -p "$(dirname "${VENV}")"
   "${BASE_PY}" -m venv "${VENV}" || fail_install "cannot create a virtual environment with ${BASE_PY}"
-  "${VPY}" -m pip install --quiet --disable-pip-version-check --progress-bar off "${REQS[@]}" \
-    || fail_install "pip could not install ${REQS[*]}"
+  # pip's output goes to a log (this machine's pip configuration warns about every missing local
+  # index folder); its end is printed when the install fails.
+  "${VPY}" -m pip install --disable-pip-version-check --progress-bar off "${REQS[@]}" > "${VENV}/pip.log" 2>&1 \
+    || { tail -n 30 "${VENV}/pip.log"; fail_install "pip could not install ${REQS[*]} (log: ${VENV}/pip.log)"; }
   # Linked against CUDA torch: importing them beside torch+cpu fails, and vLLM imports them when
   # they are present.
   "${VPY}" -m pip uninstall --quiet --yes torchvision torchaudio || true

@@ -25,8 +25,7 @@ def _vllm_problem() -> str | None:
     if spec is None or spec.origin is None:
         return "vllm is not installed (scripts/check_vllm.sh runs these tests in an environment with it)"
     try:
-        module = importlib.import_module("vllm")
-        module.LLM  # noqa: B018  (the lazy attribute imports the engine)
+        importlib.import_module("vllm")  # the engine itself is imported by the child processes
     except Exception as err:  # a broken install (e.g. torchvision built for CUDA torch)
         return f"vllm does not import: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
     return None
@@ -45,3 +44,12 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if str(item.path).startswith(here + os.sep):
             item.add_marker(mark)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from gaps import GAPS, table
+
+    if GAPS:
+        terminalreporter.section("vLLM vs transformers: max |log-prob difference| (nats)")
+        for line in table():
+            terminalreporter.write_line(line)

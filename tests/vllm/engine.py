@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 ENGINE_DEFAULTS: dict[str, Any] = dict(
     dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_model_len=128, max_num_seqs=8,
-    seed=0, enable_prefix_caching=False,
+    seed=0, enable_prefix_caching=False, max_logprobs=-1,
 )
 CHILD_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",

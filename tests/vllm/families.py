@@ -68,3 +68,22 @@ def prompts(n: int = 4, length: int = 20, seed: int = 0, vocab: int = VOCAB) -> 
     """``n`` random token-id prompts of different lengths (``length`` down to ``length - n + 1``), no special ids."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (length - i,), generator=gen).tolist() for i in range(n)]
+
+
+def write_mxfp4_family_checkpoint(path, seed: int = 0) -> str:
+    """gpt-oss in OpenAI's MXFP4 layout (bf16 elsewhere, ``quantization_config`` in config.json), with
+    vLLM-servable attention; expert sizes that MXFP4 packs (tests/helpers/mxfp4_checkpoint.py)."""
+    from safetensors.torch import save_file
+
+    from helpers.mxfp4_checkpoint import HIDDEN, INTERMEDIATE, OPENAI_QUANTIZATION_CONFIG, mxfp4_state_dict
+
+    overrides = family_overrides("gpt_oss") | dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)
+    model = tiny_model("gpt_oss", seed=seed, **overrides).to(torch.bfloat16)
+    os.makedirs(path, exist_ok=True)
+    save_file(mxfp4_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = dict(OPENAI_QUANTIZATION_CONFIG)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return str(path)
