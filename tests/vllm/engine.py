@@ -25,7 +25,8 @@ Interface (every token sequence is a list of ints; nothing needs a tokenizer):
   directory or a loaded model; an MXFP4 checkpoint is loaded dequantized).
 * ``max_abs_diff(a, b)``: the largest absolute difference between two such nested lists.
 
-vLLM's child process inherits the environment; ``CHILD_ENV`` sets what a small CPU machine needs
+The child's output goes to the file ``MOE_FAST_VLLM_LOG`` names (appended; to follow a long run),
+else to a temporary file whose end an error shows. vLLM's child process inherits the environment; ``CHILD_ENV`` sets what a small CPU machine needs
 (a 1 GiB KV cache instead of a fraction of all memory, no thread pinning, no usage reporting).
 """
 
@@ -79,12 +80,16 @@ def run_vllm(jobs: Sequence[Job], timeout: float = TIMEOUT_S) -> list[dict]:
         with open(spec, "w") as f:
             json.dump([dataclasses.asdict(job) for job in jobs], f)
         env = os.environ | CHILD_ENV
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), spec, out], env=env, cwd=tmp,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-        )
+        log_path = os.environ.get("MOE_FAST_VLLM_LOG") or os.path.join(tmp, "child.log")
+        with open(log_path, "a") as log:
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), spec, out], env=env, cwd=tmp,
+                stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+            )
         if proc.returncode != 0 or not os.path.exists(out):
-            raise VllmChildError(f"vLLM child process exited with {proc.returncode}:\n{proc.stdout[-6000:]}")
+            with open(log_path) as log:
+                tail = log.read()[-6000:]
+            raise VllmChildError(f"vLLM child process exited with {proc.returncode}:\n{tail}")
         with open(out) as f:
             return json.load(f)
 
@@ -230,6 +235,7 @@ def _main(spec: str, out: str) -> None:
         jobs = json.load(f)
     results = []
     for job in jobs:  # one failed engine is reported in its result, and the next job still runs
+        print(f"moe_fast vllm job: {job['model']}", flush=True)
         try:
             results.append(_serve(job))
         except Exception as err:

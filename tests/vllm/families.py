@@ -29,6 +29,12 @@ MLA = dict(
 )
 
 
+# vLLM's dtype per family (float32 elsewhere): its CPU MLA kernels (DeepSeek-V3) and its CPU experts
+# for gpt-oss (biases, clamped SwiGLU; MXFP4) take only bfloat16 weights. transformers stays in
+# float32: the gap measured is then vLLM's bfloat16 serving, on the unpruned and the pruned model alike.
+VLLM_DTYPE = {"deepseek_v3": "bfloat16", "gpt_oss": "bfloat16", "gpt_oss_mxfp4": "bfloat16"}
+
+
 def family_overrides(family: str) -> dict:
     """Config overrides that make the tiny model of ``family`` servable by vLLM on CPU."""
     if family == "deepseek_v3":
