@@ -2,8 +2,10 @@
 
 The main suite's tiny models (tests/helpers/tiny_models.py) have 8-wide attention heads; vLLM's CPU
 attention takes head sizes of 32 and up, and its DeepSeek-V3 (MLA) path only the real model's
-(qk_nope 128, qk_rope 64, v 128, kv_lora_rank 512) with ``topk_method: "noaux_tc"`` in config.json
-(without it vLLM does not load the selection bias). Everything else is the main suite's tiny model.
+(qk_nope 128, qk_rope 64, v 128, kv_lora_rank 512), and reads ``scoring_func: "sigmoid"`` and
+``topk_method: "noaux_tc"`` from config.json (without them it routes by softmax and does not load
+the selection bias): the hub's checkpoints have them, so the source written here has them too (the
+exports add them when a source lacks them: MoEAdapter.serving_config_keys). Everything else is the main suite's tiny model.
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ def write_family_checkpoint(family: str, path, seed: int = 0) -> str:
     """A sharded float32 hub-layout checkpoint of ``vllm_tiny_model(family)``; returns its folder."""
     model = vllm_tiny_model(family, seed)
     folder = save_checkpoint(model, path, shard="200KB")
-    if family == "deepseek_v3":  # transformers drops the key it does not use; the real checkpoints have it
+    if family == "deepseek_v3":  # keys transformers does not write but the hub's checkpoints have (vLLM reads them)
         cfg_path = os.path.join(folder, "config.json")
         with open(cfg_path) as f:
             cfg = json.load(f)
-        cfg["topk_method"] = "noaux_tc"
+        cfg |= {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}
         with open(cfg_path, "w") as f:
             json.dump(cfg, f, indent=2)
     return folder
@@ -88,6 +90,7 @@ def write_mxfp4_family_checkpoint(path, seed: int = 0) -> str:
     os.makedirs(path, exist_ok=True)
     save_file(mxfp4_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
+    config["architectures"] = ["GptOssForCausalLM"]  # save_pretrained would add it; vLLM picks the model class by it
     config["dtype"] = "bfloat16"
     config["quantization_config"] = dict(OPENAI_QUANTIZATION_CONFIG)
     with open(os.path.join(path, "config.json"), "w") as f:
