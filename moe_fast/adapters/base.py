@@ -76,6 +76,12 @@ class MoEAdapter:
     def set_num_experts(self, config, num_experts: int) -> None:
         setattr(config, self.num_experts_key, num_experts)
 
+    def serving_config_keys(self) -> dict:
+        """config.json keys that other engines need to route as transformers does, which
+        transformers itself neither needs nor writes; an export adds those its config lacks.
+        None for most families."""
+        return {}
+
     # --- modules ------------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
         """The bare decoder (embeddings, layers, rotary) of any model class of the family.
