@@ -33,7 +33,8 @@ class RouterState:
     """What a patched router needs besides its own weights."""
 
     layer: int
-    spec: RoutingSpec  # the family's routing, with this layer's selection bias
+    spec: RoutingSpec  # the family's routing from the config (no selection bias: see selection_bias_attr)
+    selection_bias_attr: str | None  # the router's bias buffer, read at every forward (never copied)
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # the stock router's output 0
     scores_float32: bool
     beta: list[float] | None
@@ -42,6 +43,17 @@ class RouterState:
     @property
     def renormalize(self) -> bool:
         return self.spec.renormalize
+
+    def layer_spec(self, router: nn.Module) -> RoutingSpec:
+        """The layer's spec with the router's selection bias as it is now.
+
+        Why not a copy taken at patch time: ``load_state_dict(assign=True)``, a reassigned buffer,
+        ``to_empty`` or ``model.to(...)`` replace the buffer, and the patched router must route
+        with the new values as the stock one does.
+        """
+        if self.selection_bias_attr is None:
+            return self.spec
+        return self.spec.with_selection_bias(getattr(router, self.selection_bias_attr))
 
 
 @dataclass
@@ -63,7 +75,7 @@ def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
     if state.spec.is_plain_softmax:  # the long-standing call, unchanged
         routed = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
     else:
-        routed = ops.route_spec(router_logits.detach().contiguous(), state.spec, state.beta)
+        routed = ops.route_spec(router_logits.detach().contiguous(), state.layer_spec(self), state.beta)
     indices = routed.ids.long()
     weights = routed.weights
     if torch.is_grad_enabled() and router_logits.requires_grad:
@@ -157,7 +169,8 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
     for ref in blocks:
         ref.router._moe_fast = RouterState(
             layer=ref.layer,
-            spec=adapter.routing(ref.block),
+            spec=adapter.routing(),
+            selection_bias_attr=adapter.selection_bias_attr,
             logits=adapter.compute_router_logits,
             scores_float32=adapter.router_scores_float32,
             beta=per_layer[ref.layer],
