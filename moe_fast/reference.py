@@ -25,9 +25,13 @@ these. This module is the specification: routing, skipping and the subset losses
   index. With groups, experts ``g * E/n_group ..`` form group g; a group's score is the float32 sum
   of its two best allowed biased scores (its one allowed score when only one is allowed, -inf
   when none is); the ``topk_group`` best groups are eligible, ties to the lower group. Routing
-  order: allowed experts of eligible groups, then the other allowed experts, then masked ones,
-  each by biased score. Weights are the unbiased ``s`` of the chosen experts, divided by
-  ``sum + 1e-20`` with ``renormalize`` (as transformers does), times ``scaling``.
+  order: allowed experts of eligible groups by biased score, then the other allowed experts by
+  index, then masked ones by index. The second tier is transformers' rule when the eligible groups
+  hold fewer than k experts (its router masks the other groups' scores with -inf and still takes
+  the top k over all experts, so those fill the remaining slots as equals; ties go to the lower
+  index). Weights are the unbiased ``s`` of the chosen experts (fill-in slots included, as
+  transformers gathers them), divided by ``sum + 1e-20`` with ``renormalize`` (as transformers
+  does), times ``scaling``.
 * ``softmax_topk`` scoring: chosen as by ``route`` (by logit); weights are the softmax of the k
   chosen logits only, times ``scaling``.
 * Skipping for any scoring: slot j >= 1 is skipped when ``w_j < beta_j * w_0`` on the final
@@ -178,8 +182,8 @@ def rank_spec(logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor |
     """All experts of every row in ``spec``'s routing order: order [T, E] int64.
 
     Softmax scorings rank as ``rank_experts``. Sigmoid: allowed experts of eligible groups first,
-    then the other allowed experts, then masked ones; within each, by biased score, ties to the
-    lower index.
+    by biased score (ties to the lower index); then the other allowed experts, by index (their
+    scores count as -inf, as transformers masks them); then masked ones, by index.
     """
     if spec.scoring != "sigmoid":
         return rank_experts(logits, keep_mask)[0]
@@ -190,7 +194,8 @@ def rank_spec(logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor |
         tier = torch.where(eligible_experts(choice, allowed, spec), torch.zeros_like(tier), tier)
     else:
         tier = torch.where(allowed, torch.zeros_like(tier), tier)
-    order = torch.sort(choice.masked_fill(~allowed, -math.inf), dim=-1, descending=True, stable=True).indices
+    # Only the first tier ranks by score; the others are -inf alike and keep index order (stable).
+    order = torch.sort(choice.masked_fill(tier != 0, -math.inf), dim=-1, descending=True, stable=True).indices
     tiers = torch.gather(tier, -1, order)
     return torch.gather(order, -1, torch.sort(tiers, dim=-1, stable=True).indices)
 

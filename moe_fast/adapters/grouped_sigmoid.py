@@ -63,7 +63,10 @@ class GroupedSigmoidAdapter(MoEAdapter):
         if per_group[0] < 2:
             raise ValueError(f"{self.family}: every expert group must keep at least 2 experts, got {per_group[0]}")
         if per_group[0] * spec.topk_group < spec.top_k:
+            # Routing would fill slots from ineligible groups (docs/ROUTING.md); transformers picks
+            # those among -inf ties in no documented order, and the grouped search assumes none.
             raise ValueError(
                 f"{self.family}: topk_group = {spec.topk_group} groups of {per_group[0]} kept experts cannot hold "
-                f"top-k = {spec.top_k} experts"
+                f"top-k = {spec.top_k} experts; the remaining slots would be filled from ineligible groups, which "
+                "transformers' router picks in no reproducible order, so such a pruned router is not written"
             )
