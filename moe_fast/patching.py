@@ -44,16 +44,14 @@ class RouterState:
     def renormalize(self) -> bool:
         return self.spec.renormalize
 
-    def layer_spec(self, router: nn.Module) -> RoutingSpec:
-        """The layer's spec with the router's selection bias as it is now.
+    def selection_bias(self, router: nn.Module) -> torch.Tensor | None:
+        """The router's selection bias buffer as it is now (None for families without one).
 
         Why not a copy taken at patch time: ``load_state_dict(assign=True)``, a reassigned buffer,
         ``to_empty`` or ``model.to(...)`` replace the buffer, and the patched router must route
         with the new values as the stock one does.
         """
-        if self.selection_bias_attr is None:
-            return self.spec
-        return self.spec.with_selection_bias(getattr(router, self.selection_bias_attr))
+        return None if self.selection_bias_attr is None else getattr(router, self.selection_bias_attr)
 
 
 @dataclass
@@ -75,13 +73,15 @@ def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
     if state.spec.is_plain_softmax:  # the long-standing call, unchanged
         routed = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
     else:
-        routed = ops.route_spec(router_logits.detach().contiguous(), state.layer_spec(self), state.beta)
+        routed = ops.route_spec(router_logits.detach().contiguous(), state.spec, state.beta,
+                                selection_bias=state.selection_bias(self))
     indices = routed.ids.long()
     weights = routed.weights
     if torch.is_grad_enabled() and router_logits.requires_grad:
         weights = _differentiable_weights(router_logits, indices, weights, state.spec)
     scores = weights if state.scores_float32 else weights.to(router_logits.dtype)
-    fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
+    if not torch.compiler.is_compiling():  # compiled experts sort the slots themselves (static shapes)
+        fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
     return router_logits, scores, indices
 
 

@@ -522,3 +522,27 @@ def grouped_subset_loss(
         err = ((routed(keep[c].bool()) - want) ** 2).sum(-1)
         out[c].index_add_(0, group.long(), err)
     return out
+
+
+def grouped_row_experts(rows: int, ends: torch.Tensor) -> torch.Tensor:
+    """[rows] int64: the expert of each row of a grouped product (E past ``ends[-1]``)."""
+    return torch.searchsorted(ends.long().cpu(), torch.arange(rows), right=True).to(ends.device)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Reference of ``torch.ops.moe_fast.grouped_matmul``: x [R, in] (rows grouped by expert),
+    weight [E, in, out], ends [E] -> [R, out] in weight's dtype; rows ``ends[e-1]:ends[e]`` times
+    ``weight[e]``, rows from ``ends[-1]`` on (skipped slots) 0."""
+    E = weight.shape[0]
+    expert = grouped_row_experts(x.shape[0], ends)
+    y = torch.bmm(x.to(weight.dtype).unsqueeze(1), weight[expert.clamp(max=E - 1)]).squeeze(1)
+    return torch.where((expert < E).unsqueeze(-1), y, torch.zeros_like(y))
+
+
+def grouped_matmul_weight_grad(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Reference of ``torch.ops.moe_fast.grouped_matmul_weight_grad``: [E, in, out] in grad's dtype,
+    expert e's ``x[rows_e]^T @ grad[rows_e]``."""
+    E = ends.shape[0]
+    expert = grouped_row_experts(x.shape[0], ends)
+    onehot = torch.nn.functional.one_hot(expert, E + 1)[:, :E].to(grad.dtype)
+    return torch.einsum("re,ri,ro->eio", onehot, x.to(grad.dtype), grad)
