@@ -111,3 +111,15 @@ def test_grouped_matmul_op_refuses_mismatched_shapes():
         experts.grouped_matmul_op(x, torch.randn(4, 7, 5), ends)
     with pytest.raises(RuntimeError, match="one entry per expert"):
         experts.grouped_matmul_op(x, w, ends[:3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "mixtral"])
+def test_patched_forward_compiles_fullgraph_on_cuda(family):
+    torch._dynamo.reset()
+    model = _patched(family, torch.bfloat16).to("cuda")
+    ids = _ids().to("cuda")
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
