@@ -123,12 +123,18 @@ def test_all_tensors_of_a_patched_model_are_parameters_or_buffers(family):
             for i, v in enumerate(value):
                 yield from loose(v, f"{where}[{i}]")
 
-    found = []
-    for name, module in model.named_modules():
-        for attr, value in vars(module).items():
-            if attr not in ("_parameters", "_buffers", "_modules"):
-                found += list(loose(value, f"{name}.{attr}"))
-    assert not found, f"tensors held outside parameters and buffers: {found}"
+    def held() -> list[str]:
+        found = []
+        for name, module in model.named_modules():
+            for attr, value in vars(module).items():
+                if attr not in ("_parameters", "_buffers", "_modules"):
+                    found += list(loose(value, f"{name}.{attr}"))
+        return found
+
+    assert not held(), f"tensors held outside parameters and buffers after patch: {held()}"
+    with torch.no_grad():  # the router's dispatch plan is handed to the experts and not kept
+        model(_ids())
+    assert not held(), f"tensors held outside parameters and buffers after a forward: {held()}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
