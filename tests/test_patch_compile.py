@@ -41,15 +41,15 @@ def test_patched_forward_compiles_fullgraph_and_equals_eager(family, dtype, one_
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_greedy_generation_under_compile_equals_eager(family, one_thread):
     torch._dynamo.reset()
     model = _patched(family, torch.float32)
-    ids = _ids(2, 5)
+    ids = _ids(2, 4)  # 4 + 3 tokens stay inside gpt-oss' sliding window of 8: no mask change, fewer recompiles
     with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=4, do_sample=False)
+        want = model.generate(ids, max_new_tokens=3, do_sample=False)
         model.forward = torch.compile(model.forward, fullgraph=True, dynamic=True, backend="aot_eager")
-        got = model.generate(ids, max_new_tokens=4, do_sample=False)
+        got = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
 
 
