@@ -6,6 +6,10 @@ plan (slots grouped by expert, skipped slots last) with grouped GEMMs, so a skip
 E, weight 0) costs nothing. The plan comes from the patched router of the same call when it is
 there (checked by tensor identity), else it is rebuilt from ``top_k_index`` with a stable sort.
 
+Under ``torch.compile`` the plan's row counts would be data the graph cannot depend on, so the
+experts sort the slots themselves and run every slot's row through ``moe_fast::grouped_matmul``
+(``_static_forward``; skipped rows are zero and weigh 0).
+
 Registered as ``experts_implementation="moe_fast"`` on import of :mod:`moe_fast`.
 """
 
