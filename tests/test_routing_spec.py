@@ -231,7 +231,7 @@ def test_masked_experts_leave_the_group_scores() -> None:
     keep = torch.tensor([False, False, True, True, True, True])
     r = reference.route_spec(x, spec, keep_mask=keep)
     assert r.ids.tolist() == [[2, 3]]
-    # With a single eligible group too small for k, the other allowed experts follow by score.
+    # With a single eligible group too small for k, the other allowed experts follow by index.
     r = reference.route_spec(torch.tensor([[5.0, 4.0, 1.0, 0.0, 3.0, 2.0]]), grouped(3, n_group=3, topk_group=1), keep_mask=keep)
     assert r.ids.tolist() == [[4, 5, 2]]
 
