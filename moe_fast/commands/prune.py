@@ -100,10 +100,13 @@ def run(args: argparse.Namespace) -> int:
         return run_plan(args)
     if args.calib is None or args.out is None:
         raise ValueError("--calib and --out are required (except with --plan)")
-    if os.path.isdir(args.model):
-        from moe_fast.checkpoint_check import verify_checkpoint
+    from moe_fast.model_checks import check_device, check_model_dir
 
-        verify_checkpoint(args.model)  # a truncated or corrupt file: one clear error, nothing written
+    check_device(args.device)
+    if args.chunk_tokens < 1:
+        raise ValueError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    if os.path.isdir(args.model):
+        check_model_dir(args.model)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error, nothing written
     if args.criterion != "reconstruction":
         run_baseline(args)
     else:

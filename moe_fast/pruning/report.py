@@ -71,6 +71,14 @@ class PruneReport:
             "world_size": self.world_size,
         }
 
+    @classmethod
+    def load(cls, path: str) -> "PruneReport":
+        """A report as :meth:`save` wrote it."""
+        with open(path) as f:
+            data = json.load(f)
+        layers = {int(i): LayerResult(**r) for i, r in data["layers"].items()}
+        return cls(layers, data["timings"], data["peak_memory_bytes"], data["settings"], data.get("world_size", 1))
+
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
