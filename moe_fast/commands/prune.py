@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--beam-width", type=int, default=4, help="candidates kept per step with --search beam (default 4)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; a .pt is used whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048, or the model's max_position_embeddings when smaller; a .pt is used whole)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch (one term of the paper's sum)")
     p.add_argument(
         "--seed", type=int, default=42,

@@ -3,9 +3,12 @@
 Streams the calibration hidden states through the model one decoder layer at a time. Per MoE
 layer it collects each token's rank-bounded expert outputs as Gram entries, scores the candidate
 keep-sets with ``ops.subset_loss``, chooses the best one and applies it (``layer_phases``). With an
-output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json`` so
-that ``resume=True`` continues after an interruption (finished layers are replayed with a plain
-forward, no search), and the checkpoint is written beside ``out`` and moved there in whole.
+output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json``, with
+the hidden states carried past it (``carried_states``), so that ``resume=True`` continues after an
+interruption exactly as the uninterrupted run (the finished layers are skipped, their outputs
+loaded, not recomputed), and the checkpoint is written beside ``out`` and moved there in whole.
+Every input that can be refused (arguments, device, checkpoint headers, calibration ids) is
+refused before the lock and partial folder are made.
 
 Under an initialized torch.distributed process group (``torchrun ... -m moe_fast.cli prune``)
 the ranks share the calibration batches (``moe_fast.pruning.distributed``): each streams the
@@ -85,7 +88,9 @@ def prune(
             pruned so far; target still the unpruned model's block output).
         objective: ``paper`` (sum over batches of the Frobenius norm) or ``mse``.
         search: ``exhaustive``, ``greedy``, ``beam`` or ``auto`` (exhaustive when C(E, R) <= 5000).
-        n_samples, seq_len: calibration size (None: 128 x 2048 for text, the whole tensor for ids).
+        n_samples, seq_len: calibration size (None: 128 x 2048 for text, or 128 x the model's
+            max_position_embeddings when smaller; the whole tensor for ids). Ids outside the
+            vocabulary and sequences longer than max_position_embeddings are refused.
         batch_size: sequences per calibration batch: one group of the paper's objective.
         chunk_tokens: tokens whose expert outputs are held at once (bounds memory).
         lazy: compute each token's expert outputs only as far as a candidate still in the running
@@ -109,8 +114,10 @@ def prune(
             there while it is processed and back afterwards.
 
     With ``out`` the run holds an exclusive lock on ``<out>.moe_fast_partial`` from start to end:
-    a second run into the same ``out`` fails at once (FolderBusy, naming the first), and a lock
-    left by a killed run is taken over. The checkpoint is verified (every shard the index names
+    a second run into the same ``out`` fails once its inputs are checked (FolderBusy, naming the
+    first), and a lock left by a killed run is taken over, with any staging folder its export
+    left beside ``out``. A resume whose ``out`` already holds this run's verified checkpoint
+    (killed after the final rename) returns that checkpoint's report. The checkpoint is verified (every shard the index names
     present, with its tensors and size) before it is moved to ``out``.
     """
     clock = Timings("calibration", "forward", "expert_outputs", "search")
