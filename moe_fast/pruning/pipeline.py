@@ -117,8 +117,9 @@ def prune(
     a second run into the same ``out`` fails once its inputs are checked (FolderBusy, naming the
     first), and a lock left by a killed run is taken over, with any staging folder its export
     left beside ``out``. A resume whose ``out`` already holds this run's verified checkpoint
-    (killed after the final rename) returns that checkpoint's report. The checkpoint is verified (every shard the index names
-    present, with its tensors and size) before it is moved to ``out``.
+    (killed after the final rename) returns that checkpoint's report (a loaded model is pruned
+    to it). The checkpoint is verified (every shard the index names present, with its tensors
+    and size) before it is moved to ``out``.
     """
     clock = Timings("calibration", "forward", "expert_outputs", "search")
     check_arguments(mode, objective, batch_size, beam_width, chunk_tokens)
@@ -146,7 +147,9 @@ def prune(
         if finished is not None:  # killed after its export was in place: nothing left to do
             if lead:
                 log.info("resume: %s is already complete (verified, same settings); nothing to do", out)
-            return PruneResult(load_pruned(source, finished, out) if loaded is None and return_model else None, finished)
+            if loaded is not None:
+                return PruneResult(prune_in_memory(loaded, source, finished), finished)
+            return PruneResult(load_pruned(source, finished, out) if return_model else None, finished)
         report = PruneReport(settings=settings, world_size=ctx.world)
         with ctx.guard():
             report.layers = partial.start(settings, resume)
