@@ -66,7 +66,10 @@ def check_beta(value: Any, where: str) -> float:
 
 def layer_betas(value: Any, k: int, where: str) -> list[float] | None:
     """One layer's entry (a number, k - 1 numbers, a tensor or None) as k - 1 checked thresholds."""
-    entries = beta_entries(value)
+    try:
+        entries = beta_entries(value)
+    except ValueError:  # a string: named with its place
+        raise ValueError(f"moe_fast: beta for {where} must be a number in [0, 1], got {value!r} (a string)") from None
     if entries is None:
         return None
     if len(entries) == 1:
@@ -87,6 +90,8 @@ def normalize_betas(betas: BetaSpec, layers: Sequence[int], k: int) -> LayerBeta
     layers = list(layers)
     if betas is None:
         return {layer: None for layer in layers}
+    if isinstance(betas, (str, bytes)):  # not a sequence of per-layer betas: one refusal for every form
+        raise ValueError(f"moe_fast: betas must be numbers, not the string {betas!r}")
     if isinstance(betas, SkipCalibration):
         if list(betas.layers) != layers:
             raise ValueError(

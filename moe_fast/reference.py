@@ -93,7 +93,11 @@ def beta_entries(beta: float | Sequence[float] | torch.Tensor | None) -> list | 
         return beta.reshape(-1).tolist()
     if isinstance(beta, (int, float)):
         return [beta]
-    return list(beta)
+    entries = None if isinstance(beta, (str, bytes)) else list(beta)
+    if entries is None or any(isinstance(b, (str, bytes)) for b in entries):
+        # A string is a sequence of characters: "0.5" would be read as the betas "0", ".", "5".
+        raise ValueError(f"beta must be a number, a sequence of numbers or a tensor, got {beta!r} (a string is not a number)")
+    return entries
 
 
 def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:

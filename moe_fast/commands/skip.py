@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty; may be MODEL itself)")
     add_skip_arguments(p)
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 32; a .pt is used whole)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512; a .pt is used whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512, or the model's max_position_embeddings when smaller; a .pt is used whole)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
