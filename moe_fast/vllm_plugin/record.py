@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_fast.betas import layer_betas
-from moe_fast.config_record import CONFIG_KEY, SKIPPING_KEY
-
-RECORD_VERSION = 1  # the skipping record's layout; a record without "version" is version 1
+from moe_fast.config_record import CONFIG_KEY, SKIP_RECORD_VERSION as RECORD_VERSION, SKIPPING_KEY
 # moe_fast's families, whose routers vLLM serves through its fused-MoE layer.
 SERVED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss")
 
