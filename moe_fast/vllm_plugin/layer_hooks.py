@@ -54,7 +54,17 @@ def attach(runner: Any, skip: ServingSkip, seen: set[int]) -> None:
     thresholds = skip_thresholds(betas, skip.top_k)
     select_experts, forward_modular = router.select_experts, experts.forward_modular
 
+    checked = []
+
     def skipping_select_experts(hidden_states, router_logits, *args, **kwargs):
+        if not checked:  # by the first forward (vLLM's warm-up) every MoE layer has been built
+            missing = sorted(set(skip.betas) - seen)
+            if missing:
+                raise SkipRecordError(
+                    f"moe_fast skipping in {skip.checkpoint}/config.json: the record has betas for layers {missing}, "
+                    f"which are not MoE layers of vLLM's model (its MoE layers: {sorted(seen)})"
+                )
+            checked.append(True)
         weights, ids = select_experts(hidden_states, router_logits, *args, **kwargs)
         bias = getattr(router, "e_score_correction_bias", None) if skip.sigmoid else None
         skipped = skipped_mask(router_logits, ids, thresholds, skip.sigmoid, bias)
