@@ -5,7 +5,8 @@ Like engine.py (whose environment and engine settings it reuses), vLLM runs in a
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``moe_fast.vllm_plugin.stats`` there counts what the
 engine's MoE layers did. engine.py's child does not return those counters, hence this helper.
 
-``serve_skipping(jobs)``: a job is ``{"skip": DIR, "source": DIR, "prompts": [[ids]]}``; its result
+``serve_skipping(jobs)``: a job is ``{"skip": DIR, "source": DIR, "prompts": [[ids]], "engine": {...}}``
+(``engine``: ``vllm.LLM`` keyword arguments over engine.py's ``ENGINE_DEFAULTS``); its result
 has ``"batched"`` (the skip checkpoint's prompt log-probs, all prompts in one ``generate``),
 ``"alone"`` (each prompt in its own ``generate``), ``"counts"`` (the plugin's per-layer counters for
 the batched run) and ``"source"`` (the source checkpoint's batched prompt log-probs) and
@@ -54,13 +55,13 @@ def _serve(job: dict) -> dict:
     from moe_fast.vllm_plugin import stats
 
     answer: dict = {}
-    llm = LLM(model=job["skip"], **ENGINE_DEFAULTS)
+    llm = LLM(model=job["skip"], **(ENGINE_DEFAULTS | job.get("engine", {})))
     stats.reset()  # forget the engine's warm-up run
     answer["batched"] = _logprobs(llm, job["prompts"])
     answer["counts"] = stats.snapshot()
     answer["alone"] = [_logprobs(llm, [p])[0] for p in job["prompts"]]
     _shutdown(llm)
-    llm = LLM(model=job["source"], **ENGINE_DEFAULTS)
+    llm = LLM(model=job["source"], **(ENGINE_DEFAULTS | job.get("engine", {})))
     stats.reset()
     answer["source"] = _logprobs(llm, job["prompts"])
     answer["source_counts"] = stats.snapshot()
@@ -85,5 +86,4 @@ def _main(spec: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     _main(sys.argv[1], sys.argv[2])
