@@ -24,9 +24,9 @@ from skip_engine import serve_skipping
 # Families whose skipping export vLLM serves here in float32, as transformers runs it. Not here:
 # DeepSeek-V3: on CPUs with AMX vLLM 0.32 picks its AMX MLA attention, which refuses float32
 # weights; its plain CPU MLA backend (attention_backend="CPU_MLA") serves the *unskipped* tiny model
-# 2.6 nats away from transformers and a prompt batched differently from alone, so no comparison
-# can be made. gpt-oss: no unquantized CPU expert backend for its activation, and the MXFP4 one
-# takes bfloat16 only. Their rule is tested on engine-shaped router output
+# 2.6 nats away from transformers, and in bfloat16 a batched prompt up to 5 nats from itself alone
+# (skipping or not), so no comparison can be made. gpt-oss: no unquantized CPU expert backend for
+# its activation; the MXFP4 one takes bfloat16 only and then wants a tokenizer. Their rule is tested on engine-shaped router output
 # (tests/test_vllm_skip_rule.py). MOE_FAST_VLLM_SKIP_FAMILIES=a,b runs others (e.g. to retry them).
 SKIP_FAMILIES = os.environ.get("MOE_FAST_VLLM_SKIP_FAMILIES", "mixtral,qwen2_moe,qwen3_moe,olmoe,glm4_moe").split(",")
 # Engine settings per family over engine.py's ENGINE_DEFAULTS (float32, eager).
