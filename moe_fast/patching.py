@@ -22,7 +22,7 @@ from moe_fast import experts as fast_experts
 from moe_fast import ops
 from moe_fast.adapters import get_adapter
 from moe_fast.betas import BetaSpec, SkipCalibration, normalize_betas
-from moe_fast.config_record import SKIPPING_KEY, remove_record_entry, set_record_entry
+from moe_fast.config_record import SKIP_RECORD_VERSION, SKIPPING_KEY, remove_record_entry, set_record_entry
 from moe_fast.routing_spec import RoutingSpec
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ def _record(model: nn.Module, betas: BetaSpec, per_layer: list, layers: list[int
     skipping: dict[str, Any] = {"betas": per_layer if any(b is not None for b in per_layer) else None}
     if skipping["betas"] is not None:
         skipping["layers"] = layers
+        # The record's layout version: readers that skip elsewhere (the vLLM plugin) refuse others.
+        skipping["version"] = SKIP_RECORD_VERSION
     if isinstance(betas, SkipCalibration):
         skipping.update(quantile=betas.quantile, calibration_tokens=betas.num_tokens, skip_rate=betas.skip_rate)
     set_record_entry(model.config, SKIPPING_KEY, skipping)
