@@ -197,8 +197,6 @@ def subset_loss_spec(
         [C, num_groups] float64, as :func:`subset_loss`.
     """
     args = routing_op_args(spec, logits.device)
-    if selection_bias is not None:
-        args["selection_bias"] = selection_bias.detach().to(device=logits.device, dtype=torch.float32).contiguous()
     k = args.pop("k")
     renormalize = args.pop("renormalize")
     return torch.ops.moe_fast.subset_loss(

@@ -21,8 +21,8 @@ from torch import nn
 from moe_fast import experts as fast_experts
 from moe_fast import ops
 from moe_fast.adapters import get_adapter
-from moe_fast.betas import BetaSpec, SkipCalibration, normalize_betas
-from moe_fast.config_record import SKIP_RECORD_VERSION, SKIPPING_KEY, remove_record_entry, set_record_entry
+from moe_fast.betas import BetaSpec, normalize_betas, skipping_record
+from moe_fast.config_record import SKIPPING_KEY, remove_record_entry, set_record_entry
 from moe_fast.routing_spec import RoutingSpec
 
 log = logging.getLogger(__name__)
@@ -178,22 +178,10 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
         )
         ref.router.forward = types.MethodType(_fused_router_forward, ref.router)
     _set_experts_implementation(model, blocks, fast_experts.NAME)
-    _record(model, betas, [per_layer[ref.layer] for ref in blocks], [ref.layer for ref in blocks])
+    set_record_entry(model.config, SKIPPING_KEY, skipping_record(betas, [ref.layer for ref in blocks], k))
     skipping = sum(per_layer[ref.layer] is not None for ref in blocks)
     log.info("moe_fast: patched %d MoE blocks (%s), skipping on %d", len(blocks), adapter.family, skipping)
     return model
-
-
-def _record(model: nn.Module, betas: BetaSpec, per_layer: list, layers: list[int]) -> None:
-    """Writes config.moe_fast["skipping"], keeping the rest of config.moe_fast (pruning's record)."""
-    skipping: dict[str, Any] = {"betas": per_layer if any(b is not None for b in per_layer) else None}
-    if skipping["betas"] is not None:
-        skipping["layers"] = layers
-        # The record's layout version: readers that skip elsewhere (the vLLM plugin) refuse others.
-        skipping["version"] = SKIP_RECORD_VERSION
-    if isinstance(betas, SkipCalibration):
-        skipping.update(quantile=betas.quantile, calibration_tokens=betas.num_tokens, skip_rate=betas.skip_rate)
-    set_record_entry(model.config, SKIPPING_KEY, skipping)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

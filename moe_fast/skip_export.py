@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from moe_fast.config_record import CONFIG_KEY, SKIPPING_KEY, merged_record, record_entry
+from moe_fast.config_record import CONFIG_KEY, SKIPPING_KEY, merged_record, set_record_entry
 from moe_fast.staging import staged_directory
 
 REPORT_NAME = "moe_fast_skip.json"
@@ -42,7 +42,9 @@ def skip_checkpoint(
 
     from transformers import AutoConfig
 
-    from moe_fast import patching, saving
+    from moe_fast import saving
+    from moe_fast.adapters import get_adapter
+    from moe_fast.betas import skipping_record
     from moe_fast.calibration import calibration_fingerprint, load_calibration
     from moe_fast.model_checks import check_device, check_model_dir, model_limits
     from moe_fast.loading import from_pretrained_dtype, load_pretrained, load_tokenizer
@@ -68,8 +70,8 @@ def skip_checkpoint(
     with quiet_loading():
         model = load_pretrained(model_path, dtype=from_pretrained_dtype(dtype)).to(device).eval()
     cal = calibrate_skipping(model, ids, quantile=quantile, batch_size=batch_size, progress=progress)
-    patching.patch(model, betas=cal)
-    record = record_entry(model.config, SKIPPING_KEY)
+    adapter = get_adapter(model)
+    record = skipping_record(cal, [ref.layer for ref in adapter.moe_blocks(model)], adapter.top_k)
     report = {
         "model": model_path,
         "calibration": {
@@ -84,6 +86,7 @@ def skip_checkpoint(
     report_text = json.dumps(report, indent=2)
 
     if not Path(model_path).is_dir():  # a hub name: write the loaded model
+        set_record_entry(model.config, SKIPPING_KEY, record)
         saving.save(model, out, tokenizer=tokenizer, overwrite=False, extra_files={REPORT_NAME: report_text})
         return report
     if in_place:
