@@ -4,7 +4,8 @@
 #   1. build the CUDA extension in place for this GPU's architecture only, on all cores
 #      (no pip, no network: the machine has torch, setuptools and ninja but no internet);
 #   2. the tests that run on CUDA (tests/test_cuda_ops.py and the op tests' cuda cases);
-#   3. benchmarks/bench_gpu.py, the GPU table, in whatever time is left.
+#   3. benchmarks/bench_gpu.py, the GPU table, in whatever time is left;
+#   4. benchmarks/bench_vllm.py (skipping inside vLLM) when vllm imports, else one line.
 # Each step has its own time limit, cut to what is left of the budget, and a log in $OUT (or a
 # temporary folder): summary.txt (the machine, the versions, one line per step), build.log,
 # tests.log, bench.log, and bench_gpu.py's gpu_table.md / gpu_results.json.
@@ -72,6 +73,13 @@ step tests 150 "${PY}" -m pytest -q -rs -p no:cacheprovider --maxfail=10 \
 
 # 3. The table, in the time that is left (minus a margin for writing the summary).
 BUDGET=$((BUDGET - 10)) step bench 400 "${PY}" benchmarks/bench_gpu.py ${QUICK}
+
+# 4. Skipping inside vLLM (benchmarks/bench_vllm.py), only where vLLM is importable: nothing is installed here.
+if "${PY}" -c "import vllm" >/dev/null 2>&1; then
+  step bench_vllm 300 "${PY}" benchmarks/bench_vllm.py ${QUICK} --json "${OUTDIR}/bench_vllm.json"
+else
+  echo "== bench_vllm: skipped, vllm is not importable here (nothing installed)" | tee -a "${OUTDIR}/summary.txt"
+fi
 
 echo "gpu_check: $([[ ${status} -eq 0 ]] && echo OK || echo FAILED) in $((SECONDS - START))s; outputs in ${OUTDIR}" | tee -a "${OUTDIR}/summary.txt"
 cat "${OUTDIR}/summary.txt"

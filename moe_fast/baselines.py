@@ -237,8 +237,9 @@ def prune_baseline(
     num_layers = int(config.num_hidden_layers)
     if criterion != "random" and stats is None:
         from moe_fast.calibration import load_calibration
+        from moe_fast.model_checks import model_limits
 
-        ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
+        ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed, *model_limits(config))
         from moe_fast.loading import load_pretrained
 
         model = load_pretrained(model_path, dtype=torch.float32).to(device)

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from moe_fast.config_record import SKIP_RECORD_VERSION
 from moe_fast.reference import beta_entries, per_slot
 
 BetaSpec = Any  # None | float | SkipCalibration | Sequence[float | Sequence[float] | None] | Mapping[int, ...]
@@ -66,7 +67,10 @@ def check_beta(value: Any, where: str) -> float:
 
 def layer_betas(value: Any, k: int, where: str) -> list[float] | None:
     """One layer's entry (a number, k - 1 numbers, a tensor or None) as k - 1 checked thresholds."""
-    entries = beta_entries(value)
+    try:
+        entries = beta_entries(value)
+    except ValueError:  # a string: named with its place
+        raise ValueError(f"moe_fast: beta for {where} must be a number in [0, 1], got {value!r} (a string)") from None
     if entries is None:
         return None
     if len(entries) == 1:
@@ -87,6 +91,8 @@ def normalize_betas(betas: BetaSpec, layers: Sequence[int], k: int) -> LayerBeta
     layers = list(layers)
     if betas is None:
         return {layer: None for layer in layers}
+    if isinstance(betas, (str, bytes)):  # not a sequence of per-layer betas: one refusal for every form
+        raise ValueError(f"moe_fast: betas must be numbers, not the string {betas!r}")
     if isinstance(betas, SkipCalibration):
         if list(betas.layers) != layers:
             raise ValueError(
@@ -109,3 +115,21 @@ def normalize_betas(betas: BetaSpec, layers: Sequence[int], k: int) -> LayerBeta
             "give one entry per MoE layer (a number, or k - 1 numbers for k > 2)"
         )
     return {layer: layer_betas(b, k, f"layer {layer}") for layer, b in zip(layers, betas)}
+
+
+def skipping_record(betas: BetaSpec, layers: Sequence[int], k: int) -> dict[str, Any]:
+    """config.json's ``moe_fast.skipping`` entry for ``betas`` on the MoE layers ``layers``.
+
+    One writer for both places that record betas: a patched model's config (``patch``) and a
+    checkpoint's config.json rewritten without loading a patched model (``moe-fast skip``).
+    """
+    per_layer = normalize_betas(betas, layers, k)
+    entries = [per_layer[layer] for layer in layers]
+    record: dict[str, Any] = {"betas": entries if any(b is not None for b in entries) else None}
+    if record["betas"] is not None:
+        record["layers"] = list(layers)
+        # The record's layout version: readers that skip elsewhere (the vLLM plugin) refuse others.
+        record["version"] = SKIP_RECORD_VERSION
+    if isinstance(betas, SkipCalibration):
+        record.update(quantile=betas.quantile, calibration_tokens=betas.num_tokens, skip_rate=betas.skip_rate)
+    return record

@@ -85,7 +85,8 @@ def _hf_dataset_texts(spec: str) -> list[str]:
     except ImportError:
         raise ValueError(
             f"calibration spec {spec!r} is neither an existing file nor builtin:NAME, and the "
-            "'datasets' package is not installed to fetch it from the Hugging Face hub"
+            "'datasets' package is not installed to fetch it from the Hugging Face hub "
+            "(pip install 'moe_fast[hub]')"
         ) from None
     import datasets
 
@@ -125,40 +126,89 @@ def sample_blocks(tokens: list[int] | torch.Tensor, n_samples: int, seq_len: int
     return blocks[torch.tensor(picks, dtype=torch.long)].clone()
 
 
+DEFAULT_SEQ_LEN = 2048
+
+
+def default_seq_len(max_positions: int | None) -> int:
+    """Tokens per text sample when none is asked: 2048, or the model's ``max_position_embeddings``
+    when that is smaller (logged: sequences past it would run positions the model never saw)."""
+    if max_positions is not None and 0 < int(max_positions) < DEFAULT_SEQ_LEN:
+        log.warning("calibration: seq_len %d (the model's max_position_embeddings) instead of the default %d",
+                    int(max_positions), DEFAULT_SEQ_LEN)
+        return int(max_positions)
+    return DEFAULT_SEQ_LEN
+
+
 def load_calibration(
     spec: str | torch.Tensor,
     tokenizer=None,
     n_samples: int | None = 128,
-    seq_len: int | None = 2048,
+    seq_len: int | None = DEFAULT_SEQ_LEN,
     seed: int = 42,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
 ) -> torch.LongTensor:
     """Calibration token ids ``[n_samples, seq_len]`` from a spec (see the module docstring).
 
     A tensor (or ``.pt`` file) of ids is used as is; when ``n_samples`` / ``seq_len`` are given it
     must be at least that large and its first rows / columns are taken. ``None`` for either means
-    "all of the tensor" for ids, and 128 / 2048 for text.
+    "all of the tensor" for ids, and 128 / :func:`default_seq_len` for text. With the model's
+    ``vocab_size`` and ``max_positions`` (``max_position_embeddings``) the ids are checked against
+    them (:func:`check_ids_fit`), so that a bad id is refused before any forward.
     """
     if isinstance(spec, torch.Tensor) or (isinstance(spec, str) and spec.lower().endswith(".pt")):
         ids = spec if isinstance(spec, torch.Tensor) else _load_pt(spec)
-        return _take_ids(ids, n_samples, seq_len, str(spec) if isinstance(spec, str) else "tensor")
+        source = str(spec) if isinstance(spec, str) else "tensor"
+        ids = _take_ids(ids, n_samples, seq_len, source)
+        check_ids_fit(ids, vocab_size, max_positions, source)
+        return ids
     if tokenizer is None:
         raise ValueError(
             f"calibration spec {spec!r} is text, but the model has no tokenizer; give a .pt file of token ids"
         )
     n_samples = 128 if n_samples is None else n_samples
-    seq_len = 2048 if seq_len is None else seq_len
+    seq_len = default_seq_len(max_positions) if seq_len is None else seq_len
     if n_samples < 1 or seq_len < 1:
         raise ValueError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    check_ids_fit(torch.zeros(0, seq_len, dtype=torch.long), None, max_positions, spec)  # before tokenizing
     texts = read_texts(spec)
     tokens = tokenize_texts(texts, tokenizer)
     log.info("calibration %s: %d records, %d tokens", spec, len(texts), len(tokens))
-    return sample_blocks(tokens, n_samples, seq_len, seed, source=spec)
+    ids = sample_blocks(tokens, n_samples, seq_len, seed, source=spec)
+    check_ids_fit(ids, vocab_size, None, spec)
+    return ids
+
+
+def check_ids_fit(ids: torch.Tensor, vocab_size: int | None, max_positions: int | None, source: str) -> None:
+    """Refuses ids the model cannot embed (negative, or >= ``vocab_size``: the embedding would fail
+    with an IndexError mid-run) and sequences longer than ``max_positions``."""
+    if max_positions is not None and ids.shape[-1] > int(max_positions):
+        raise ValueError(
+            f"calibration {source!r}: sequences of {ids.shape[-1]} tokens are longer than the model's "
+            f"max_position_embeddings ({int(max_positions)}); give --seq-len {int(max_positions)} or less"
+        )
+    if vocab_size is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= int(vocab_size):
+        bad = low if low < 0 else high
+        sample, position = (ids == bad).nonzero()[0].tolist()
+        raise ValueError(
+            f"calibration ids {source!r}: token id {bad} (sample {sample}, position {position}) is outside the "
+            f"model's vocabulary 0..{int(vocab_size) - 1}"
+        )
 
 
 def _load_pt(path: str) -> torch.Tensor:
     if not os.path.exists(path):
         raise FileNotFoundError(f"calibration file {path!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # empty, text, truncated or unsafe pickle: one line naming the file
+        cause = " ".join(str(err).split())[:200] or "empty or truncated file"
+        raise ValueError(f"calibration file {path!r} is not token ids saved with torch.save ({type(err).__name__}: {cause})") from None
     if isinstance(obj, dict) and "input_ids" in obj:
         obj = obj["input_ids"]
     if not isinstance(obj, torch.Tensor):
@@ -170,6 +220,8 @@ def _take_ids(ids: torch.Tensor, n_samples: int | None, seq_len: int | None, sou
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"calibration ids {source!r} must be an integer tensor [n_samples, seq_len], got {ids.dtype} {tuple(ids.shape)}")
     n, length = ids.shape
+    if n == 0 or length == 0:
+        raise ValueError(f"calibration ids {source!r} hold no tokens (shape {tuple(ids.shape)})")
     want_n = n if n_samples is None else n_samples
     want_l = length if seq_len is None else seq_len
     if want_n > n or want_l > length:

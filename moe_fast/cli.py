@@ -2,7 +2,7 @@
 
 Each command module defines ``register(subparsers)`` which adds its parser and sets
 ``func(args) -> int`` as the parser default. Expected failures (bad input, a missing or
-unwritable path, a full disk, a busy output) end with one line naming the path and the cause,
+unwritable path, a full disk, a busy output, a missing optional package) end with one line naming the path and the cause,
 exit status 2; log lines are written through tqdm so that they do not break progress bars.
 """
 
@@ -43,6 +43,7 @@ def error_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from moe_fast.extras import MissingExtra
     from moe_fast.models import quiet_loading
     from moe_fast.staging import FolderBusy
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm(), quiet_loading():
             return int(args.func(args) or 0)
-    except (ValueError, OSError, FolderBusy) as err:
+    except (ValueError, OSError, FolderBusy, MissingExtra) as err:
         print(f"moe-fast {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,8 @@ from typing import Any
 
 CONFIG_KEY = "moe_fast"  # the config attribute / config.json key
 PRUNING_KEY = "pruning"  # {"criterion" or "mode", "keep", "kept", ...}: written by export
-SKIPPING_KEY = "skipping"  # {"betas": per MoE layer or None, "layers": [...], ...}: written by patch
+SKIPPING_KEY = "skipping"  # {"betas": per MoE layer or None, "layers": [...], "version": 1, ...}: written by patch
+SKIP_RECORD_VERSION = 1  # the skipping record's layout; a record without "version" (older moe_fast) is 1
 
 
 def merged_record(existing: Any, key: str, value: Any) -> dict:

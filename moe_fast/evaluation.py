@@ -337,12 +337,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     """
     from transformers import AutoTokenizer
 
-    from moe_fast.checkpoint_check import verify_checkpoint
+    from moe_fast.model_checks import check_model_dir
     from moe_fast.models import quiet_loading, resolve_model
 
     path = resolve_model(spec)
     if os.path.isdir(path):
-        verify_checkpoint(path)  # a truncated or corrupt file: one clear error instead of a traceback
+        check_model_dir(path)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error instead of a traceback
     with quiet_loading():
         if skip:
             from moe_fast.saving import from_pretrained

@@ -6,6 +6,10 @@ plan (slots grouped by expert, skipped slots last) with grouped GEMMs, so a skip
 E, weight 0) costs nothing. The plan comes from the patched router of the same call when it is
 there (checked by tensor identity), else it is rebuilt from ``top_k_index`` with a stable sort.
 
+Under ``torch.compile`` the plan's row counts would be data the graph cannot depend on, so the
+experts sort the slots themselves and run every slot's row through ``moe_fast::grouped_matmul``
+(``_static_forward``; skipped rows are zero and weigh 0).
+
 Registered as ``experts_implementation="moe_fast"`` on import of :mod:`moe_fast`.
 """
 
@@ -117,6 +121,116 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     return out
 
 
+# --- torch.compile: the same computation with static shapes -----------------------------------
+# The eager path slices by data-dependent row counts (``ends.tolist()``, ``int(ends[-1])``), which
+# torch.compile(fullgraph=True) cannot trace. Under compile the experts run every slot's row
+# (skipped ones last, zero rows, weight 0) through the two ops below, which hide the per-expert
+# loop behind a fake kernel whose output shape follows from the input shapes alone.
+
+
+def _check_grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> None:
+    """The shapes both grouped ops (and their fake kernels) need, with messages naming the problem."""
+    torch._check(x.dim() == 2 and weight.dim() == 3 and ends.dim() == 1,
+                 lambda: f"grouped_matmul: need x [R, in], weight [E, in, out], ends [E]; got {x.dim()}, {weight.dim()}, {ends.dim()} dims")
+    torch._check(x.shape[1] == weight.shape[1], lambda: f"grouped_matmul: x has {x.shape[1]} columns, weight {weight.shape[1]} rows")
+    torch._check(ends.shape[0] == weight.shape[0],
+                 lambda: f"grouped_matmul: ends must have one entry per expert ({weight.shape[0]}), got {ends.shape[0]}")
+
+
+@torch.library.custom_op("moe_fast::grouped_matmul", mutates_args=())
+def grouped_matmul_op(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x [R, in] (rows grouped by expert), weight [E, in, out], ends [E] (non-decreasing, at most R)
+    -> [R, out] in weight's dtype: rows ``ends[e-1]:ends[e]`` times ``weight[e]``; rows from
+    ``ends[-1]`` on (skipped slots) are 0. Spec: ``reference.grouped_matmul``."""
+    _check_grouped(x, weight, ends)
+    active = int(ends[-1]) if ends.numel() else 0
+    torch._check(active <= x.shape[0], lambda: f"grouped_matmul: ends[-1] = {active} exceeds the {x.shape[0]} rows of x")
+    out = x.new_zeros(x.shape[0], weight.shape[-1], dtype=weight.dtype)
+    if active:
+        out[:active] = grouped_matmul(x[:active], weight, ends)
+    return out
+
+
+@grouped_matmul_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    _check_grouped(x, weight, ends)
+    return x.new_empty(x.shape[0], weight.shape[-1], dtype=weight.dtype)
+
+
+@torch.library.custom_op("moe_fast::grouped_matmul_weight_grad", mutates_args=())
+def grouped_matmul_weight_grad(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``grouped_matmul_op`` for its weight: [E, in, out] in grad's dtype, expert e's
+    ``x[rows_e]^T @ grad[rows_e]``. Spec: ``reference.grouped_matmul_weight_grad``."""
+    torch._check(x.dim() == 2 and grad.dim() == 2 and x.shape[0] == grad.shape[0],
+                 lambda: f"grouped_matmul_weight_grad: x [R, in] and grad [R, out] must share R, got {tuple(x.shape)}, {tuple(grad.shape)}")
+    out = x.new_zeros(ends.shape[0], x.shape[1], grad.shape[1], dtype=grad.dtype)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        if end > start:
+            out[e] = x[start:end].to(grad.dtype).transpose(0, 1) @ grad[start:end]
+        start = end
+    return out
+
+
+@grouped_matmul_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(ends.shape[0], x.shape[1], grad.shape[1], dtype=grad.dtype)
+
+
+def _grouped_matmul_setup(ctx, inputs, output) -> None:
+    x, weight, ends = inputs
+    ctx.save_for_backward(x, weight, ends)
+
+
+def _grouped_matmul_backward(ctx, grad: torch.Tensor):
+    x, weight, ends = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grouped_matmul_op(grad, weight.transpose(-2, -1), ends).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = grouped_matmul_weight_grad(x, grad, ends).to(weight.dtype)
+    return grad_x, grad_w, None
+
+
+grouped_matmul_op.register_autograd(_grouped_matmul_backward, setup_context=_grouped_matmul_setup)
+
+
+def _static_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``moe_fast_experts_forward`` with shapes that depend on T and k only (for torch.compile).
+
+    Every slot gets a row, grouped by expert with the skipped ones (index E) last; the grouped
+    products leave those rows 0 and their weight is 0, so the result is the eager one.
+    """
+    T, H = hidden_states.shape
+    k = top_k_index.shape[-1]
+    E = self.num_experts
+    sorted_ids, slots = torch.sort(top_k_index.reshape(-1), stable=True)
+    ends = torch.searchsorted(sorted_ids, torch.arange(E, device=sorted_ids.device, dtype=sorted_ids.dtype), right=True)
+    ends = ends.to(torch.int32)
+    computed = (sorted_ids < E).unsqueeze(-1)
+    x = hidden_states.index_select(0, torch.div(slots, k, rounding_mode="floor"))
+
+    transposed = getattr(self, "is_transposed", False)
+    has_gate = getattr(self, "has_gate", True)
+    up_w = self.gate_up_proj if has_gate else self.up_proj
+    up_w = up_w if transposed else up_w.transpose(-2, -1)
+    down_w = self.down_proj if transposed else self.down_proj.transpose(-2, -1)
+    row_expert = sorted_ids.clamp(max=E - 1) if getattr(self, "has_bias", False) else None
+
+    h = grouped_matmul_op(x, up_w, ends)
+    if row_expert is not None:
+        h = h + (self.gate_up_proj_bias if has_gate else self.up_proj_bias).index_select(0, row_expert).to(h.dtype)
+    h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    y = grouped_matmul_op(h, down_w, ends)
+    if row_expert is not None:
+        y = y + self.down_proj_bias.index_select(0, row_expert).to(y.dtype)
+    y = torch.where(computed, y * top_k_weights.reshape(-1).index_select(0, slots).unsqueeze(-1), 0.0)
+    per_slot = y.new_zeros(T * k, H).index_copy(0, slots, y)
+    out = per_slot.view(T, k, H).sum(dim=1) if k > 1 else per_slot
+    return out.to(hidden_states.dtype)
+
+
 def _row_experts(plan: DispatchPlan) -> torch.Tensor:
     """[active] int64: the expert of each computed row (rows are grouped by expert)."""
     ends = plan.ends.long()
@@ -137,6 +251,8 @@ def moe_fast_experts_forward(
         raise NotImplementedError("moe_fast experts: post-expert norms are not supported")
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("moe_fast experts: expert parallelism is not supported")
+    if torch.compiler.is_compiling():
+        return _static_forward(self, hidden_states, top_k_index, top_k_weights)
     T, H = hidden_states.shape
     k = top_k_index.shape[-1]
     plan = _take_plan(self, top_k_index)

@@ -5,7 +5,8 @@ Two routes to the same hub layout (for Mixtral ``block_sparse_moe.experts.N.w1/w
 * a checkpoint directory is rewritten shard by shard (one source shard in memory at a time),
   dropping the removed experts' tensors, renumbering the rest in order and keeping the router
   rows of the kept experts.
-``config.json`` gets the new expert count and a ``"moe_fast": {"pruning": ...}`` record. Quantized
+``config.json`` gets the new expert count, a ``"moe_fast": {"pruning": ...}`` record and the
+routing keys vLLM needs that a transformers-saved config lacks (``MoEAdapter.serving_config_keys``). Quantized
 experts stay quantized: gpt-oss' MXFP4 blocks and scales keep the kept experts' entries of dim 0 and
 config.json its ``quantization_config`` (moe_fast/mxfp4.py).
 """
@@ -49,11 +50,20 @@ def prune_loaded_model(model: nn.Module, adapter: MoEAdapter, kept: dict[int, li
     if counts:
         r = counts.pop()
         adapter.set_num_experts(model.config, r)
+        add_serving_keys(adapter, model.config)
         if hasattr(model, "num_experts"):
             model.num_experts = r
     if pruning_record is not None:
         set_record_entry(model.config, PRUNING_KEY, pruning_record)
     return model
+
+
+def add_serving_keys(adapter: MoEAdapter, config) -> None:
+    """Sets the family's ``serving_config_keys`` that ``config`` lacks (values it has are kept), so
+    that vLLM routes the export as transformers does."""
+    for key, value in adapter.serving_config_keys().items():
+        if getattr(config, key, None) is None:
+            setattr(config, key, value)
 
 
 def save_loaded(model: nn.Module, directory: str, tokenizer=None, source_path: str | None = None) -> None:
@@ -123,6 +133,7 @@ def export_checkpoint(
 
     config = AutoConfig.from_pretrained(source_path)  # saved back by transformers: its own key names
     adapter.set_num_experts(config, r)
+    add_serving_keys(adapter, config)
     set_record_entry(config, PRUNING_KEY, pruning_record)
     config.save_pretrained(directory)
     _copy_tokenizer(directory, tokenizer, source_path)

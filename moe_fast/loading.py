@@ -90,8 +90,24 @@ def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs):
         from transformers import AutoModelForCausalLM
 
         model_class = AutoModelForCausalLM
-    model = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
-    return match_dequantized_experts(model)  # a no-op unless dtypes differ (loaded configs may drop the quantization entry)
+    if kwargs.get("output_loading_info"):
+        return model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
+    model, info = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs), output_loading_info=True)
+    refuse_missing_weights(path, info)
+    return match_dequantized_experts(model)
+
+
+def refuse_missing_weights(path: str | os.PathLike, info: dict) -> None:
+    """Refuses a load that left parameters without checkpoint values (transformers initialises them
+    randomly and warns): scores or a pruned model from random experts must never look like results."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    shown = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)" if len(missing) > 4 else "")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    hint = f"; the checkpoint has instead e.g. {unexpected[0]}" if unexpected else ""
+    raise ValueError(f"{os.fspath(path)}: the checkpoint has no weights for {shown} (transformers would "
+                     f"initialise them randomly){hint}")  # a no-op unless dtypes differ (loaded configs may drop the quantization entry)
 
 
 def match_dequantized_experts(model):

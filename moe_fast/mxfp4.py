@@ -115,9 +115,11 @@ def check_checkpoint(path: str, weight_map: dict[str, str], num_experts: int | N
         return 0
     headers: dict[str, dict] = {}
     for name, pair in sorted(pairs.items()):
+        files = ", ".join(sorted({weight_map[key] for key in pair.values()}))
+        where = f"{path} ({files}{_layer_note(name)})"  # file and layer: which shard to fix
         missing = [suffix for suffix in PACKED_SUFFIXES if suffix not in pair]
         if missing:
-            raise ValueError(f"MXFP4 checkpoint {path}: {name}{missing[0]} is missing beside {next(iter(pair.values()))}")
+            raise ValueError(f"MXFP4 checkpoint {where}: {name}{missing[0]} is missing beside {next(iter(pair.values()))}")
         shapes = []
         for suffix in PACKED_SUFFIXES:
             file = weight_map[pair[suffix]]
@@ -125,9 +127,17 @@ def check_checkpoint(path: str, weight_map: dict[str, str], num_experts: int | N
                 headers[file] = read_header(os.path.join(path, file))
             entry = headers[file].get(pair[suffix])
             if entry is None:
-                raise ValueError(f"MXFP4 checkpoint {path}: {pair[suffix]} is not in {file}, which its index names")
+                raise ValueError(f"MXFP4 checkpoint {where}: {pair[suffix]} is not in {file}, which its index names")
             if entry["dtype"] != "U8":
-                raise ValueError(f"MXFP4 checkpoint {path}: {pair[suffix]} is {entry['dtype']}, expected U8")
+                raise ValueError(f"MXFP4 checkpoint {where}: {pair[suffix]} is {entry['dtype']}, expected U8")
             shapes.append(entry["shape"])
-        check_pair(name, shapes[0], shapes[1], num_experts, where=path)
+        check_pair(name, shapes[0], shapes[1], num_experts, where=where)
     return len(pairs)
+
+
+def _layer_note(name: str) -> str:
+    """", layer 3" for a key under ``model.layers.3.``, else ""."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return f", layer {parts[2]}"
+    return ""

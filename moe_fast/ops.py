@@ -71,6 +71,7 @@ def route_spec(
     spec: RoutingSpec,
     beta: float | Sequence[float] | torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    selection_bias: torch.Tensor | None = None,
 ) -> RouteResult:
     """The fused router for any routing descriptor (docs/ROUTING.md), and the dispatch plan.
 
@@ -87,12 +88,17 @@ def route_spec(
             w_j < beta_j * w_0 on the final weights. None: no skipping.
         keep: [E] bool on the logits' device; False experts are never chosen and do not count in
             group scores.
+        selection_bias: [E], used instead of ``spec.selection_bias`` when given: a patched router
+            passes its live buffer (any float dtype) without building a spec per call, which
+            torch.compile would have to trace.
 
     Returns:
         RouteResult as :func:`route`: weights [T, k] float32 (times ``spec.scaling``), ids [T, k]
         int32 (E marks a skipped slot), counts [E], offsets [E + 1], perm [T * k] int32.
     """
     args = routing_op_args(spec, logits.device)
+    if selection_bias is not None:
+        args["selection_bias"] = selection_bias.detach().to(device=logits.device, dtype=torch.float32).contiguous()
     k = args.pop("k")
     renormalize = args.pop("renormalize")
     return RouteResult(

@@ -21,7 +21,7 @@ from torch import nn
 from moe_fast import experts as fast_experts
 from moe_fast import ops
 from moe_fast.adapters import get_adapter
-from moe_fast.betas import BetaSpec, SkipCalibration, normalize_betas
+from moe_fast.betas import BetaSpec, normalize_betas, skipping_record
 from moe_fast.config_record import SKIPPING_KEY, remove_record_entry, set_record_entry
 from moe_fast.routing_spec import RoutingSpec
 
@@ -33,7 +33,8 @@ class RouterState:
     """What a patched router needs besides its own weights."""
 
     layer: int
-    spec: RoutingSpec  # the family's routing, with this layer's selection bias
+    spec: RoutingSpec  # the family's routing from the config (no selection bias: see selection_bias_attr)
+    selection_bias_attr: str | None  # the router's bias buffer, read at every forward (never copied)
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # the stock router's output 0
     scores_float32: bool
     beta: list[float] | None
@@ -42,6 +43,15 @@ class RouterState:
     @property
     def renormalize(self) -> bool:
         return self.spec.renormalize
+
+    def selection_bias(self, router: nn.Module) -> torch.Tensor | None:
+        """The router's selection bias buffer as it is now (None for families without one).
+
+        Why not a copy taken at patch time: ``load_state_dict(assign=True)``, a reassigned buffer,
+        ``to_empty`` or ``model.to(...)`` replace the buffer, and the patched router must route
+        with the new values as the stock one does.
+        """
+        return None if self.selection_bias_attr is None else getattr(router, self.selection_bias_attr)
 
 
 @dataclass
@@ -63,13 +73,15 @@ def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
     if state.spec.is_plain_softmax:  # the long-standing call, unchanged
         routed = ops.route(router_logits.detach().contiguous(), self.top_k, state.renormalize, state.beta)
     else:
-        routed = ops.route_spec(router_logits.detach().contiguous(), state.spec, state.beta)
+        routed = ops.route_spec(router_logits.detach().contiguous(), state.spec, state.beta,
+                                selection_bias=state.selection_bias(self))
     indices = routed.ids.long()
     weights = routed.weights
     if torch.is_grad_enabled() and router_logits.requires_grad:
         weights = _differentiable_weights(router_logits, indices, weights, state.spec)
     scores = weights if state.scores_float32 else weights.to(router_logits.dtype)
-    fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
+    if not torch.compiler.is_compiling():  # compiled experts sort the slots themselves (static shapes)
+        fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
     return router_logits, scores, indices
 
 
@@ -157,7 +169,8 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
     for ref in blocks:
         ref.router._moe_fast = RouterState(
             layer=ref.layer,
-            spec=adapter.routing(ref.block),
+            spec=adapter.routing(),
+            selection_bias_attr=adapter.selection_bias_attr,
             logits=adapter.compute_router_logits,
             scores_float32=adapter.router_scores_float32,
             beta=per_layer[ref.layer],
@@ -165,20 +178,10 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
         )
         ref.router.forward = types.MethodType(_fused_router_forward, ref.router)
     _set_experts_implementation(model, blocks, fast_experts.NAME)
-    _record(model, betas, [per_layer[ref.layer] for ref in blocks], [ref.layer for ref in blocks])
+    set_record_entry(model.config, SKIPPING_KEY, skipping_record(betas, [ref.layer for ref in blocks], k))
     skipping = sum(per_layer[ref.layer] is not None for ref in blocks)
     log.info("moe_fast: patched %d MoE blocks (%s), skipping on %d", len(blocks), adapter.family, skipping)
     return model
-
-
-def _record(model: nn.Module, betas: BetaSpec, per_layer: list, layers: list[int]) -> None:
-    """Writes config.moe_fast["skipping"], keeping the rest of config.moe_fast (pruning's record)."""
-    skipping: dict[str, Any] = {"betas": per_layer if any(b is not None for b in per_layer) else None}
-    if skipping["betas"] is not None:
-        skipping["layers"] = layers
-    if isinstance(betas, SkipCalibration):
-        skipping.update(quantile=betas.quantile, calibration_tokens=betas.num_tokens, skip_rate=betas.skip_rate)
-    set_record_entry(model.config, SKIPPING_KEY, skipping)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

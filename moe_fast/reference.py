@@ -25,9 +25,13 @@ these. This module is the specification: routing, skipping and the subset losses
   index. With groups, experts ``g * E/n_group ..`` form group g; a group's score is the float32 sum
   of its two best allowed biased scores (its one allowed score when only one is allowed, -inf
   when none is); the ``topk_group`` best groups are eligible, ties to the lower group. Routing
-  order: allowed experts of eligible groups, then the other allowed experts, then masked ones,
-  each by biased score. Weights are the unbiased ``s`` of the chosen experts, divided by
-  ``sum + 1e-20`` with ``renormalize`` (as transformers does), times ``scaling``.
+  order: allowed experts of eligible groups by biased score, then the other allowed experts by
+  index, then masked ones by index. The second tier is transformers' rule when the eligible groups
+  hold fewer than k experts (its router masks the other groups' scores with -inf and still takes
+  the top k over all experts, so those fill the remaining slots as equals; ties go to the lower
+  index). Weights are the unbiased ``s`` of the chosen experts (fill-in slots included, as
+  transformers gathers them), divided by ``sum + 1e-20`` with ``renormalize`` (as transformers
+  does), times ``scaling``.
 * ``softmax_topk`` scoring: chosen as by ``route`` (by logit); weights are the softmax of the k
   chosen logits only, times ``scaling``.
 * Skipping for any scoring: slot j >= 1 is skipped when ``w_j < beta_j * w_0`` on the final
@@ -89,7 +93,11 @@ def beta_entries(beta: float | Sequence[float] | torch.Tensor | None) -> list | 
         return beta.reshape(-1).tolist()
     if isinstance(beta, (int, float)):
         return [beta]
-    return list(beta)
+    entries = None if isinstance(beta, (str, bytes)) else list(beta)
+    if entries is None or any(isinstance(b, (str, bytes)) for b in entries):
+        # A string is a sequence of characters: "0.5" would be read as the betas "0", ".", "5".
+        raise ValueError(f"beta must be a number, a sequence of numbers or a tensor, got {beta!r} (a string is not a number)")
+    return entries
 
 
 def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
@@ -178,8 +186,8 @@ def rank_spec(logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor |
     """All experts of every row in ``spec``'s routing order: order [T, E] int64.
 
     Softmax scorings rank as ``rank_experts``. Sigmoid: allowed experts of eligible groups first,
-    then the other allowed experts, then masked ones; within each, by biased score, ties to the
-    lower index.
+    by biased score (ties to the lower index); then the other allowed experts, by index (their
+    scores count as -inf, as transformers masks them); then masked ones, by index.
     """
     if spec.scoring != "sigmoid":
         return rank_experts(logits, keep_mask)[0]
@@ -190,7 +198,8 @@ def rank_spec(logits: torch.Tensor, spec: RoutingSpec, keep_mask: torch.Tensor |
         tier = torch.where(eligible_experts(choice, allowed, spec), torch.zeros_like(tier), tier)
     else:
         tier = torch.where(allowed, torch.zeros_like(tier), tier)
-    order = torch.sort(choice.masked_fill(~allowed, -math.inf), dim=-1, descending=True, stable=True).indices
+    # Only the first tier ranks by score; the others are -inf alike and keep index order (stable).
+    order = torch.sort(choice.masked_fill(tier != 0, -math.inf), dim=-1, descending=True, stable=True).indices
     tiers = torch.gather(tier, -1, order)
     return torch.gather(order, -1, torch.sort(tiers, dim=-1, stable=True).indices)
 
@@ -517,3 +526,27 @@ def grouped_subset_loss(
         err = ((routed(keep[c].bool()) - want) ** 2).sum(-1)
         out[c].index_add_(0, group.long(), err)
     return out
+
+
+def grouped_row_experts(rows: int, ends: torch.Tensor) -> torch.Tensor:
+    """[rows] int64: the expert of each row of a grouped product (E past ``ends[-1]``)."""
+    return torch.searchsorted(ends.long().cpu(), torch.arange(rows), right=True).to(ends.device)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Reference of ``torch.ops.moe_fast.grouped_matmul``: x [R, in] (rows grouped by expert),
+    weight [E, in, out], ends [E] -> [R, out] in weight's dtype; rows ``ends[e-1]:ends[e]`` times
+    ``weight[e]``, rows from ``ends[-1]`` on (skipped slots) 0."""
+    E = weight.shape[0]
+    expert = grouped_row_experts(x.shape[0], ends)
+    y = torch.bmm(x.to(weight.dtype).unsqueeze(1), weight[expert.clamp(max=E - 1)]).squeeze(1)
+    return torch.where((expert < E).unsqueeze(-1), y, torch.zeros_like(y))
+
+
+def grouped_matmul_weight_grad(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Reference of ``torch.ops.moe_fast.grouped_matmul_weight_grad``: [E, in, out] in grad's dtype,
+    expert e's ``x[rows_e]^T @ grad[rows_e]``."""
+    E = ends.shape[0]
+    expert = grouped_row_experts(x.shape[0], ends)
+    onehot = torch.nn.functional.one_hot(expert, E + 1)[:, :E].to(grad.dtype)
+    return torch.einsum("re,ri,ro->eio", onehot, x.to(grad.dtype), grad)

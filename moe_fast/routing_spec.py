@@ -13,6 +13,7 @@ This module imports nothing from moe_fast: every layer may use it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
@@ -52,6 +53,14 @@ class RoutingSpec:
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise ValueError(f"RoutingSpec: scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        for name in ("top_k", "n_group", "topk_group"):  # 2.7 must not quietly route as 2
+            value = getattr(self, name)
+            try:
+                operator.index(value)
+            except TypeError:
+                raise ValueError(f"RoutingSpec: {name} must be an integer, got {value!r}") from None
+            if isinstance(value, bool):
+                raise ValueError(f"RoutingSpec: {name} must be an integer, got {value!r}")
         if int(self.top_k) < 1:
             raise ValueError(f"RoutingSpec: top_k must be at least 1, got {self.top_k}")
         if not (math.isfinite(float(self.scaling)) and float(self.scaling) > 0.0):

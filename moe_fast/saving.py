@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from moe_fast import patching
+from moe_fast.adapters import get_adapter, supported_model_types
 from moe_fast.config_record import SKIPPING_KEY, has_record_entry, record_entry, set_record_entry
 from moe_fast.staging import staged_directory
 
@@ -31,7 +32,8 @@ def save(
 ) -> Path:
     """``save_pretrained`` into a temporary directory next to ``directory``, then moved in whole.
 
-    A patched model's betas are in ``config.json`` under ``"moe_fast"``. ``kwargs`` go to
+    A patched model's betas are in ``config.json`` under ``"moe_fast"``; a family's routing keys
+    that other engines read and the config lacks are added (``MoEAdapter.serving_config_keys``). ``kwargs`` go to
     ``save_pretrained``; ``extra_files`` ({name: text}) are written alongside. Refuses to replace
     an existing non-empty directory unless ``overwrite``.
     """
@@ -40,6 +42,10 @@ def save(
         raise FileExistsError(f"moe_fast.save: {out} exists and is not empty (pass overwrite=True)")
     if patching.is_patched(model) and not has_record_entry(model.config, SKIPPING_KEY):
         raise ValueError("moe_fast.save: patched model lost its config.moe_fast record; call moe_fast.patch again")
+    if getattr(model.config, "model_type", None) in supported_model_types():  # what vLLM needs to route as transformers
+        from moe_fast.export import add_serving_keys
+
+        add_serving_keys(get_adapter(model), model.config)
     with staged_directory(out, replace=True) as stage:
         tmp = Path(stage)
         model.save_pretrained(tmp, **kwargs)

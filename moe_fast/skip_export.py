@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from moe_fast.config_record import CONFIG_KEY, SKIPPING_KEY, merged_record, record_entry
+from moe_fast.config_record import CONFIG_KEY, SKIPPING_KEY, merged_record, set_record_entry
 from moe_fast.staging import staged_directory
 
 REPORT_NAME = "moe_fast_skip.json"
@@ -40,9 +40,13 @@ def skip_checkpoint(
     written to ``out/moe_fast_skip.json``).
     """
 
-    from moe_fast import patching, saving
+    from transformers import AutoConfig
+
+    from moe_fast import saving
+    from moe_fast.adapters import get_adapter
+    from moe_fast.betas import skipping_record
     from moe_fast.calibration import calibration_fingerprint, load_calibration
-    from moe_fast.checkpoint_check import verify_checkpoint
+    from moe_fast.model_checks import check_device, check_model_dir, model_limits
     from moe_fast.loading import from_pretrained_dtype, load_pretrained, load_tokenizer
     from moe_fast.models import quiet_loading, resolve_model
     from moe_fast.skipping import calibrate_skipping
@@ -51,19 +55,23 @@ def skip_checkpoint(
     in_place = out.exists() and Path(model_path).exists() and out.resolve() == Path(model_path).resolve()
     if out.exists() and any(out.iterdir()) and not in_place:
         raise FileExistsError(f"output directory {out} exists and is not empty")
+    check_device(device)
     if os.path.isdir(model_path):
-        verify_checkpoint(model_path)  # a truncated or corrupt file: one clear error, nothing written
-    with quiet_loading():
-        model = load_pretrained(model_path, dtype=from_pretrained_dtype(dtype)).to(device).eval()
+        check_model_dir(model_path)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error, nothing written
     tokenizer = None
+    with quiet_loading():
+        vocab_size, max_positions = model_limits(AutoConfig.from_pretrained(model_path))
     if isinstance(calibration, str) and not calibration.lower().endswith(".pt"):
         tokenizer = load_tokenizer(model_path)
         n_samples = 32 if n_samples is None else n_samples
-        seq_len = 512 if seq_len is None else seq_len
-    ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
+        seq_len = min(512, max_positions or 512) if seq_len is None else seq_len
+    # The calibration ids are checked against the config before the weights load.
+    ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed, vocab_size, max_positions)
+    with quiet_loading():
+        model = load_pretrained(model_path, dtype=from_pretrained_dtype(dtype)).to(device).eval()
     cal = calibrate_skipping(model, ids, quantile=quantile, batch_size=batch_size, progress=progress)
-    patching.patch(model, betas=cal)
-    record = record_entry(model.config, SKIPPING_KEY)
+    adapter = get_adapter(model)
+    record = skipping_record(cal, [ref.layer for ref in adapter.moe_blocks(model)], adapter.top_k)
     report = {
         "model": model_path,
         "calibration": {
@@ -78,6 +86,7 @@ def skip_checkpoint(
     report_text = json.dumps(report, indent=2)
 
     if not Path(model_path).is_dir():  # a hub name: write the loaded model
+        set_record_entry(model.config, SKIPPING_KEY, record)
         saving.save(model, out, tokenizer=tokenizer, overwrite=False, extra_files={REPORT_NAME: report_text})
         return report
     if in_place:

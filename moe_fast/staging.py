@@ -46,6 +46,25 @@ def staged_directory(out: str | os.PathLike, replace: bool = False) -> Iterator[
         raise
 
 
+def remove_stale_stages(out: str | os.PathLike) -> list[str]:
+    """Removes the staging directories ``.<name>.<8 hex>`` that ``staged_directory`` left beside
+    ``out`` when its process was killed; returns them. Only for a caller that holds ``out``'s
+    lock (no live writer can be using them)."""
+    out = os.path.abspath(os.fspath(out))
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    if not os.path.isdir(parent):
+        return []
+    stale = []
+    for entry in sorted(os.listdir(parent)):
+        hex_part = entry[len(name) + 2 :]
+        if entry.startswith(f".{name}.") and len(hex_part) == 8 and all(c in "0123456789abcdef" for c in hex_part):
+            path = os.path.join(parent, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                stale.append(path)
+    return stale
+
+
 def _fresh_directory(parent: str, prefix: str) -> str:
     """A new directory ``parent/prefix<random>``, mode 0o777 less the umask."""
     while True:

@@ -54,3 +54,10 @@ def test_quantile_betas_is_the_clamped_quantile_per_slot():
     ratios = np.array([[0.1, 0.0], [0.3, 0.0], [0.5, 0.0]])
     assert quantile_betas(ratios, 0.5) == [pytest.approx(0.3), 0.0]
     assert quantile_betas(np.array([[1.5]]), 0.5) == [1.0]
+
+
+def test_a_string_is_refused_as_betas_not_read_as_characters():
+    with pytest.raises(ValueError, match="not the string '0.5'"):
+        normalize_betas("0.5", [0, 1], 2)
+    with pytest.raises(ValueError, match="string"):
+        normalize_betas({0: "0.5"}, [0, 1], 2)

@@ -183,12 +183,13 @@ def test_subset_loss_bad_input_on_cuda() -> None:
 
 
 def _route_specs(E: int, k: int) -> list[RoutingSpec]:
-    """Every scoring; sigmoid with a bias, scaling and groups where E splits into 8 or 2."""
+    """Every scoring; sigmoid with a bias, scaling and groups where E splits into 8 or 2, and E
+    groups of one with one eligible (k - 1 slots filled from the ineligible groups, by index)."""
     bias = torch.randn(E) * 0.3
     out = [RoutingSpec("softmax", k, False, scaling=2.5), RoutingSpec("softmax_topk", k, False),
            RoutingSpec("sigmoid", k, True), RoutingSpec("sigmoid", k, False, 2.5, bias)]
-    for groups, topk_group in ((8, 4), (2, 1)):
-        if E % groups == 0 and topk_group * (E // groups) >= k:
+    for groups, topk_group in ((8, 4), (2, 1), (E, 1)):
+        if E % groups == 0 and topk_group < groups:
             out.append(RoutingSpec("sigmoid", k, True, 2.5, bias, groups, topk_group))
     return out
 

@@ -93,7 +93,21 @@ def _torchrun(args: list[str], tmp_path, timeout: float = 120) -> subprocess.Com
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
-def test_torchrun_cli_and_failing_rank(tmp_path) -> None:
+# Loaded at start-up by every rank (sitecustomize): rank 1 fails inside its first layer's collect,
+# as a rank whose own batches break something mid-run would.
+FAILING_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import moe_fast.pruning.layer_phases as phases
+
+    def broken(self, *args, **kwargs):
+        raise IndexError("index out of range in self (injected on rank 1)")
+
+    phases.LayerPruner.collect = broken
+"""
+
+
+def test_torchrun_cli_and_failing_rank(tmp_path, monkeypatch) -> None:
     model = tiny_mixtral(22, layers=2)
     src = save_checkpoint(model, tmp_path / "src")
     good = _ids(16)
@@ -107,11 +121,61 @@ def test_torchrun_cli_and_failing_rank(tmp_path) -> None:
     assert {int(i): r["kept"] for i, r in report["layers"].items()} == ref.kept
 
     bad = good.clone()
-    bad[5, 3] = 10_000  # in batch 1, which rank 1 holds: only that rank fails (token id out of range)
+    bad[5, 3] = 10_000  # in batch 1, which rank 1 holds: every rank refuses it before any forward
     torch.save(bad, tmp_path / "bad.pt")
-    proc = _torchrun(["prune", src, "--keep", "5", "--calib", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "out2"),
+    proc = _torchrun(["prune", src, "--keep", "5", "--calib", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "out1"),
+                      "--batch-size", str(BATCH), "--no-progress"], tmp_path, timeout=90)
+    assert proc.returncode != 0 and "token id 10000 (sample 5, position 3) is outside" in proc.stderr, proc.stderr[-3000:]
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(("out1", ".out1"))]  # refused before the lock
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILING_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    proc = _torchrun(["prune", src, "--keep", "5", "--calib", str(tmp_path / "good.pt"), "--out", str(tmp_path / "out2"),
                       "--batch-size", str(BATCH), "--no-progress"], tmp_path, timeout=90)  # a hang would time out
     assert proc.returncode != 0
     assert "rank 1: IndexError" in proc.stderr, proc.stderr[-3000:]
     assert "another rank failed" in proc.stderr  # rank 0 stopped with rank 1's error
     assert not (tmp_path / "out2" / "moe_fast_report.json").exists()
+
+
+# Every rank stops after layer 1's progress is saved, as a run killed there would (issue 25).
+STOP_AFTER_LAYER_1 = """
+import moe_fast.pruning.pipeline as pipeline
+
+real = pipeline._save_progress
+
+def save_then_stop(ctx, partial, settings, report, stream, folder, next_layer):
+    real(ctx, partial, settings, report, stream, folder, next_layer)
+    if next_layer == 2:
+        raise ValueError("stopped after layer 1 (injected)")
+
+pipeline._save_progress = save_then_stop
+"""
+
+
+def test_torchrun_resume_restores_every_rank_s_states_exactly(tmp_path, monkeypatch) -> None:
+    src = save_checkpoint(tiny_mixtral(23, layers=4).half(), tmp_path / "src")
+    torch.save(_ids(16), tmp_path / "ids.pt")
+    args = ["prune", src, "--keep", "5", "--calib", str(tmp_path / "ids.pt"), "--batch-size", str(BATCH),
+            "--search", "greedy", "--no-progress"]
+    proc = _torchrun(args + ["--out", str(tmp_path / "full")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_AFTER_LAYER_1)
+    with monkeypatch.context() as m:
+        m.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+        proc = _torchrun(args + ["--out", str(tmp_path / "cut")], tmp_path)
+    assert proc.returncode != 0 and "stopped after layer 1" in proc.stderr, proc.stderr[-3000:]
+    partial = tmp_path / "cut.moe_fast_partial"
+    assert sorted(p.name for p in partial.glob("states-*")) == ["states-2.rank0.pt", "states-2.rank1.pt"]
+    proc = _torchrun(args + ["--out", str(tmp_path / "cut"), "--resume"], tmp_path)
+    assert proc.returncode == 0 and "replaying" not in proc.stderr, proc.stderr[-3000:]
+
+    def report(name: str) -> dict:
+        data = json.loads((tmp_path / name / "moe_fast_report.json").read_text())
+        return {k: v for k, v in data.items() if k not in ("timings", "peak_memory_bytes")}
+
+    assert report("cut") == report("full") and not partial.exists()

@@ -229,6 +229,30 @@ def test_grouped_router_refuses_a_keep_set_with_unequal_groups(tmp_path):
         adapter.check_keep([0, 4, 8, 12])
 
 
+def test_deepseek_exports_carry_the_routing_keys_vllm_reads(tmp_path):
+    """transformers writes no scoring_func / topk_method for DeepSeek-V3 (it always routes by sigmoid
+    with the selection bias); vLLM reads them, defaulting to softmax without the bias. Every export
+    route writes them; a value the source has is kept."""
+    model = tiny_model("deepseek_v3")
+    adapter = get_adapter(model)
+    keep = {ref.layer: KEEP["deepseek_v3"] for ref in adapter.moe_blocks(model)}
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    assert "scoring_func" not in json.loads((source / "config.json").read_text())
+    export_checkpoint(str(source), str(tmp_path / "path"), adapter, keep, {})
+    moe_fast.save(prune_loaded_model(tiny_model("deepseek_v3"), adapter, keep), tmp_path / "loaded")
+    for out in ("path", "loaded"):
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        assert (config["scoring_func"], config["topk_method"]) == ("sigmoid", "noaux_tc"), out
+    kept_value = tiny_model("deepseek_v3")
+    kept_value.config.topk_method = "greedy"
+    kept_value.save_pretrained(tmp_path / "greedy")
+    export_checkpoint(str(tmp_path / "greedy"), str(tmp_path / "greedy_out"), adapter, keep, {})
+    assert json.loads((tmp_path / "greedy_out" / "config.json").read_text())["topk_method"] == "greedy"
+    for family in ("glm4_moe", "gpt_oss"):  # vLLM routes these from their model type alone
+        assert get_adapter(tiny_model(family)).serving_config_keys() == {}
+
+
 def test_pruning_search_refuses_a_keep_the_grouped_router_cannot_have():
     """DeepSeek-V3's group selection is searched over equal-per-group keep sets
     (tests/test_prune_grouped_routers.py); a keep of 7 (16 experts in 4 groups) cannot be split evenly."""

@@ -105,7 +105,7 @@ def test_progress_without_resume_starts_empty_and_keeps_its_lock(tmp_path) -> No
         os.mkdir(os.path.join(folder, "export"))
         assert progress.start(_settings(), resume=False) == {}
         assert sorted(os.listdir(folder)) == sorted([LOCK_NAME, "progress.json"])
-        assert json.load(open(os.path.join(folder, "progress.json"))) == {"settings": _settings(), "layers": {}}
+        assert json.load(open(os.path.join(folder, "progress.json"))) == {"settings": _settings(), "layers": {}, "states_next_layer": 0}
     finally:
         progress.release(finished=True)
     assert not os.path.exists(out + PARTIAL_SUFFIX)

@@ -231,7 +231,7 @@ def test_masked_experts_leave_the_group_scores() -> None:
     keep = torch.tensor([False, False, True, True, True, True])
     r = reference.route_spec(x, spec, keep_mask=keep)
     assert r.ids.tolist() == [[2, 3]]
-    # With a single eligible group too small for k, the other allowed experts follow by score.
+    # With a single eligible group too small for k, the other allowed experts follow by index.
     r = reference.route_spec(torch.tensor([[5.0, 4.0, 1.0, 0.0, 3.0, 2.0]]), grouped(3, n_group=3, topk_group=1), keep_mask=keep)
     assert r.ids.tolist() == [[4, 5, 2]]
 
@@ -399,3 +399,22 @@ def test_spec_equality_hash_and_checks() -> None:
         reference.route_spec(torch.randn(2, 10), RoutingSpec("sigmoid", 2, selection_bias=bias))
     with pytest.raises(ValueError, match="finite"):
         reference.route_spec(torch.randn(2, 8), RoutingSpec("sigmoid", 2, selection_bias=bias / 0))
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 2.7), ("top_k", 2.0), ("top_k", True), ("n_group", 4.0), ("topk_group", "2")])
+def test_spec_refuses_a_count_that_is_not_an_integer(field, value) -> None:
+    # 2.7 used to be truncated to 2 by the op while the reference failed on it: both now never see it.
+    with pytest.raises(ValueError, match=f"{field} must be an integer"):
+        RoutingSpec("sigmoid", **{field: value})
+
+
+@pytest.mark.parametrize("beta", ["0.5", ["0.5"], b"0.5"])
+def test_a_string_beta_is_refused_alike_by_the_op_and_the_reference(beta) -> None:
+    from moe_fast import ops
+
+    logits = torch.randn(3, 8)
+    spec = RoutingSpec("sigmoid", 2)
+    for route in (lambda: ops.route_spec(logits, spec, beta=beta), lambda: reference.route_spec(logits, spec, beta=beta),
+                  lambda: ops.route(logits, 2, beta=beta), lambda: reference.route(logits, 2, beta=beta)):
+        with pytest.raises(ValueError, match="beta must be a number.*string"):
+            route()

@@ -131,8 +131,6 @@ inline void check_route_spec(const at::Tensor& logits, int64_t k, const RouteSpe
     return;
   }
   TORCH_CHECK(E % G == 0, op, ": n_group (", G, ") must divide the number of experts E (", E, ")");
-  TORCH_CHECK(topk_group * (E / G) >= k, op, ": the topk_group = ", topk_group, " eligible groups of ",
-              E / G, " experts hold fewer than k = ", k, " experts");
   if (!spec.selection_bias.has_value()) return;
   const at::Tensor& bias = *spec.selection_bias;
   check_tensor(bias, "selection_bias", 1, logits.device());

@@ -39,7 +39,9 @@ void score_token(const scalar_t* row, const RouteSpecArgs& a, TokenScores& ts) {
   }
 }
 
-// Moves the allowed experts of groups outside the topk_group best into the second tier.
+// Moves the allowed experts of groups outside the topk_group best into the second tier, where
+// they rank as -inf (transformers' mask) by index alone: they fill slots only when the eligible
+// groups hold fewer than k experts.
 void mark_groups(const RouteSpecArgs& a, TokenScores& ts) {
   const int32_t G = a.n_group, size = a.route.num_experts / a.n_group;
   float group[kMaxExperts];
@@ -53,7 +55,10 @@ void mark_groups(const RouteSpecArgs& a, TokenScores& ts) {
   for (int32_t g = 0; g < G; ++g) {
     if (group_is_eligible(group, G, g, a.topk_group)) continue;
     for (int32_t e = g * size; e < (g + 1) * size; ++e) {
-      if (ts.tier[e] != kTierMasked) ts.tier[e] = kTierAllowed;
+      if (ts.tier[e] != kTierMasked) {
+        ts.tier[e] = kTierAllowed;
+        ts.value[e] = -INFINITY;
+      }
     }
   }
 }

@@ -91,7 +91,8 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
       const int32_t tier = !allowed[i]                                  ? kTierMasked
                            : (p.grouped && !eligible_smem[warp][e / size]) ? kTierAllowed
                                                                           : kTierEligible;
-      key[i] = route_key(tier, value[e], e);
+      // Below the first tier experts rank as -inf (transformers' mask), i.e. by index.
+      key[i] = route_key(tier, tier == kTierEligible ? value[e] : -INFINITY, e);
     }
   }
   uint64_t top[kMaxTopK];

@@ -566,6 +566,25 @@ void test_route_spec_masked_group_and_skip() {
   EXPECT(r.ids[0] == 3 && r.ids[1] == 0);
 }
 
+void test_route_spec_fills_from_ineligible_groups_by_index() {
+  // E = 4 in groups {0, 1} {2, 3}, one eligible group, k = 3 > its 2 experts. Group 1 scores
+  // s(2) + s(1) = 1.612 > group 0's s(-1) + s(3) = 1.222, so experts 2, 3 first; the third slot is
+  // filled as transformers' -inf mask makes it: by index among the ineligible, expert 0 (not
+  // expert 1, whose score is larger). Weights: the unbiased scores, renormalized.
+  const std::vector<float> logits = {-1.0f, 3.0f, 2.0f, 1.0f};
+  moe_fast::RouteSpecArgs a;
+  a.scoring = moe_fast::Scoring::Sigmoid;
+  a.n_group = 2;
+  a.topk_group = 1;
+  Routed r = route_spec_float32(logits, 1, a, 4, 3, nullptr);
+  EXPECT(r.ids[0] == 2 && r.ids[1] == 3 && r.ids[2] == 0);
+  const double total = sigmoid(2.0) + sigmoid(1.0) + sigmoid(-1.0);
+  EXPECT(near(r.w[0], sigmoid(2.0) / total, 1e-6) && near(r.w[2], sigmoid(-1.0) / total, 1e-6));
+  // k = E: every expert, the ineligible ones last in index order.
+  r = route_spec_float32(logits, 1, a, 4, 4, nullptr);
+  EXPECT(r.ids[0] == 2 && r.ids[1] == 3 && r.ids[2] == 0 && r.ids[3] == 1);
+}
+
 void test_route_spec_softmax_topk_and_scaling() {
   // softmax over the 2 chosen logits only (2 and 1), times 1.5: expert 3 (logit 0) is ignored.
   const std::vector<float> logits = {1.0f, 2.0f, -4.0f, 0.0f};
@@ -589,8 +608,8 @@ void test_route_spec_checks_its_limits() {
   a.n_group = 3;  // does not divide 8
   a.topk_group = 1;
   EXPECT(moe_fast::validate_route_spec(a) != nullptr);
-  a.n_group = 8;  // one eligible group of one expert < k
-  EXPECT(moe_fast::validate_route_spec(a) != nullptr);
+  a.n_group = 8;  // one eligible group of one expert < k: the other groups fill the slots
+  EXPECT(moe_fast::validate_route_spec(a) == nullptr);
   a.topk_group = 2;
   EXPECT(moe_fast::validate_route_spec(a) == nullptr);
   a.scoring = moe_fast::Scoring::Softmax;  // groups need sigmoid
@@ -704,6 +723,7 @@ int main() {
   test_route_spec_checks_its_limits();
   test_route_spec_groups_and_bias();
   test_route_spec_masked_group_and_skip();
+  test_route_spec_fills_from_ineligible_groups_by_index();
   test_route_spec_softmax_topk_and_scaling();
   test_subset_loss_descriptors();
   if (failures != 0) {

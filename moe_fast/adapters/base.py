@@ -38,6 +38,10 @@ class MoEAdapter:
     block_attr: ClassVar[str] = "mlp"  # attribute of a decoder layer holding its MoE block
     router_attr: ClassVar[str] = "gate"  # attribute of the MoE block holding its router
     router_scores_float32: ClassVar[bool] = False  # stock router returns float32 scores (else logits' dtype)
+    # The router's buffer holding the per-layer selection bias (DeepSeek's e_score_correction_bias),
+    # or None. A patched router reads it at every forward, so that a reloaded, reassigned or moved
+    # buffer routes as the stock router would.
+    selection_bias_attr: ClassVar[str | None] = None
     # Checkpoint (hub) layout, used to stream one layer from safetensors and to export a pruned
     # checkpoint without loading the model: the block's key segment and per-expert projection
     # names (gate, up, down); the router is "<hub_block_attr>.gate.weight" with one row per expert.
@@ -75,6 +79,12 @@ class MoEAdapter:
 
     def set_num_experts(self, config, num_experts: int) -> None:
         setattr(config, self.num_experts_key, num_experts)
+
+    def serving_config_keys(self) -> dict:
+        """config.json keys that other engines need to route as transformers does, which
+        transformers itself neither needs nor writes; an export adds those its config lacks.
+        None for most families."""
+        return {}
 
     # --- modules ------------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ class GroupedSigmoidAdapter(MoEAdapter):
     block_attr = "mlp"
     router_attr = "gate"
     router_scores_float32 = True  # the stock router scores in float32 whatever the model's dtype
+    selection_bias_attr = "e_score_correction_bias"
     hub_block_attr = "mlp"  # checkpoints: mlp.experts.N.{gate,up,down}_proj, mlp.gate.weight
     hub_expert_proj = ("gate_proj", "up_proj", "down_proj")
     router_expert_tensors = ("weight", "e_score_correction_bias")
@@ -28,7 +29,7 @@ class GroupedSigmoidAdapter(MoEAdapter):
         spec = grouped_sigmoid_routing(self.config)
         if block is None:
             return spec
-        return spec.with_selection_bias(getattr(block, self.router_attr).e_score_correction_bias)
+        return spec.with_selection_bias(getattr(getattr(block, self.router_attr), self.selection_bias_attr))
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """None for the first ``first_k_dense_replace`` layers (a plain MLP there)."""
@@ -62,7 +63,10 @@ class GroupedSigmoidAdapter(MoEAdapter):
         if per_group[0] < 2:
             raise ValueError(f"{self.family}: every expert group must keep at least 2 experts, got {per_group[0]}")
         if per_group[0] * spec.topk_group < spec.top_k:
+            # Routing would fill slots from ineligible groups (docs/ROUTING.md); transformers picks
+            # those among -inf ties in no documented order, and the grouped search assumes none.
             raise ValueError(
                 f"{self.family}: topk_group = {spec.topk_group} groups of {per_group[0]} kept experts cannot hold "
-                f"top-k = {spec.top_k} experts"
+                f"top-k = {spec.top_k} experts; the remaining slots would be filled from ineligible groups, which "
+                "transformers' router picks in no reproducible order, so such a pruned router is not written"
             )

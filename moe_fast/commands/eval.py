@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from moe_fast.evaluation import data_texts, evaluate, load_model, write_json
     from moe_fast.loading import DTYPES
 
+    from moe_fast.model_checks import check_device
+
+    check_device(args.device)  # before any loading: --device tpu or cuda without CUDA is one line
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = args.skip or args.beta is not None

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--beam-width", type=int, default=4, help="candidates kept per step with --search beam (default 4)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; a .pt is used whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048, or the model's max_position_embeddings when smaller; a .pt is used whole)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch (one term of the paper's sum)")
     p.add_argument(
         "--seed", type=int, default=42,
@@ -100,10 +100,13 @@ def run(args: argparse.Namespace) -> int:
         return run_plan(args)
     if args.calib is None or args.out is None:
         raise ValueError("--calib and --out are required (except with --plan)")
-    if os.path.isdir(args.model):
-        from moe_fast.checkpoint_check import verify_checkpoint
+    from moe_fast.model_checks import check_device, check_model_dir
 
-        verify_checkpoint(args.model)  # a truncated or corrupt file: one clear error, nothing written
+    check_device(args.device)
+    if args.chunk_tokens < 1:
+        raise ValueError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    if os.path.isdir(args.model):
+        check_model_dir(args.model)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error, nothing written
     if args.criterion != "reconstruction":
         run_baseline(args)
     else:

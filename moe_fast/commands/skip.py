@@ -8,8 +8,16 @@ with skipping on. The work is :func:`moe_fast.skip_export.skip_checkpoint`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moe_fast.commands import calib_help, model_help
+
+# Skipping lives in moe_fast, not in the checkpoint's weights: stock engines serve it unskipped.
+STOCK_VLLM_WARNING = (
+    "warning: the skipping is applied by moe_fast: vLLM skips only where moe_fast is installed beside it "
+    "(its plugin); stock vLLM (or transformers without moe_fast.from_pretrained) serves this checkpoint "
+    "without skipping"
+)
 
 
 def add_skip_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -32,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty; may be MODEL itself)")
     add_skip_arguments(p)
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 32; a .pt is used whole)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512; a .pt is used whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512, or the model's max_position_embeddings when smaller; a .pt is used whole)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
@@ -50,4 +58,5 @@ def run(args: argparse.Namespace) -> int:
     print(report["table"])
     print(f"expert calls saved on the calibration data: {report['saved_fraction_mean']:.1%}")
     print(f"checkpoint with skipping: {args.out}  (load with moe_fast.from_pretrained)")
+    print(STOCK_VLLM_WARNING, file=sys.stderr)
     return 0

@@ -102,7 +102,9 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
 
     from moe_fast.adapters import get_adapter
     from moe_fast.calibration import load_calibration
+    from moe_fast.extras import require
 
+    require("demo", "the demo")  # its plot needs matplotlib: say so before minutes of work, not after
     s = settings or Settings()
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"demo output directory {out!r} exists and is not empty")

@@ -47,9 +47,11 @@ def load_batches(
     seq_len: int | None,
     batch_size: int,
     seed: int,
+    limits: tuple[int | None, int | None] = (None, None),
 ) -> CalibrationBatches:
-    """Loads the calibration ids (``moe_fast.calibration.load_calibration``) and describes them."""
-    ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed)
+    """Loads the calibration ids (``moe_fast.calibration.load_calibration``) and describes them;
+    ``limits`` (the model's vocab size and max_position_embeddings) refuse ids it cannot take."""
+    ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed, *limits)
     n, length = ids.shape
     summary = {
         "spec": calibration if isinstance(calibration, str) else "tensor",

@@ -8,6 +8,7 @@ report present) and only then moved to ``out`` in one rename: ``out`` never hold
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Callable
 
@@ -40,6 +41,22 @@ def export_pruned(
             finish_report(report, clock, device)
             report.save(os.path.join(stage, REPORT_NAME))
         verify_export(stage)
+
+
+def completed_output(out: str, settings: dict) -> PruneReport:
+    """The report of ``out`` when it already holds this run's verified export (a run killed after
+    its final rename); otherwise FileExistsError saying why ``out`` is not taken as done."""
+    try:
+        verify_export(out)
+        report = PruneReport.load(os.path.join(out, REPORT_NAME))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FileExistsError(
+            f"output directory {out} exists and is not empty (and is not a complete pruned checkpoint: {err})"
+        ) from None
+    done = {k: v for k, v in report.settings.items() if k != "peak_memory_kind"}
+    if done != json.loads(json.dumps(settings)):
+        raise FileExistsError(f"output directory {out} exists and is not empty (it holds a pruned checkpoint made with other settings)")
+    return report
 
 
 def checkpoint_writer(source: LayerSource, model: nn.Module | None, report: PruneReport, tokenizer) -> Callable[[str], None]:

@@ -3,9 +3,12 @@
 Streams the calibration hidden states through the model one decoder layer at a time. Per MoE
 layer it collects each token's rank-bounded expert outputs as Gram entries, scores the candidate
 keep-sets with ``ops.subset_loss``, chooses the best one and applies it (``layer_phases``). With an
-output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json`` so
-that ``resume=True`` continues after an interruption (finished layers are replayed with a plain
-forward, no search), and the checkpoint is written beside ``out`` and moved there in whole.
+output directory, every finished layer is saved to ``<out>.moe_fast_partial/progress.json``, with
+the hidden states carried past it (``carried_states``), so that ``resume=True`` continues after an
+interruption exactly as the uninterrupted run (the finished layers are skipped, their outputs
+loaded, not recomputed), and the checkpoint is written beside ``out`` and moved there in whole.
+Every input that can be refused (arguments, device, checkpoint headers, calibration ids) is
+refused before the lock and partial folder are made.
 
 Under an initialized torch.distributed process group (``torchrun ... -m moe_fast.cli prune``)
 the ranks share the calibration batches (``moe_fast.pruning.distributed``): each streams the
@@ -27,12 +30,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_fast.pruning import distributed
+from moe_fast.model_checks import check_device, model_limits
+from moe_fast.pruning.carried_states import load_states, remove_other_states, restore, save_states
 from moe_fast.pruning.calibration_batches import check_same_on_all_ranks, find_tokenizer, load_batches, needs_tokenizer
 from moe_fast.pruning.hidden_states import HiddenStates
 from moe_fast.pruning.layer_phases import LayerPruner, open_layer
 from moe_fast.pruning.memory import Timings
-from moe_fast.pruning.output import checkpoint_writer, export_pruned, finish_report, load_pruned, prune_in_memory
-from moe_fast.pruning.progress import PARTIAL_SUFFIX, claimed
+from moe_fast.pruning.output import (
+    checkpoint_writer, completed_output, export_pruned, finish_report, load_pruned, prune_in_memory,
+)
+from moe_fast.pruning.progress import PARTIAL_SUFFIX, Progress, check_out, claimed, partial_folder
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, PruneResult, loss_key
 from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
 from moe_fast.pruning.source import open_source
@@ -81,7 +88,9 @@ def prune(
             pruned so far; target still the unpruned model's block output).
         objective: ``paper`` (sum over batches of the Frobenius norm) or ``mse``.
         search: ``exhaustive``, ``greedy``, ``beam`` or ``auto`` (exhaustive when C(E, R) <= 5000).
-        n_samples, seq_len: calibration size (None: 128 x 2048 for text, the whole tensor for ids).
+        n_samples, seq_len: calibration size (None: 128 x 2048 for text, or 128 x the model's
+            max_position_embeddings when smaller; the whole tensor for ids). Ids outside the
+            vocabulary and sequences longer than max_position_embeddings are refused.
         batch_size: sequences per calibration batch: one group of the paper's objective.
         chunk_tokens: tokens whose expert outputs are held at once (bounds memory).
         lazy: compute each token's expert outputs only as far as a candidate still in the running
@@ -105,38 +114,58 @@ def prune(
             there while it is processed and back afterwards.
 
     With ``out`` the run holds an exclusive lock on ``<out>.moe_fast_partial`` from start to end:
-    a second run into the same ``out`` fails at once (FolderBusy, naming the first), and a lock
-    left by a killed run is taken over. The checkpoint is verified (every shard the index names
-    present, with its tensors and size) before it is moved to ``out``.
+    a second run into the same ``out`` fails once its inputs are checked (FolderBusy, naming the
+    first), and a lock left by a killed run is taken over, with any staging folder its export
+    left beside ``out``. A resume whose ``out`` already holds this run's verified checkpoint
+    (killed after the final rename) returns that checkpoint's report (a loaded model is pruned
+    to it). The checkpoint is verified (every shard the index names present, with its tensors
+    and size) before it is moved to ``out``.
     """
     clock = Timings("calibration", "forward", "expert_outputs", "search")
-    check_arguments(mode, objective, batch_size)
+    check_arguments(mode, objective, batch_size, beam_width, chunk_tokens)
+    device = check_device(device)
     ctx = distributed.current(device)  # data-parallel calibration when a process group is up
     lead = ctx.rank == 0  # writes progress, the checkpoint and the report
     out = None if out is None else os.fspath(out)
     loaded = model_or_path if isinstance(model_or_path, nn.Module) else None
-    with claimed(out, ctx) as partial:  # the lock and resume file of <out>.moe_fast_partial
+    # Everything that can be refused is, before the lock and partial folder are made.
+    with ctx.guard():
+        if lead and not resume:
+            check_out(out)
+        source = open_source(model_or_path, device, dtype)
+        spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
+        if tokenizer is None and needs_tokenizer(calibration):
+            tokenizer = find_tokenizer(source.path, loaded)
+        calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed, model_limits(source.config))
+        my_batches = ctx.batches(calib.num_batches)
+    check_same_on_all_ranks(ctx, calib)
+    settings = run_settings(spec, mode, source, calib.summary)
+    with claimed(out, ctx, resume) as partial:  # the lock and resume file of <out>.moe_fast_partial
         with ctx.guard():
-            source = open_source(model_or_path, device, dtype)
-            spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
-            if tokenizer is None and needs_tokenizer(calibration):
-                tokenizer = find_tokenizer(source.path, loaded)
-            calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed)
-            my_batches = ctx.batches(calib.num_batches)
-        check_same_on_all_ranks(ctx, calib)
-        settings = run_settings(spec, mode, source, calib.summary)
+            finished = completed_output(out, settings) if partial.out_not_empty else None
+        finished = ctx.broadcast(finished)
+        if finished is not None:  # killed after its export was in place: nothing left to do
+            if lead:
+                log.info("resume: %s is already complete (verified, same settings); nothing to do", out)
+            if loaded is not None:
+                return PruneResult(prune_in_memory(loaded, source, finished), finished)
+            return PruneResult(load_pruned(source, finished, out) if return_model else None, finished)
         report = PruneReport(settings=settings, world_size=ctx.world)
         with ctx.guard():
             report.layers = partial.start(settings, resume)
-        report.layers = ctx.broadcast(report.layers)
+        report.layers, states_at = ctx.broadcast((report.layers, partial.states_next_layer))
         clock.mark("calibration")
         pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
+        states_folder = None if out is None else partial_folder(out)
 
         with torch.inference_mode():
             with ctx.guard(), clock.measure("forward"):
                 stream = HiddenStates(source, calib, my_batches, progressive=mode == "progressive")
+            start = _restore_states(ctx, stream, states_folder, states_at) if report.layers else 0
             bar = tqdm(range(source.num_layers), desc="layers", disable=not progress or not lead)
             for index in bar:
+                if index < start:  # carried past it by the restored states
+                    continue
                 with open_layer(source, index, ctx) as (layer, block):
                     done = report.layers.get(index)
                     if block is None or done is not None:  # dense, or finished before a resume
@@ -151,10 +180,9 @@ def prune(
                         del collected, scores  # the statistics go before the next layer's come
                     if lead:
                         _log_layer(index, result, bar)
-                    with ctx.guard():
-                        partial.save(settings, report)
-                        with clock.measure("forward"):
-                            pruner.apply(stream, layer, block, result.kept)
+                    with ctx.guard(), clock.measure("forward"):
+                        pruner.apply(stream, layer, block, result.kept)
+                    _save_progress(ctx, partial, settings, report, stream, states_folder, index + 1)
             bar.close()
             del stream
 
@@ -167,6 +195,40 @@ def prune(
     if loaded is None and return_model:
         model = load_pruned(source, report, out if out is not None and lead else None)
     return PruneResult(model, report)
+
+
+def _save_progress(
+    ctx: distributed.Dist, partial: Progress, settings: dict, report: PruneReport, stream: HiddenStates,
+    folder: str | None, next_layer: int,
+) -> None:
+    """Every rank saves the states it carries into ``next_layer``, then rank 0 the progress that
+    names them, then the older states go: a kill at any point leaves a consistent pair."""
+    if folder is None:
+        return
+    with ctx.guard():
+        save_states(folder, next_layer, ctx.rank, stream)
+    with ctx.guard():
+        partial.save(settings, report, states_next_layer=next_layer)
+    with ctx.guard():
+        remove_other_states(folder, next_layer, ctx.rank)
+
+
+def _restore_states(ctx: distributed.Dist, stream: HiddenStates, folder: str | None, next_layer: int) -> int:
+    """Resume: the layer to continue from, with ``stream`` holding the states saved for it on
+    every rank; 0 (replay every finished layer with the plain forward) when any rank lacks them."""
+    record = None
+    with ctx.guard():
+        if folder is not None and next_layer > 0:
+            record = load_states(folder, next_layer, ctx.rank, stream)
+    if not all(ctx.gather(record is not None)):
+        if ctx.rank == 0:
+            log.warning("resume: replaying the finished layers with the plain forward instead of restoring their "
+                        "carried hidden states; in float16/bfloat16 the later layers may round differently from "
+                        "an uninterrupted run")
+        return 0
+    with ctx.guard():
+        restore(stream, record)
+    return next_layer
 
 
 def _log_layer(index: int, result: LayerResult, bar) -> None:

@@ -71,18 +71,27 @@ class PruneReport:
             "world_size": self.world_size,
         }
 
+    @classmethod
+    def load(cls, path: str) -> "PruneReport":
+        """A report as :meth:`save` wrote it."""
+        with open(path) as f:
+            data = json.load(f)
+        layers = {int(i): LayerResult(**r) for i, r in data["layers"].items()}
+        return cls(layers, data["timings"], data["peak_memory_bytes"], data["settings"], data.get("world_size", 1))
+
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
 
     def table(self) -> str:
-        """Readable per-layer summary: kept, dropped, best loss and the runner-up."""
+        """Readable per-layer summary: kept, dropped, the chosen set's loss and the runner-up (the
+        smallest loss of another complete set the search scored: as many experts dropped; greedy
+        and beam search also score smaller sets on the way, which are not candidates)."""
         lines = [f"{'layer':>5}  {'kept':<28} {'dropped':<16} {'loss':>14} {'runner-up':>14} {'evaluated':>9} {'bounded':>7} {'outputs/tok':>11}"]
         for i, r in sorted(self.layers.items()):
-            values = sorted(r.loss.values())
-            best = values[0] if values else float("nan")
-            second = values[1] if len(values) > 1 else float("nan")
+            values = r.loss.values()
+            best, second = chosen_and_runner_up(r)
             bounded = "-" if r.discarded_by_bound is None else str(r.discarded_by_bound)
             outputs = "-" if r.expert_outputs_per_token is None else f"{r.expert_outputs_per_token:.2f}"
             lines.append(
@@ -93,6 +102,16 @@ class PruneReport:
         lines.append("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in t.items()))
         lines.append(f"peak memory: {self.peak_memory_bytes / 2**20:.1f} MiB ({self.settings.get('peak_memory_kind', '')})")
         return "\n".join(lines)
+
+
+def chosen_and_runner_up(result: LayerResult) -> tuple[float, float]:
+    """(the chosen dropped set's loss, the smallest loss among the other scored sets of its size);
+    NaN where there is none."""
+    nan = float("nan")
+    chosen = loss_key(result.dropped)
+    size = len(result.dropped)
+    others = [v for key, v in result.loss.items() if key != chosen and len(key.split(",")) == size and key]
+    return result.loss.get(chosen, nan), min(others, default=nan)
 
 
 class PruneResult(NamedTuple):

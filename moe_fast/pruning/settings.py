@@ -18,8 +18,11 @@ MODES = ("layerwise", "progressive")
 OBJECTIVES = ("paper", "mse")
 
 
-def check_arguments(mode: str, objective: str, batch_size: int) -> None:
+def check_arguments(mode: str, objective: str, batch_size: int, beam_width: int = 4, chunk_tokens: int = 4096) -> None:
     """Refuses bad choices before any model or calibration file is read."""
+    for name, value in (("beam_width", beam_width), ("chunk_tokens", chunk_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be layerwise or progressive; got {mode!r}")
     if objective not in OBJECTIVES:

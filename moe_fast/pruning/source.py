@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter, get_adapter
-from moe_fast.checkpoint_check import verify_checkpoint
+from moe_fast.model_checks import check_model_dir
 from moe_fast.loading import match_dequantized_experts, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def open_source(model_or_path: nn.Module | str | os.PathLike, device: str | None
     from moe_fast.models import resolve_model
 
     path = resolve_model(os.fspath(model_or_path))
-    verify_checkpoint(path)  # a truncated or corrupt file: one clear error before any work
+    check_model_dir(path)  # a truncated or corrupt file, a bad MXFP4 pair in any layer: one clear error before any work
     return CheckpointSource(path, device=device, dtype=dtype)
 
 

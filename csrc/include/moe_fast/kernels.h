@@ -109,7 +109,8 @@ inline Error validate_route(const RouteArgs& a) {
 }
 
 // Limits of the general Op 1: those of validate_route, a known scoring, 1 <= topk_group <=
-// n_group; for sigmoid n_group divides E and the eligible groups hold at least k experts; a bias
+// n_group; for sigmoid n_group divides E (eligible groups holding fewer than k experts are
+// filled from the others, by index, as transformers does); a bias
 // and groups only with sigmoid; scaling finite and > 0. The bias values are not read (on the GPU
 // they are device memory): cpu::route_spec checks that they are finite.
 inline Error validate_route_spec(const RouteSpecArgs& a) {
@@ -122,9 +123,6 @@ inline Error validate_route_spec(const RouteSpecArgs& a) {
   }
   if (a.scoring == Scoring::Sigmoid) {
     if (a.route.num_experts % a.n_group != 0) return "route: n_group must divide the number of experts E";
-    if (static_cast<int64_t>(a.topk_group) * (a.route.num_experts / a.n_group) < a.route.top_k) {
-      return "route: the topk_group eligible groups must hold at least k experts";
-    }
   } else if (a.selection_bias != nullptr || a.topk_group != a.n_group) {
     return "route: a selection bias and expert groups need scoring sigmoid";
   }

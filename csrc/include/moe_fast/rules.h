@@ -193,8 +193,10 @@ MOE_FAST_HD bool group_is_eligible(const float* scores, int32_t num_groups, int3
   return ahead < topk_group;
 }
 
-// Routing tiers: allowed experts of eligible groups first, then the other allowed ones, then
-// masked ones (without groups every allowed expert is in tier 0).
+// Routing tiers: allowed experts of eligible groups first (by ranking value), then the other
+// allowed ones, then masked ones (both by index: their value counts as -inf). Without groups
+// every allowed expert is in tier 0. The second tier fills slots only when the eligible groups
+// hold fewer than k experts, as transformers' router does (it masks them with -inf).
 constexpr int32_t kTierEligible = 0, kTierAllowed = 1, kTierMasked = 2;
 
 // A 64-bit key that orders experts as the general route does: lower tier first, then the larger

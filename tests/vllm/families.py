@@ -1,0 +1,98 @@
+"""Tiny checkpoints of every supported family in shapes that vLLM's CPU build serves.
+
+The main suite's tiny models (tests/helpers/tiny_models.py) have 8-wide attention heads; vLLM's CPU
+attention takes head sizes of 32 and up, and its DeepSeek-V3 (MLA) path only the real model's
+(qk_nope 128, qk_rope 64, v 128, kv_lora_rank 512), and reads ``scoring_func: "sigmoid"`` and
+``topk_method: "noaux_tc"`` from config.json (without them it routes by softmax and does not load
+the selection bias): the hub's checkpoints have them, so the source written here has them too (the
+exports add them when a source lacks them: MoEAdapter.serving_config_keys). Everything else is the main suite's tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from helpers.checkpoints import save_checkpoint
+from helpers.tiny_models import VOCAB, tiny_model
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss"]
+# Experts kept by the prune of each family (E = 16 in 4 groups for DeepSeek-V3, else 8): a grouped
+# router keeps the same number in every group.
+KEEP = {family: 6 for family in FAMILIES} | {"deepseek_v3": 12}
+# head_dim 32 on hidden 64 with 2 query heads and 1 KV head (grouped-query attention stays tested).
+ATTENTION = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+MLA = dict(
+    hidden_size=64, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, kv_lora_rank=512, q_lora_rank=24, topk_method="noaux_tc",
+    qk_head_dim=192, head_dim=64,  # derived in the config's __init__, which the overrides come after
+)
+
+
+# vLLM's dtype per family (float32 elsewhere): its CPU MLA kernels (DeepSeek-V3) and its CPU experts
+# for gpt-oss (biases, clamped SwiGLU; MXFP4) take only bfloat16 weights. transformers stays in
+# float32: the gap measured is then vLLM's bfloat16 serving, on the unpruned and the pruned model alike.
+VLLM_DTYPE = {"deepseek_v3": "bfloat16", "gpt_oss": "bfloat16", "gpt_oss_mxfp4": "bfloat16"}
+
+
+def family_overrides(family: str) -> dict:
+    """Config overrides that make the tiny model of ``family`` servable by vLLM on CPU."""
+    if family == "deepseek_v3":
+        return dict(MLA)
+    if family in ("qwen2_moe", "olmoe"):  # no head_dim key: hidden / heads = 32
+        return {k: v for k, v in ATTENTION.items() if k != "head_dim"}
+    return dict(ATTENTION)
+
+
+def vllm_tiny_model(family: str, seed: int = 0):
+    """The tiny float32 model of ``family`` with vLLM-servable attention shapes."""
+    model = tiny_model(family, seed=seed, **family_overrides(family))
+    if family == "deepseek_v3":  # weights drawn for 32-wide inputs: rescale the 512- and 128-wide ones
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                attn.kv_b_proj.weight.mul_((32 / attn.kv_b_proj.weight.shape[1]) ** 0.5)
+                attn.o_proj.weight.mul_((32 / attn.o_proj.weight.shape[1]) ** 0.5)
+    return model
+
+
+def write_family_checkpoint(family: str, path, seed: int = 0) -> str:
+    """A sharded float32 hub-layout checkpoint of ``vllm_tiny_model(family)``; returns its folder."""
+    model = vllm_tiny_model(family, seed)
+    folder = save_checkpoint(model, path, shard="200KB")
+    if family == "deepseek_v3":  # keys transformers does not write but the hub's checkpoints have (vLLM reads them)
+        cfg_path = os.path.join(folder, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg |= {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    return folder
+
+
+def prompts(n: int = 4, length: int = 20, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
+    """``n`` random token-id prompts of different lengths (``length`` down to ``length - n + 1``), no special ids."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length - i,), generator=gen).tolist() for i in range(n)]
+
+
+def write_mxfp4_family_checkpoint(path, seed: int = 0) -> str:
+    """gpt-oss in OpenAI's MXFP4 layout (bf16 elsewhere, ``quantization_config`` in config.json), with
+    vLLM-servable attention; expert sizes that MXFP4 packs (tests/helpers/mxfp4_checkpoint.py)."""
+    from safetensors.torch import save_file
+
+    from helpers.mxfp4_checkpoint import HIDDEN, INTERMEDIATE, OPENAI_QUANTIZATION_CONFIG, mxfp4_state_dict
+
+    overrides = family_overrides("gpt_oss") | dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)
+    model = tiny_model("gpt_oss", seed=seed, **overrides).to(torch.bfloat16)
+    os.makedirs(path, exist_ok=True)
+    save_file(mxfp4_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = ["GptOssForCausalLM"]  # save_pretrained would add it; vLLM picks the model class by it
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = dict(OPENAI_QUANTIZATION_CONFIG)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return str(path)

@@ -1,0 +1,14 @@
+"""The log-prob gaps the vLLM tests measured (name -> {"unpruned", "pruned", "tolerance"}), printed
+after the run by conftest.py so that check_vllm.sh's output states them."""
+
+from __future__ import annotations
+
+GAPS: dict[str, dict[str, float]] = {}
+
+
+def table() -> list[str]:
+    """One line per checkpoint: its unpruned and pruned max |log p(vLLM) - log p(transformers)|."""
+    lines = [f"{'checkpoint':<16} {'unpruned gap':>13} {'pruned gap':>11} {'tolerance':>10}"]
+    for name, gap in sorted(GAPS.items()):
+        lines.append(f"{name:<16} {gap['unpruned']:>13.2e} {gap['pruned']:>11.2e} {gap['tolerance']:>10.2e}")
+    return lines
