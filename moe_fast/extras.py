@@ -1,7 +1,8 @@
 """Optional dependencies, one named extra per job, checked before the job starts.
 
 The core install (``pip install moe_fast``) prunes, skips, patches and evaluates perplexity. A few
-jobs need more: the demo draws a plot, hub calibration streams a Hugging Face dataset. Each such
+jobs need more: the demo draws a plot, `eval --tasks` runs lm-evaluation-harness, hub calibration
+streams a Hugging Face dataset. Each such
 package is declared in pyproject.toml under the extra named here, and the command that needs it
 calls :func:`require` first, so that a missing package ends the run with one line saying what to
 install instead of a traceback after minutes of work.
@@ -14,6 +15,7 @@ import importlib
 # extra name -> the modules it provides (import names, not distribution names)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "demo": ("matplotlib",),
+    "eval": ("lm_eval", "accelerate"),
     "hub": ("datasets",),
 }
 

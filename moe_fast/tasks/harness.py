@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_fast.extras import require
+
 log = logging.getLogger(__name__)
 
 OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -27,15 +29,7 @@ OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 def require_lm_eval() -> None:
     """One clear error when lm-eval (or the ``accelerate`` its HF backend needs) is not installed."""
-    missing = []
-    for name in ("lm_eval", "accelerate"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ValueError(f"--tasks needs lm-evaluation-harness; {' and '.join(missing)} not installed: "
-                         "pip install 'lm-eval==0.4.13' accelerate (or moe_fast[eval]; scripts/install.sh installs it)")
+    require("eval", "moe-fast eval --tasks (lm-evaluation-harness)")
 
 
 def go_offline() -> None:
