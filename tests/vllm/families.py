@@ -5,7 +5,10 @@ attention takes head sizes of 32 and up, and its DeepSeek-V3 (MLA) path only the
 (qk_nope 128, qk_rope 64, v 128, kv_lora_rank 512), and reads ``scoring_func: "sigmoid"`` and
 ``topk_method: "noaux_tc"`` from config.json (without them it routes by softmax and does not load
 the selection bias): the hub's checkpoints have them, so the source written here has them too (the
-exports add them when a source lacks them: MoEAdapter.serving_config_keys). Everything else is the main suite's tiny model.
+exports add them when a source lacks them: MoEAdapter.serving_config_keys). Everything else is the main suite's tiny model,
+except for the families vLLM serves in bfloat16 only (VLLM_DTYPE): a smaller lm_head (BF16_LM_HEAD_SCALE)
+and, for DeepSeek-V3, no rope part in MLA's scores (_zero_rope_projections), which vLLM's CPU path rotates
+unlike transformers.
 """
 
 from __future__ import annotations
@@ -32,9 +35,14 @@ MLA = dict(
 
 
 # vLLM's dtype per family (float32 elsewhere): its CPU MLA kernels (DeepSeek-V3) and its CPU experts
-# for gpt-oss (biases, clamped SwiGLU; MXFP4) take only bfloat16 weights. transformers stays in
-# float32: the gap measured is then vLLM's bfloat16 serving, on the unpruned and the pruned model alike.
+# for gpt-oss (biases, clamped SwiGLU; MXFP4) take only bfloat16 weights. transformers runs these in
+# bfloat16 too (HF_DTYPE): like with like, on the unpruned and the pruned model alike.
 VLLM_DTYPE = {"deepseek_v3": "bfloat16", "gpt_oss": "bfloat16", "gpt_oss_mxfp4": "bfloat16"}
+HF_DTYPE = {name: getattr(torch, dtype) for name, dtype in VLLM_DTYPE.items()}
+# lm_head of the bfloat16-served checkpoints scaled by this: logits of std ~0.5 instead of ~2, so that
+# bfloat16's ~1% relative error on the final hidden state moves log-probs by ~1e-2, not ~5e-2 (the
+# routing, which pruning changes, is untouched).
+BF16_LM_HEAD_SCALE = 0.25
 
 
 def family_overrides(family: str) -> dict:
@@ -55,7 +63,23 @@ def vllm_tiny_model(family: str, seed: int = 0):
                 attn = layer.self_attn
                 attn.kv_b_proj.weight.mul_((32 / attn.kv_b_proj.weight.shape[1]) ** 0.5)
                 attn.o_proj.weight.mul_((32 / attn.o_proj.weight.shape[1]) ** 0.5)
+                _zero_rope_projections(attn, model.config)
+    if family in VLLM_DTYPE:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(BF16_LM_HEAD_SCALE)
     return model
+
+
+def _zero_rope_projections(attn, config) -> None:
+    """Zeroes the rotary (rope) part of MLA's queries and shared key, so that attention scores are
+    the rope-free part alone. vLLM 0.32's CPU MLA path rotates them unlike transformers
+    (``rope_interleave``): on a one-layer dense DeepSeek-V3 (no MoE) the log-probs agree at position 0
+    (no rotation) and differ by up to 2.6 nats after it; with the rope part zeroed they agree to
+    bfloat16's ~5e-2 (before the lm_head scaling). The rope is no part of what an export changes."""
+    heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    q = attn.q_b_proj.weight.view(heads, nope + rope, -1)
+    q[:, nope:].zero_()
+    attn.kv_a_proj_with_mqa.weight[config.kv_lora_rank:].zero_()
 
 
 def write_family_checkpoint(family: str, path, seed: int = 0) -> str:
@@ -86,7 +110,10 @@ def write_mxfp4_family_checkpoint(path, seed: int = 0) -> str:
     from helpers.mxfp4_checkpoint import HIDDEN, INTERMEDIATE, OPENAI_QUANTIZATION_CONFIG, mxfp4_state_dict
 
     overrides = family_overrides("gpt_oss") | dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)
-    model = tiny_model("gpt_oss", seed=seed, **overrides).to(torch.bfloat16)
+    model = tiny_model("gpt_oss", seed=seed, **overrides)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(BF16_LM_HEAD_SCALE)
+    model = model.to(torch.bfloat16)
     os.makedirs(path, exist_ok=True)
     save_file(mxfp4_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()

@@ -2,8 +2,9 @@
 and the shipped models generate the same greedy tokens in vLLM as in transformers, unpruned and pruned.
 
 vLLM's kernels differ from transformers' by a family-specific amount even on an unpruned checkpoint
-(its DeepSeek-V3 MLA path on CPU far more than the others), so each family's pruned gap is held to
-its own unpruned gap: max(2 x unpruned gap, FLOOR). Every checkpoint of the module is served in one
+(the bfloat16-only families, DeepSeek-V3 and gpt-oss MXFP4, more than the float32 ones), so each
+family's pruned gap is held to its own unpruned gap: max(2 x unpruned gap, FLOOR), for the max over
+positions and for a typical position (see ROUTING_FLIP_FLOOR). Every checkpoint of the module is served in one
 child process (engine.run_vllm), one engine after another, to pay vLLM's import once.
 """
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import engine
-from families import FAMILIES, KEEP, VLLM_DTYPE, prompts, write_family_checkpoint
+from families import FAMILIES, HF_DTYPE, KEEP, VLLM_DTYPE, prompts, write_family_checkpoint
 from gaps import GAPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,12 +27,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FLOOR = 1e-4
 # An unpruned gap above this means vLLM does not serve the family as transformers runs it.
 UNPRUNED_LIMIT = 0.1
-# Families vLLM 0.32's CPU build serves only in bfloat16 (families.VLLM_DTYPE), against transformers
-# in float32: measured unpruned gaps ~3.6 nats (DeepSeek-V3) and ~1.0 (gpt-oss MXFP4). That is the
-# order of bfloat16 on these tiny random models: transformers itself in bfloat16 differs from its
-# float32 by 1.7 and 1.0 nats on the same checkpoints (0.6 on Mixtral). Their exports are held to
-# that gap (x2); the limit here only catches a worse one.
-KNOWN_LARGE_GAP = {"deepseek_v3": 6.0, "gpt_oss_mxfp4": 2.0}
+# Families vLLM 0.32's CPU build serves only in bfloat16 (families.VLLM_DTYPE; transformers runs them
+# in bfloat16 too, on checkpoints conditioned for it: families.py). Most positions then agree to
+# ~2e-2 nats, but bfloat16's ~1% error on the router input flips a top-k choice at a few positions
+# (1 to 3 of 73 here, which ones differing between transformers' own float32 and bfloat16), and
+# such a position moves by 0.1 to 0.5 nats (measured unpruned max gaps 0.54 DeepSeek-V3, 0.12
+# gpt-oss MXFP4). So their max gap is held to max(2 x unpruned, ROUTING_FLIP_FLOOR), and the
+# typical gap (TYPICAL_QUANTILE of the per-position gaps, which an export bug moves at many
+# positions) to max(2 x unpruned, FLOOR) as every family's.
+KNOWN_LARGE_GAP = {"deepseek_v3": 1.0, "gpt_oss_mxfp4": 1.0}
+ROUTING_FLIP_FLOOR = {"deepseek_v3": 1.0, "gpt_oss_mxfp4": 1.0}
+TYPICAL_QUANTILE = 0.9
 # The prune must change the model, and vLLM must serve the export, not its source, by at least this.
 PRUNE_CHANGES_AT_LEAST = 1e-2
 # vLLM 0.32's CPU build has no experts kernel for unquantized gpt-oss (biases, clamped SwiGLU): it
@@ -108,7 +114,7 @@ def served(tmp_path_factory) -> dict[str, dict]:
         for kind in ("src", "pruned"):
             served[name][kind] = {"path": paths[name][kind], "vllm": next(results)}
             if name not in UNSERVED:
-                served[name][kind]["hf"] = engine.hf_prompt_logprobs(paths[name][kind], ids, full_vocab=True)
+                served[name][kind]["hf"] = engine.hf_prompt_logprobs(paths[name][kind], ids, full_vocab=True, dtype=HF_DTYPE.get(name))
     for name in SHIPPED:
         served[name] = {}
         for kind in ("src", "pruned"):
@@ -121,6 +127,14 @@ def served(tmp_path_factory) -> dict[str, dict]:
     return served
 
 
+def _typical_gap(a: list, b: list) -> float:
+    """TYPICAL_QUANTILE of the per-position max |a - b| over full-vocabulary log-probs of all prompts."""
+    per_position = sorted(engine.max_abs_diff(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+    if len(a) != len(b) or not per_position:
+        return float("inf")
+    return per_position[min(int(TYPICAL_QUANTILE * len(per_position)), len(per_position) - 1)]
+
+
 @pytest.mark.parametrize("name", [n for n in CHECKPOINTS if n not in UNSERVED])
 def test_pruned_export_served_by_vllm_as_transformers_runs_it(served, name) -> None:
     src, pruned = served[name]["src"], served[name]["pruned"]
@@ -131,11 +145,20 @@ def test_pruned_export_served_by_vllm_as_transformers_runs_it(served, name) -> N
     vllm_pruned = engine.result(pruned["vllm"])["prompt_logprobs"]
     unpruned_gap = engine.max_abs_diff(vllm_src, src["hf"])
     pruned_gap = engine.max_abs_diff(vllm_pruned, pruned["hf"])
-    tolerance = max(2 * unpruned_gap, FLOOR)
-    GAPS[name] = {"unpruned": unpruned_gap, "pruned": pruned_gap, "tolerance": tolerance}
+    tolerance = max(2 * unpruned_gap, ROUTING_FLIP_FLOOR.get(name, FLOOR))
+    unpruned_typical = _typical_gap(vllm_src, src["hf"])
+    pruned_typical = _typical_gap(vllm_pruned, pruned["hf"])
+    typical_tolerance = max(2 * unpruned_typical, FLOOR)
+    GAPS[name] = {
+        "unpruned": unpruned_gap, "pruned": pruned_gap, "tolerance": tolerance,
+        "unpruned_typical": unpruned_typical, "pruned_typical": pruned_typical, "typical_tolerance": typical_tolerance,
+    }
     limit = KNOWN_LARGE_GAP.get(name, UNPRUNED_LIMIT)
     assert unpruned_gap < limit, f"vLLM serves the unpruned {name} unlike transformers (gap {unpruned_gap:.3g})"
     assert pruned_gap <= tolerance, f"{name}: pruned gap {pruned_gap:.3g} > {tolerance:.3g} (unpruned gap {unpruned_gap:.3g})"
+    assert pruned_typical <= typical_tolerance, (
+        f"{name}: pruned typical gap {pruned_typical:.3g} > {typical_tolerance:.3g} (unpruned {unpruned_typical:.3g})"
+    )
     assert engine.max_abs_diff(src["hf"], pruned["hf"]) > PRUNE_CHANGES_AT_LEAST
     assert engine.max_abs_diff(vllm_src, vllm_pruned) > PRUNE_CHANGES_AT_LEAST
 
