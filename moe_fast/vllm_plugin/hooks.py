@@ -32,19 +32,26 @@ def install() -> None:
     if _INSTALLED:
         return
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
+    try:
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+    except ImportError as err:  # another vLLM layout: refuse checkpoints that skip, serve the rest as stock
+        MoERunner, missing_runner = None, err
     create_engine_config = EngineArgs.create_engine_config
 
     @functools.wraps(create_engine_config)
     def checked_create_engine_config(self, *args, **kwargs):
         config = create_engine_config(self, *args, **kwargs)
-        _skip_for(config.model_config)  # a bad record: SkipRecordError here, before any process starts
+        skip, _ = _skip_for(config.model_config)  # a bad record: SkipRecordError here, before any process starts
+        if skip is not None and MoERunner is None:
+            raise SkipRecordError(
+                f"moe_fast skipping in {skip.checkpoint}: this vLLM has no MoERunner to hook ({missing_runner}); "
+                "the plugin is tested with vLLM 0.32 and will not serve a skipping checkpoint without skipping"
+            )
         return config
 
-    runner_init = MoERunner.__init__
+    runner_init = MoERunner.__init__ if MoERunner is not None else None
 
-    @functools.wraps(runner_init)
     def skipping_runner_init(self, *args, **kwargs):
         runner_init(self, *args, **kwargs)
         from vllm.config import get_current_vllm_config
@@ -56,7 +63,8 @@ def install() -> None:
             attach(self, skip, seen)
 
     EngineArgs.create_engine_config = checked_create_engine_config
-    MoERunner.__init__ = skipping_runner_init
+    if MoERunner is not None:
+        MoERunner.__init__ = functools.wraps(runner_init)(skipping_runner_init)
     _INSTALLED = True
 
 
