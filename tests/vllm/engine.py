@@ -228,8 +228,12 @@ def _shutdown(llm) -> None:
         pass
 
 
-def _main(spec: str, out: str) -> None:
+def run_job_file(spec: str, out: str, serve=None) -> None:
+    """The child's loop (also skip_engine.py's): each job of the JSON file ``spec`` through ``serve``
+    (default: this module's), results to ``out``."""
     import traceback
+
+    serve = serve or _serve
 
     with open(spec) as f:
         jobs = json.load(f)
@@ -237,7 +241,7 @@ def _main(spec: str, out: str) -> None:
     for job in jobs:  # one failed engine is reported in its result, and the next job still runs
         print(f"moe_fast vllm job: {job['model']}", flush=True)
         try:
-            results.append(_serve(job))
+            results.append(serve(job))
         except Exception as err:
             traceback.print_exc()
             results.append({"error": f"{type(err).__name__}: {err}"[:4000]})
@@ -246,4 +250,4 @@ def _main(spec: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    run_job_file(sys.argv[1], sys.argv[2])

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from engine import CHILD_ENV, ENGINE_DEFAULTS, TIMEOUT_S, VllmChildError, _shutdown
+from engine import CHILD_ENV, ENGINE_DEFAULTS, TIMEOUT_S, VllmChildError, _shutdown, run_job_file
 
 
 def serve_skipping(jobs: list[dict]) -> list[dict]:
@@ -69,21 +69,5 @@ def _serve(job: dict) -> dict:
     return answer
 
 
-def _main(spec: str, out: str) -> None:
-    import traceback
-
-    with open(spec) as f:
-        jobs = json.load(f)
-    results = []
-    for job in jobs:
-        try:
-            results.append(_serve(job))
-        except Exception as err:
-            traceback.print_exc()
-            results.append({"error": f"{type(err).__name__}: {err}"[:4000]})
-    with open(out, "w") as f:
-        json.dump(results, f)
-
-
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    run_job_file(sys.argv[1], sys.argv[2], _serve)
