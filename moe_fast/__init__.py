@@ -36,6 +36,8 @@ _LAZY = {
     "PruneReport": "moe_fast.pruning",
     "PruneResult": "moe_fast.pruning",
     "load_calibration": "moe_fast.calibration",
+    # experts_implementation="moe_fast" in transformers, explicitly (import already does it lazily).
+    "register": "moe_fast.experts",
 }
 
 

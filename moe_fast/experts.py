@@ -10,7 +10,16 @@ Under ``torch.compile`` the plan's row counts would be data the graph cannot dep
 experts sort the slots themselves and run every slot's row through ``moe_fast::grouped_matmul``
 (``_static_forward``; skipped rows are zero and weigh 0).
 
-Registered as ``experts_implementation="moe_fast"`` on import of :mod:`moe_fast`.
+Registered as ``experts_implementation="moe_fast"`` on import of :mod:`moe_fast`, and by
+:func:`register` (``moe_fast.register()``), which ``patch`` (and so ``moe_fast.from_pretrained``) calls.
+Why a meta-path finder (``_RegisterOnImport``) does it on import: the README promises that
+``AutoModelForCausalLM.from_pretrained(..., experts_implementation="moe_fast")`` works after a
+bare ``import moe_fast``, while ``import moe_fast`` must not import transformers (a second or more
+of start-up for every op user). transformers offers no hook that runs when its moe integration
+loads, and ``ExpertsInterface`` is a class attribute of that module, so the only place to register
+lazily is that module's own import: the finder wraps its loader's ``exec_module`` (nothing in
+transformers is edited) and removes nothing else from the import path. Code that imports
+transformers before moe_fast is registered at once instead.
 """
 
 from __future__ import annotations

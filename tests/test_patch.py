@@ -220,3 +220,15 @@ def test_import_registers_experts_implementation_without_importing_transformers(
         "assert 'moe_fast' in ALL_EXPERTS_FUNCTIONS\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_explicit_register_makes_the_implementation_selectable():
+    """moe_fast.register() (the explicit form of what import does lazily) puts the name in transformers."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    from moe_fast.experts import NAME, moe_fast_experts_forward
+
+    ExpertsInterface._global_mapping.pop(NAME, None)
+    assert NAME not in ExpertsInterface._global_mapping
+    moe_fast.register()
+    assert ExpertsInterface._global_mapping[NAME] is moe_fast_experts_forward
