@@ -6,8 +6,10 @@ tokenizer files must still work with token-id calibration, in every command alik
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -92,9 +94,47 @@ def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs):
         model_class = AutoModelForCausalLM
     if kwargs.get("output_loading_info"):
         return model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs))
-    model, info = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs), output_loading_info=True)
-    refuse_missing_weights(path, info)
+    with _held_load_reports() as reports:
+        model, info = model_class.from_pretrained(path, **model_load_kwargs(path, **kwargs), output_loading_info=True)
+    refuse_missing_weights(path, info)  # the refusal names the missing tensors: transformers' report would repeat them
+    reports.release()
     return match_dequantized_experts(model)
+
+
+class _HeldReports(logging.Filter):
+    """Holds transformers' load report back until moe_fast has decided whether to refuse the load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.records:
+            _LOAD_REPORT_LOGGER.handle(record)
+        self.records.clear()
+
+
+_LOAD_REPORT_LOGGER = logging.getLogger("transformers.modeling_utils")
+
+
+@contextlib.contextmanager
+def _held_load_reports() -> Iterator[_HeldReports]:
+    held = _HeldReports()
+    _LOAD_REPORT_LOGGER.addFilter(held)
+    try:
+        yield held
+    except BaseException:
+        _LOAD_REPORT_LOGGER.removeFilter(held)
+        held.release()  # transformers' own error points at its report: show it
+        raise
+    finally:
+        _LOAD_REPORT_LOGGER.removeFilter(held)
 
 
 def refuse_missing_weights(path: str | os.PathLike, info: dict) -> None:
