@@ -239,7 +239,8 @@ def run_job_file(spec: str, out: str, serve=None) -> None:
         jobs = json.load(f)
     results = []
     for job in jobs:  # one failed engine is reported in its result, and the next job still runs
-        print(f"moe_fast vllm job: {job['model']}", flush=True)
+        label = next((job[key] for key in ("model", "skip", "source") if key in job), "?")
+        print(f"moe_fast vllm job: {label}", flush=True)
         try:
             results.append(serve(job))
         except Exception as err:
