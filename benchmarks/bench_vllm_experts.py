@@ -1,13 +1,15 @@
 """One Mixtral-shaped layer's experts in vLLM's CPU kernel (``cpu_fused_moe``, bf16, AMX): all top-2
 rows vs the plugin's survivors path (half the second slots skipped: gather, top-1 rows, index_add)
 vs slot 0 only. Where bench_vllm's decode time goes: at 32 tokens the kernel's cost follows the
-experts' weights read, not the rows. Process CPU time, median of 7 (steady on a shared machine).
+experts' weights read, not the rows; at a few tokens skipping leaves experts untouched, and their
+weights unread. Process CPU time, median of 7 (steady on a shared machine).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_vllm_experts.py      (in vLLM's environment)
+    OMP_NUM_THREADS=1 python benchmarks/bench_vllm_experts.py [--tokens 1,4,32,512]   (in vLLM's environment)
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -26,6 +28,9 @@ def median_cpu_ms(fn, repeats: int = 7) -> float:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="1,4,32,512", help="comma-separated token counts (one row each)")
+    counts = [int(t) for t in p.parse_args().tokens.split(",")]
     from vllm import _custom_ops as ops
 
     isa = "amx" if torch.cpu._init_amx() else "vec"
@@ -39,9 +44,9 @@ def main() -> None:
         return out
 
     print(f"isa {isa}; E={E}, hidden {H}, expert width {I}, top-{K}, bf16; CPU ms per call (median of 7)")
-    print("| tokens | all rows (k=2) | survivors (half of slot 1 skipped) | slot 0 only |")
-    print("|---|---|---|---|")
-    for T in (32, 512):
+    print("| tokens | experts touched (all / survivors / slot 0) | all rows (k=2) | survivors (half of slot 1 skipped) | slot 0 only |")
+    print("|---|---|---|---|---|")
+    for T in counts:
         x = torch.randn(T, H).bfloat16()
         ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int()
         w = torch.rand(T, K)
@@ -56,7 +61,8 @@ def main() -> None:
         full = median_cpu_ms(lambda: experts(x, w, ids))
         surv = median_cpu_ms(survivors)
         first = median_cpu_ms(lambda: experts(x, w[:, :1].contiguous(), ids[:, :1].contiguous()))
-        print(f"| {T} | {full:.1f} | {surv:.1f} | {first:.1f} |")
+        touched = f"{ids.unique().numel()} / {ids[keep].unique().numel()} / {ids[:, 0].unique().numel()}"
+        print(f"| {T} | {touched} | {full:.2f} | {surv:.2f} | {first:.2f} |")
 
 
 if __name__ == "__main__":

@@ -120,8 +120,16 @@ EOF
 if [[ "${CHECK_CUDA_TESTS:-1}" == "0" ]]; then
   say "4/4 tests skipped (CHECK_CUDA_TESTS=0)"
 else
+  # One test file per worker on every core, as scripts/test.sh runs it. pytest-xdist is added to
+  # an environment made before it was needed (outside REQS: the environment is not remade for it).
+  "${VPY}" -c "import xdist" 2> /dev/null \
+    || env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX \
+      PIP_CONFIG_FILE=/dev/null "${VPY}" -m pip install --quiet --disable-pip-version-check pytest-xdist
+  workers="${PYTEST_WORKERS:-$(nproc)}"
+  parallel=()
+  if [[ "${workers}" != "0" && "${workers}" != "1" ]]; then parallel=(-n "${workers}" --dist loadfile); fi
   say "4/4 the test suite with torch ${TORCH_SEEN} and transformers ${TRANSFORMERS_VERSION} (CUDA tests skip: no GPU)"
-  (cd "${WORK}" && PYTHONPATH="${WORK}" "${VPY}" -m pytest -q -ra -p no:cacheprovider tests "$@") \
+  (cd "${WORK}" && PYTHONPATH="${WORK}" "${VPY}" -m pytest -q -ra -p no:cacheprovider "${parallel[@]}" tests "$@") \
     || { echo "check_cuda_build: FAILED (tests with torch ${TORCH_SEEN})"; exit 1; }
 fi
 say "OK: CUDA build (sm ${ARCHS}, nvcc ${NVCC_VERSION}, torch ${TORCH_SEEN}) compiled, linked and registered every op; tests passed"

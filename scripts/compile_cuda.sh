@@ -3,7 +3,8 @@
 # Needs no GPU and no CUDA build of torch: the kernels include no torch header.
 # Usage: bash scripts/compile_cuda.sh   (NVCC=/path/to/nvcc to pick a compiler; EXTRA_NVCC_FLAGS=...)
 # A file that compiled before is skipped while it, the headers in csrc/include, the flags and nvcc
-# are unchanged (stamps in build/compile_cuda/; COMPILE_CUDA_FORCE=1 compiles everything).
+# are unchanged (stamps, named by a hash of all of these, in ~/.cache/moe_fast/compile_cuda, so that
+# a fresh clone of the same sources reuses them; COMPILE_CUDA_FORCE=1 compiles everything).
 # Exit status: 0 when every file compiles (or nvcc is absent: skipped with a message), 1 otherwise.
 set -u -o pipefail
 
@@ -31,7 +32,7 @@ FLAGS=(-c -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -Xcompile
 EXTRA=(${EXTRA_NVCC_FLAGS:-})
 
 version="$("${NVCC}" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
-STAMPS="${ROOT}/build/compile_cuda"
+STAMPS="${MOE_FAST_CACHE:-${XDG_CACHE_HOME:-${HOME}/.cache}/moe_fast}/compile_cuda"
 mkdir -p "${STAMPS}"
 # What a file's result depends on, apart from its own text: nvcc, the flags and every header.
 common="$( { "${NVCC}" --version; echo "${FLAGS[*]} ${EXTRA[*]}"; cat "${ROOT}"/csrc/include/moe_fast/* "${ROOT}"/csrc/cuda/*.cuh; } | sha256sum | cut -d' ' -f1)"
@@ -41,14 +42,13 @@ unchanged=0
 for src in "${SOURCES[@]}"; do
   name="$(basename "${src}" .cu)"
   key="$( { echo "${common}"; cat "${src}"; } | sha256sum | cut -d' ' -f1)"
-  if [[ "${COMPILE_CUDA_FORCE:-0}" != "1" && -f "${STAMPS}/${name}.ok" && "$(cat "${STAMPS}/${name}.ok")" == "${key}" ]]; then
+  if [[ "${COMPILE_CUDA_FORCE:-0}" != "1" && -f "${STAMPS}/${key}.ok" ]]; then
     unchanged=$((unchanged + 1))
     continue
   fi
-  rm -f "${STAMPS}/${name}.ok"
   echo "compile_cuda: ${name}.cu"
   if "${NVCC}" "${FLAGS[@]}" "${EXTRA[@]}" -o "${OBJDIR}/${name}.o" "${src}"; then
-    echo "${key}" > "${STAMPS}/${name}.ok"
+    echo "${name}.cu" > "${STAMPS}/${key}.ok"
   else
     failed+=("${name}.cu")
   fi

@@ -18,8 +18,9 @@ else
   "${PIP[@]}" "torch==2.13.0"
 fi
 
+# pytest-xdist: scripts/test.sh runs the suite on every core.
 # lm-eval and accelerate: `moe-fast eval --tasks` and its tests (the extra moe_fast[eval]); neither pulls another torch.
-DEPS=("transformers>=5.7" numpy safetensors tqdm matplotlib pytest ninja pybind11 "setuptools>=64" wheel
+DEPS=("transformers>=5.7" numpy safetensors tqdm matplotlib pytest pytest-xdist ninja pybind11 "setuptools>=64" wheel
       "lm-eval==0.4.13" accelerate)
 # pip's own requirement parser (vendored with pip): are all of DEPS installed at suitable versions?
 if "${PY}" - "${DEPS[@]}" << 'EOF' 2>/dev/null; then
