@@ -177,11 +177,14 @@ def test_loaded_model_export_equals_in_memory_model(tmp_path) -> None:
     assert stock.config.moe_fast["pruning"]["repair"] == "lstsq"
 
 
-@pytest.mark.parametrize("family,keep", [("mixtral", 4), ("qwen3_moe", 6), ("qwen2_moe", 4)])
+@pytest.mark.parametrize("family,keep", [
+    ("mixtral", 4), ("qwen3_moe", 6), ("qwen2_moe", 4), ("olmoe", 4), ("deepseek_v3", 8), ("glm4_moe", 4),
+])
 @pytest.mark.parametrize("mode", ["layerwise", "progressive"])
 def test_checkpoint_export_loads_in_stock_transformers(tmp_path, family: str, keep: int, mode: str) -> None:
     """Checkpoint runs (Mixtral's w1/w2/w3 and Qwen's gate/up/down_proj hub keys; Qwen2-MoE's shared
-    expert and dense layer) export what the loaded-model run holds in memory."""
+    expert and dense layer; DeepSeek-V3's grouped sigmoid router, kept equal per group, and GLM-4.5's
+    scaled one) export what the loaded-model run holds in memory."""
     model = tiny_model(family)
     ids = calibration_ids(1, n=12, length=16, vocab=VOCAB)
     src = save_checkpoint(model, tmp_path / "src")

@@ -118,12 +118,14 @@ class LstsqRepair:
         scale, chosen, held_errors = _choose_ridge(fit, held)
         entry = {"method": "lstsq", "loss_before": self._loss(before), "loss_after": None, "ridge": None,
                  "ridge_scale": None, "held_out_error_before": held.err_sq, "held_out_error_after": None,
-                 "features": n, "reverted": False}
+                 "features": n, "statistics_bytes": 2 * (n * n + n * hidden) * 8, "reverted": False}
         if chosen is None:  # no ridge beat the unrepaired weights on the held-out sequences
             entry["loss_after"] = entry["loss_before"]
             return entry, {}
-        gram, cross = fit.gram + held.gram, fit.cross + held.cross
-        delta = _solve(gram, cross, chosen)  # [n, H]
+        fit.gram += held.gram  # every sequence for the final solve, in place (no third Gram held)
+        fit.cross += held.cross
+        del held
+        delta = _solve(fit.gram, fit.cross, chosen)  # [n, H]
         new = {e: (experts.down_proj[e].double() + delta[p * width:(p + 1) * width].T).to(experts.down_proj.dtype)
                for p, e in enumerate(kept)}
         after: dict[int, float] = {}
@@ -197,12 +199,17 @@ def _held_out(seq: torch.Tensor, stream: HiddenStates) -> torch.Tensor:
 
 
 def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(G + ridge I)^-1 C by Cholesky (ridge > 0 makes it positive definite)."""
-    a = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(a)
+    """(G + ridge I)^-1 C by Cholesky (ridge > 0 makes it positive definite), factored in place
+    in one n x n copy of G: the peak is the two splits' Grams plus this one."""
+    a = gram.clone()
+    a.diagonal().add_(ridge)
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    torch.linalg.cholesky_ex(a, out=(a, info))
     if int(info) != 0:
+        a = gram.clone()
+        a.diagonal().add_(ridge)
         return torch.linalg.solve(a, cross)
-    return torch.cholesky_solve(cross, factor)
+    return torch.cholesky_solve(cross, a)
 
 
 def _choose_ridge(fit: _Split, held: _Split) -> tuple[float | None, float | None, dict[float, float]]:
