@@ -260,6 +260,16 @@ def test_unsupported_family_refused_before_work(tmp_path, monkeypatch) -> None:
     assert not os.path.exists(out) and not os.path.exists(out + pipeline_mod.PARTIAL_SUFFIX)
 
 
+def test_statistics_too_large_for_the_device_refused_before_work(tmp_path, monkeypatch) -> None:
+    """Keep 4 of a width-48 Mixtral: n = 192 features, 3 x 192^2 x 8 + 2 x 192 x 32 x 8 bytes."""
+    _no_forward(monkeypatch)
+    need = 3 * 192 * 192 * 8 + 2 * 192 * 32 * 8
+    monkeypatch.setattr(repair_mod, "free_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"4 x 48 = 192 features: .* GiB \(float64\), more than"):
+        moe_fast.prune(tiny_mixtral(0), calibration_ids(0), 4, out=str(tmp_path / "o"), progress=False, repair="lstsq")
+    assert not os.path.exists(str(tmp_path / "o"))
+
+
 def test_resume_with_repair_refused(tmp_path, monkeypatch) -> None:
     _no_forward(monkeypatch)
     with pytest.raises(ValueError, match="cannot be resumed"):

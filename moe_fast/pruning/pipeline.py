@@ -40,7 +40,7 @@ from moe_fast.pruning.output import (
     checkpoint_writer, completed_output, export_pruned, finish_report, load_pruned, prune_in_memory,
 )
 from moe_fast.pruning.progress import PARTIAL_SUFFIX, Progress, check_out, claimed, partial_folder
-from moe_fast.pruning.repair import LstsqRepair, Repaired, check_repair_name, check_repair_supported
+from moe_fast.pruning.repair import LstsqRepair, Repaired, check_repair_fits, check_repair_name, check_repair_supported
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, PruneResult, loss_key
 from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
 from moe_fast.pruning.source import open_source
@@ -115,8 +115,9 @@ def prune(
             kept experts' down projections are refitted in closed form so that the pruned block
             reproduces the unpruned block's output on the calibration tokens (``pruning.repair``;
             ridge chosen on held-out calibration sequences). Progressive mode carries the repaired
-            layer's outputs on. Not yet with torchrun or ``resume``; families whose experts are not
-            the standard gated ``down_proj(act(gate) * up)`` (gpt-oss) are refused.
+            layer's outputs on. Refused before any work: torchrun and ``resume`` (not yet), families
+            whose experts are not the standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and
+            a joint system (keep x expert width features) too large for the device (docs/REPAIR.md).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -144,6 +145,7 @@ def prune(
         source = open_source(model_or_path, device, dtype)
         spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
         check_repair_supported(repair, source.adapter, ctx.active, resume)
+        check_repair_fits(repair, source.config, keep, source.device)
         if tokenizer is None and needs_tokenizer(calibration):
             tokenizer = find_tokenizer(source.path, loaded)
         calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed, model_limits(source.config))

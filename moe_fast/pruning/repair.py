@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -64,6 +65,50 @@ def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed:
         raise ValueError(f"repair={repair!r} is not supported under torchrun yet (its statistics are not summed over ranks)")
     if resume:
         raise ValueError(f"repair={repair!r} cannot be resumed yet (the repaired weights are not saved with the progress)")
+
+
+def expert_width(config) -> int:
+    """I, the routed experts' intermediate size, from a config (``moe_intermediate_size`` where the
+    family has a separate dense width, else ``intermediate_size``)."""
+    width = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", None)
+    if not width:
+        raise ValueError(f"repair: found no expert width (moe_intermediate_size / intermediate_size) in {type(config).__name__}")
+    return int(width)
+
+
+def statistics_bytes(num_keep: int, width: int, hidden: int) -> int:
+    """Peak bytes of one layer's normal equations: two splits' Grams plus one factored copy, and C."""
+    n = num_keep * width
+    return 3 * n * n * 8 + 2 * n * hidden * 8
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for the statistics now: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_repair_fits(repair: str | None, config, num_keep: int, device: torch.device) -> None:
+    """Refuses, before any forward, a run whose joint normal equations (n = keep x expert width)
+    cannot be held on ``device`` (costs: docs/REPAIR.md)."""
+    if repair is None:
+        return
+    width, hidden = expert_width(config), int(config.hidden_size)
+    need, free = statistics_bytes(num_keep, width, hidden), free_bytes(device)
+    if need > free:
+        raise ValueError(
+            f"repair={repair!r} holds per layer a joint least-squares system over keep x expert width = "
+            f"{num_keep} x {width} = {num_keep * width} features: {need / 2**30:.1f} GiB (float64), more than the "
+            f"{free / 2**30:.1f} GiB free on {device}; keep fewer experts or use a larger device (docs/REPAIR.md)"
+        )
 
 
 @dataclass
@@ -118,7 +163,7 @@ class LstsqRepair:
         scale, chosen, held_errors = _choose_ridge(fit, held)
         entry = {"method": "lstsq", "loss_before": self._loss(before), "loss_after": None, "ridge": None,
                  "ridge_scale": None, "held_out_error_before": held.err_sq, "held_out_error_after": None,
-                 "features": n, "statistics_bytes": 2 * (n * n + n * hidden) * 8, "reverted": False}
+                 "features": n, "statistics_bytes": statistics_bytes(len(kept), width, hidden), "reverted": False}
         if chosen is None:  # no ridge beat the unrepaired weights on the held-out sequences
             entry["loss_after"] = entry["loss_before"]
             return entry, {}
