@@ -170,7 +170,7 @@ def prune(
         pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
         states_folder = None if out is None else partial_folder(out)
         repairer = None if repair is None else LstsqRepair(source.adapter, objective, chunk_tokens)
-        repaired: Repaired = {}  # layer -> expert -> repaired down_proj, for the export
+        repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired down_proj, for the export
 
         with torch.inference_mode():
             with ctx.guard(), clock.measure("forward"):
@@ -195,7 +195,9 @@ def prune(
                         del collected, scores  # the statistics go before the next layer's come
                     if repairer is not None:
                         with clock.measure("repair"):
-                            result.repair, repaired[index] = repairer.run(stream, layer, block, result.kept, inputs)
+                            result.repair, rows = repairer.run(stream, layer, block, result.kept, inputs)
+                        if loaded is None and rows:  # a loaded model holds them itself (written in place)
+                            repaired[index] = rows
                         del inputs
                     if lead:
                         _log_layer(index, result, bar)
