@@ -79,8 +79,11 @@ def export_checkpoint(
     kept: dict[int, list[int]],
     pruning_record: dict,
     tokenizer=None,
+    repaired: dict[int, dict[int, torch.Tensor]] | None = None,
 ) -> None:
-    """Rewrites the checkpoint at ``source_path`` into ``directory`` with only the kept experts."""
+    """Rewrites the checkpoint at ``source_path`` into ``directory`` with only the kept experts;
+    ``repaired`` (layer -> original expert index -> down_proj [H, I]) replaces those experts'
+    down projections (a pruning repair), in the source tensor's dtype."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -111,7 +114,7 @@ def export_checkpoint(
         handles: dict[str, object] = {}
         try:
             for key in sorted(units[unit]):
-                convert = _prune_key(adapter, key, kept)
+                convert = _prune_key(adapter, key, kept, repaired or {})
                 if convert is None:
                     continue
                 file = weight_map[key]
@@ -139,7 +142,7 @@ def export_checkpoint(
     _copy_tokenizer(directory, tokenizer, source_path)
 
 
-def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]]):
+def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]], repaired: dict | None = None):
     """A function tensor -> (new key, tensor) for a source key, or None to drop the key."""
     parts = key.split(".")
     if not key.startswith("model.layers.") or int(parts[2]) not in kept:
@@ -151,11 +154,31 @@ def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]]):
     if hit is not None and hit[0] not in layer_kept:
         return None
 
+    replaced = (repaired or {}).get(int(parts[2]))
+
     def convert(tensor: torch.Tensor):
+        if replaced:
+            tensor = _repaired_down(adapter, rel, tensor, replaced)
         new_rel, new_tensor = adapter.prune_checkpoint_tensor(rel, tensor, layer_kept)
         return prefix + new_rel, new_tensor
 
     return convert
+
+
+def _repaired_down(adapter: MoEAdapter, rel: str, tensor: torch.Tensor, replaced: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A layer's source tensor with repaired down projections put in: a per-expert hub key
+    (``...experts.N.<down>.weight``, [H, I]) or the fused ``experts.down_proj`` [E, H, I]."""
+    down = f"{adapter.hub_expert_proj[2]}.weight"
+    hit = adapter._hub_expert_key(rel)
+    if hit is not None:
+        if hit[1] == down and hit[0] in replaced:
+            return replaced[hit[0]].to(tensor.dtype).reshape(tensor.shape)
+        return tensor
+    if rel in {f"{block}.experts.down_proj" for block in (adapter.hub_block_attr, adapter.block_attr)}:
+        tensor = tensor.clone()
+        for expert, value in replaced.items():
+            tensor[expert] = value.to(tensor.dtype)
+    return tensor
 
 
 def _save_shard(save_file, tensors: dict[str, torch.Tensor], path: str) -> None:

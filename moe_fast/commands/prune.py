@@ -56,6 +56,12 @@ def register(subparsers) -> None:
         "(per_group >= 2, topk_group x per_group >= top-k); exhaustive then enumerates only such sets, and "
         "greedy/beam drop an expert only from a group with the fewest drops so far",
     )
+    p.add_argument(
+        "--repair", choices=["lstsq"], default=None,
+        help="after each layer's selection, repair the pruned block: lstsq refits the kept experts' down "
+        "projections in closed form so that the block reproduces the unpruned block's output on the "
+        "calibration tokens (ridge chosen on held-out calibration sequences; docs/REPAIR.md). Default: none",
+    )
     p.add_argument("--beam-width", type=int, default=4, help="candidates kept per step with --search beam (default 4)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048, or the model's max_position_embeddings when smaller; a .pt is used whole)")
@@ -108,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.model):
         check_model_dir(args.model)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error, nothing written
     if args.criterion != "reconstruction":
+        if args.repair:
+            raise ValueError("--repair works with --criterion reconstruction only (for now)")
         run_baseline(args)
     else:
         run_reconstruction(args)
@@ -204,6 +212,7 @@ def _prune(args: argparse.Namespace, prune, device):
             chunk_tokens=args.chunk_tokens,
             return_model=False,
             recompute_outputs=_recompute(args.recompute_outputs),
+            **({"repair": args.repair} if args.repair else {}),
             **_calibration_options(args),
         )
     except RankFailed as err:

@@ -59,14 +59,18 @@ def completed_output(out: str, settings: dict) -> PruneReport:
     return report
 
 
-def checkpoint_writer(source: LayerSource, model: nn.Module | None, report: PruneReport, tokenizer) -> Callable[[str], None]:
-    """A loaded (already pruned) model is saved; a checkpoint source is pruned shard by shard."""
+def checkpoint_writer(
+    source: LayerSource, model: nn.Module | None, report: PruneReport, tokenizer, repaired: dict | None = None
+) -> Callable[[str], None]:
+    """A loaded (already pruned, and repaired in place) model is saved; a checkpoint source is pruned
+    shard by shard, with ``repaired`` down projections (layer -> expert -> tensor) replacing the source's."""
     from moe_fast import export
 
     if model is not None:
         return lambda directory: export.save_loaded(model, directory, tokenizer)
     return lambda directory: export.export_checkpoint(
-        source.path, directory, source.adapter, report.kept, report.pruning_record(), tokenizer
+        source.path, directory, source.adapter, report.kept, report.pruning_record(), tokenizer,
+        **({"repaired": repaired} if repaired else {}),
     )
 
 
@@ -87,9 +91,9 @@ def prune_in_memory(model: nn.Module, source: LayerSource, report: PruneReport) 
     return prune_loaded_model(model, source.adapter, report.kept, report.pruning_record())
 
 
-def load_pruned(source: LayerSource, report: PruneReport, exported: str | None) -> nn.Module:
+def load_pruned(source: LayerSource, report: PruneReport, exported: str | None, repaired: dict | None = None) -> nn.Module:
     """The pruned model of a checkpoint run: read back from ``exported``, or (nothing written on
-    this rank) the source loaded whole and pruned in memory."""
+    this rank) the source loaded whole, given its ``repaired`` down projections and pruned in memory."""
     from moe_fast.loading import load_pretrained
     from moe_fast.models import quiet_loading
 
@@ -97,4 +101,8 @@ def load_pruned(source: LayerSource, report: PruneReport, exported: str | None) 
         if exported is not None:
             return load_pretrained(exported, dtype=source.dtype)
         full = load_pretrained(source.path, dtype=source.dtype)
+        if repaired:
+            from moe_fast.pruning.repair import apply_repaired
+
+            apply_repaired(full, source.adapter, repaired)
         return prune_in_memory(full, source, report)

@@ -40,6 +40,7 @@ from moe_fast.pruning.output import (
     checkpoint_writer, completed_output, export_pruned, finish_report, load_pruned, prune_in_memory,
 )
 from moe_fast.pruning.progress import PARTIAL_SUFFIX, Progress, check_out, claimed, partial_folder
+from moe_fast.pruning.repair import LstsqRepair, Repaired, check_repair_fits, check_repair_name, check_repair_supported
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, PruneResult, loss_key
 from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
 from moe_fast.pruning.source import open_source
@@ -72,6 +73,7 @@ def prune(
     progress: bool = True,
     lazy: bool | None = None,
     recompute_outputs: bool | tuple[int, int] = False,
+    repair: str | None = None,
 ) -> PruneResult:
     """Prunes every MoE layer to ``keep`` experts; returns ``(model, report)``.
 
@@ -109,6 +111,13 @@ def prune(
             in ``expert_outputs_per_token``); the same selections. True: every token starts with
             2k + 2 ranks and an extension goes ceil(3k/4) ranks past the need (18 and 6 for
             k = 8); a pair (first_ranks, lookahead) sets them. Lazy search only (greedy, beam, or ``lazy=True``).
+        repair: None (default: the selection alone) or ``"lstsq"``: after each layer's selection the
+            kept experts' down projections are refitted in closed form so that the pruned block
+            reproduces the unpruned block's output on the calibration tokens (``pruning.repair``;
+            ridge chosen on held-out calibration sequences). Progressive mode carries the repaired
+            layer's outputs on. Refused before any work: torchrun and ``resume`` (not yet), families
+            whose experts are not the standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and
+            a joint system (keep x expert width features) too large for the device (docs/REPAIR.md).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -123,6 +132,7 @@ def prune(
     """
     clock = Timings("calibration", "forward", "expert_outputs", "search")
     check_arguments(mode, objective, batch_size, beam_width, chunk_tokens)
+    check_repair_name(repair)
     device = check_device(device)
     ctx = distributed.current(device)  # data-parallel calibration when a process group is up
     lead = ctx.rank == 0  # writes progress, the checkpoint and the report
@@ -134,12 +144,14 @@ def prune(
             check_out(out)
         source = open_source(model_or_path, device, dtype)
         spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
+        check_repair_supported(repair, source.adapter, ctx.active, resume)
+        check_repair_fits(repair, source.config, keep, source.device)
         if tokenizer is None and needs_tokenizer(calibration):
             tokenizer = find_tokenizer(source.path, loaded)
         calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed, model_limits(source.config))
         my_batches = ctx.batches(calib.num_batches)
     check_same_on_all_ranks(ctx, calib)
-    settings = run_settings(spec, mode, source, calib.summary)
+    settings = run_settings(spec, mode, source, calib.summary, repair)
     with claimed(out, ctx, resume) as partial:  # the lock and resume file of <out>.moe_fast_partial
         with ctx.guard():
             finished = completed_output(out, settings) if partial.out_not_empty else None
@@ -157,6 +169,8 @@ def prune(
         clock.mark("calibration")
         pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
         states_folder = None if out is None else partial_folder(out)
+        repairer = None if repair is None else LstsqRepair(source.adapter, objective, chunk_tokens)
+        repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired down_proj, for the export
 
         with torch.inference_mode():
             with ctx.guard(), clock.measure("forward"):
@@ -172,12 +186,19 @@ def prune(
                         with ctx.guard(), clock.measure("forward"):
                             pruner.replay(stream, layer, block, done)
                         continue
+                    inputs = stream.unpruned.clone() if repairer is not None else None  # the layer's input, for the repair
                     with ctx.guard(), clock.measure("expert_outputs"):
                         collected = pruner.collect(stream, layer, block)
                     with clock.measure("search"):
                         scores = pruner.score(collected, desc=f"layer {index}", block=block)
                         result = report.layers[index] = pruner.choose(scores)
                         del collected, scores  # the statistics go before the next layer's come
+                    if repairer is not None:
+                        with clock.measure("repair"):
+                            result.repair, rows = repairer.run(stream, layer, block, result.kept, inputs)
+                        if loaded is None and rows:  # a loaded model holds them itself (written in place)
+                            repaired[index] = rows
+                        del inputs
                     if lead:
                         _log_layer(index, result, bar)
                     with ctx.guard(), clock.measure("forward"):
@@ -187,13 +208,14 @@ def prune(
             del stream
 
         with ctx.guard():
-            model = None if loaded is None else prune_in_memory(loaded, source, report)
+            model = None if loaded is None else prune_in_memory(loaded, source, report)  # repaired in place
             if out is not None and lead:
-                export_pruned(out, report, clock, source.device, checkpoint_writer(source, model, report, tokenizer))
+                writer = checkpoint_writer(source, model, report, tokenizer, repaired)
+                export_pruned(out, report, clock, source.device, writer)
             else:
                 finish_report(report, clock, source.device)
     if loaded is None and return_model:
-        model = load_pruned(source, report, out if out is not None and lead else None)
+        model = load_pruned(source, report, out if out is not None and lead else None, repaired)
     return PruneResult(model, report)
 
 
@@ -234,4 +256,7 @@ def _restore_states(ctx: distributed.Dist, stream: HiddenStates, folder: str | N
 def _log_layer(index: int, result: LayerResult, bar) -> None:
     best = result.loss[loss_key(result.dropped)] if result.dropped else 0.0
     log.info("layer %d: keep %s, drop %s (loss %.6g)%s", index, result.kept, result.dropped, best, result.lazy_note())
+    if result.repair is not None:
+        log.info("layer %d: lstsq repair: loss %.6g -> %.6g (ridge %s)", index, result.repair["loss_before"],
+                 result.repair["loss_after"], result.repair["ridge"])
     bar.set_postfix_str(result.lazy_note().strip(" ;"), refresh=False)

@@ -17,7 +17,7 @@ import shutil
 from typing import Iterator
 
 from moe_fast.pruning.distributed import Dist
-from moe_fast.pruning.report import LayerResult, PruneReport
+from moe_fast.pruning.report import LayerResult, PruneReport, layer_dict
 from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock, describe_holder, remove_stale_stages
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Progress:
         if self.folder is None:
             return
         tmp = os.path.join(self.folder, PROGRESS_NAME + ".tmp")
-        layers = {str(i): vars(r) for i, r in report.layers.items()}
+        layers = {str(i): layer_dict(r) for i, r in report.layers.items()}
         with naming_errors(tmp):
             with open(tmp, "w") as f:
                 json.dump({"settings": settings, "layers": layers, "states_next_layer": states_next_layer}, f)

@@ -26,6 +26,8 @@ class LayerResult:
     discarded_by_bound: int | None = None  # lazy exhaustive: candidates whose lower bound lost
     search_state_bytes: int | None = None  # most bytes of per-token search state held (Gram, outputs, ids, ...)
     lazy_detail: dict | None = None  # lazy search: where the outputs went (``lazy_search.LazyInfo.summary``)
+    # repair="lstsq": loss_before / loss_after (the run's objective, weights as stored), ridge, ... (``pruning.repair``)
+    repair: dict | None = None
 
     def lazy_note(self) -> str:
         """'; 2.41 expert outputs/token, 12 scored exactly, 58 discarded by bound' (empty without lazy search)."""
@@ -57,19 +59,36 @@ class PruneReport:
     def pruning_record(self) -> dict:
         """What the pruned checkpoint's config.json records about the run."""
         s = self.settings
-        return {
+        record = {
             "kept_experts": {str(i): r.kept for i, r in sorted(self.layers.items())},
             "objective": s["objective"], "mode": s["mode"], "search": s["search"], "calibration": s["calibration"],
         }
+        if s.get("repair") is not None:
+            record["repair"] = s["repair"]
+        return record
 
     def to_dict(self) -> dict:
         return {
-            "layers": {str(i): vars(r) for i, r in sorted(self.layers.items())},
+            "layers": {str(i): layer_dict(r) for i, r in sorted(self.layers.items())},
             "timings": self.timings,
             "peak_memory_bytes": self.peak_memory_bytes,
             "settings": self.settings,
             "world_size": self.world_size,
         }
+
+    def _repair_lines(self) -> list[str]:
+        """The repair's per-layer table (none without a repair): the objective before and after, the ridge."""
+        rows = [(i, r.repair) for i, r in sorted(self.layers.items()) if r.repair is not None]
+        if not rows:
+            return []
+        lines = [f"{'layer':>5}  {'repair':<7} {'loss before':>14} {'loss after':>14} {'change':>8} {'ridge':>10} {'note':<8}"]
+        for i, rep in rows:
+            before, after = rep["loss_before"], rep["loss_after"]
+            change = f"{(after - before) / before:+.1%}" if before else "-"
+            ridge = "-" if rep["ridge"] is None else f"{rep['ridge']:.3g}"
+            note = "reverted" if rep.get("reverted") else ("unfit" if rep["ridge"] is None else "")
+            lines.append(f"{i:>5}  {rep['method']:<7} {before:>14.6g} {after:>14.6g} {change:>8} {ridge:>10} {note:<8}")
+        return lines
 
     @classmethod
     def load(cls, path: str) -> "PruneReport":
@@ -98,10 +117,19 @@ class PruneReport:
                 f"{i:>5}  {','.join(map(str, r.kept)):<28} {','.join(map(str, r.dropped)):<16} {best:>14.6g} {second:>14.6g} {len(values):>9}"
                 f" {bounded:>7} {outputs:>11}"
             )
+        lines += self._repair_lines()
         t = self.timings
         lines.append("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in t.items()))
         lines.append(f"peak memory: {self.peak_memory_bytes / 2**20:.1f} MiB ({self.settings.get('peak_memory_kind', '')})")
         return "\n".join(lines)
+
+
+def layer_dict(result: LayerResult) -> dict:
+    """A layer's JSON entry; ``repair`` only where a repair ran (reports without one are unchanged)."""
+    entry = dict(vars(result))
+    if entry.get("repair") is None:
+        entry.pop("repair", None)
+    return entry
 
 
 def chosen_and_runner_up(result: LayerResult) -> tuple[float, float]:

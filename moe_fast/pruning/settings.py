@@ -165,9 +165,10 @@ def resolve_recompute(value: bool | tuple[int, int] | list[int], top_k: int, ran
 
 
 
-def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: dict) -> dict:
-    """The report's ``settings`` (its keys and their order are part of the report format)."""
-    return {
+def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: dict, repair: str | None = None) -> dict:
+    """The report's ``settings`` (its keys and their order are part of the report format; ``repair``
+    appears only when a repair ran, so that runs without one keep their reports as they were)."""
+    settings = {
         "keep": spec.num_keep, "num_experts": spec.num_experts, "top_k": spec.top_k, "mode": mode,
         "objective": spec.objective, "search": spec.method,
         "beam_width": spec.beam_width if spec.method == "beam" else None, "rank_bound": spec.rank_bound,
@@ -176,3 +177,6 @@ def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: 
         **({"grouped_search": spec.grouped_note()} if spec.grouped else {}), "model_type": source.config.model_type, "dtype": str(source.dtype).replace("torch.", ""),
         "calibration": calibration,
     }
+    if repair is not None:
+        settings["repair"] = repair
+    return settings

@@ -1,0 +1,341 @@
+"""Least-squares repair of a pruned MoE layer: refit the kept experts' down projections.
+
+Why: pruning removes the dropped experts' contribution to the block output. After the selection,
+the pruned block's output is linear in the kept experts' down projections D_j [H, I]:
+``y_t = sum_j w_tj D_j a_j(x_t)`` (a_j the expert's intermediate activation, w_tj the pruned
+routing weight, zero where token t does not route to j). So the correction Delta that brings the
+pruned block closest to the unpruned block's output z_t on the calibration tokens is a linear
+least-squares problem over the features ``f_t = concat_j(w_tj a_j(x_t))`` (r * I of them):
+
+    min_Delta  sum_t ||e_t - Delta f_t||^2 + lam ||Delta||^2,     e_t = z_t - y_t,
+
+solved jointly over the r kept experts (tokens route to k of them at once, so per-expert solves
+would each compensate the whole error and overshoot by about k). The ridge pulls towards the
+unrepaired weights, so on the fitted tokens the squared error never grows. Its statistics
+``G = sum f f^T`` and ``C = sum f e^T`` are streamed over the calibration batches (pairs of
+co-routed experts only), one set for the fitting sequences and one for held-out sequences
+(every fifth calibration sequence): lam is the grid value with the least held-out error
+(computed from the statistics, no extra pass), then the system is solved once more on all
+sequences. A second pass measures the run's objective with the weights as stored (the model's
+dtype); a repair that does not lower it is reverted. Costs: docs/REPAIR.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moe_fast.adapters import MoEAdapter
+from moe_fast.adapters.base import MoEAdapter as _BaseAdapter
+from moe_fast.layer_routing import layer_routing, route_masked
+from moe_fast.masked_forward import MaskedForward
+from moe_fast.pruning.hidden_states import HiddenStates
+
+REPAIRS = ("lstsq",)
+RIDGE_SCALES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean diagonal of G
+HELD_OUT_EVERY = 5  # calibration sequence s is held out when s % 5 == 4 (the last one if none is)
+
+Repaired = dict[int, dict[int, torch.Tensor]]  # layer -> original expert index -> new down_proj [H, I]
+
+
+def check_repair_name(repair: str | None) -> None:
+    """Refuses an unknown repair before anything is read."""
+    if repair is not None and repair not in REPAIRS:
+        raise ValueError(f"repair must be None or one of {', '.join(REPAIRS)}; got {repair!r}")
+
+
+def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed: bool, resume: bool) -> None:
+    """Refuses, before any forward, what the least-squares repair does not handle yet: experts
+    whose forward is not the standard gated ``down_proj(act(gate) * up)`` without biases (their
+    output is not linear in a bias-free down projection as assumed), data-parallel runs and resumes."""
+    if repair is None:
+        return
+    family = adapter.family or type(adapter).__name__
+    if type(adapter).expert_forward is not _BaseAdapter.expert_forward:
+        raise ValueError(f"repair={repair!r} is not supported for the {family} family: its experts do not run the "
+                         "standard down_proj(act(gate) * up) forward (e.g. biases or clamped activations) that the "
+                         "least-squares refit of down_proj assumes")
+    if distributed:
+        raise ValueError(f"repair={repair!r} is not supported under torchrun yet (its statistics are not summed over ranks)")
+    if resume:
+        raise ValueError(f"repair={repair!r} cannot be resumed yet (the repaired weights are not saved with the progress)")
+
+
+def expert_width(config) -> int:
+    """I, the routed experts' intermediate size, from a config (``moe_intermediate_size`` where the
+    family has a separate dense width, else ``intermediate_size``)."""
+    width = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", None)
+    if not width:
+        raise ValueError(f"repair: found no expert width (moe_intermediate_size / intermediate_size) in {type(config).__name__}")
+    return int(width)
+
+
+def statistics_bytes(num_keep: int, width: int, hidden: int) -> int:
+    """Peak bytes of one layer's normal equations: two splits' Grams plus one factored copy, and C."""
+    n = num_keep * width
+    return 3 * n * n * 8 + 2 * n * hidden * 8
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for the statistics now: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_repair_fits(repair: str | None, config, num_keep: int, device: torch.device) -> None:
+    """Refuses, before any forward, a run whose joint normal equations (n = keep x expert width)
+    cannot be held on ``device`` (costs: docs/REPAIR.md)."""
+    if repair is None:
+        return
+    width, hidden = expert_width(config), int(config.hidden_size)
+    need, free = statistics_bytes(num_keep, width, hidden), free_bytes(device)
+    if need > free:
+        raise ValueError(
+            f"repair={repair!r} holds per layer a joint least-squares system over keep x expert width = "
+            f"{num_keep} x {width} = {num_keep * width} features: {need / 2**30:.1f} GiB (float64), more than the "
+            f"{free / 2**30:.1f} GiB free on {device}; keep fewer experts or use a larger device (docs/REPAIR.md)"
+        )
+
+
+@dataclass
+class _Split:
+    """Normal-equation statistics of one split of the calibration sequences (float64)."""
+
+    gram: torch.Tensor  # [n, n] sum f f^T (upper blocks filled while streaming, mirrored by ``finish``)
+    cross: torch.Tensor  # [n, H] sum f e^T
+    err_sq: float = 0.0  # sum ||e||^2
+
+    def finish(self, blocks: int, width: int) -> None:
+        for p in range(blocks):
+            for q in range(p + 1, blocks):
+                self.gram[q * width:(q + 1) * width, p * width:(p + 1) * width] = \
+                    self.gram[p * width:(p + 1) * width, q * width:(q + 1) * width].T
+
+
+def activations(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """The expert's intermediate activation act(gate) * up [N, I], as the stock experts compute it."""
+    gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+class LstsqRepair:
+    """Refits the kept experts' down projections of one layer at a time (see the module docstring)."""
+
+    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int) -> None:
+        self.adapter, self.objective, self.chunk = adapter, objective, max(1, chunk_tokens)
+
+    def run(self, stream: HiddenStates, layer: nn.Module, block: nn.Module, kept: list[int],
+            inputs: torch.Tensor) -> tuple[dict, dict[int, torch.Tensor]]:
+        """Repairs ``block`` in place (its kept experts' down_proj rows); returns (the report's
+        entry, {expert: new down_proj [H, I]}, empty when reverted). ``inputs``: the unpruned
+        stream's input of ``layer`` (the targets; layer-wise also the block inputs)."""
+        experts = block.experts
+        kept = sorted(kept)
+        width, hidden = experts.down_proj.shape[2], experts.down_proj.shape[1]
+        n = len(kept) * width
+        device = experts.down_proj.device
+        fit = _Split(torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros(n, hidden, dtype=torch.float64, device=device))
+        held = _Split(torch.zeros_like(fit.gram), torch.zeros_like(fit.cross))
+        masked = MaskedForward(self.adapter, block, kept, chunk_tokens=self.chunk)
+        before: dict[int, float] = {}
+        for batch, seq, x, z in block_io(stream, layer, block, inputs):
+            before[batch] = before.get(batch, 0.0) + _squared_error(masked, x, z)
+            holdout = _held_out(seq, stream)
+            for split, rows in ((fit, ~holdout), (held, holdout)):
+                if bool(rows.any()):
+                    self._accumulate(split, block, kept, x[rows], z[rows], width)
+        fit.finish(len(kept), width)
+        held.finish(len(kept), width)
+        scale, chosen, held_errors = _choose_ridge(fit, held)
+        entry = {"method": "lstsq", "loss_before": self._loss(before), "loss_after": None, "ridge": None,
+                 "ridge_scale": None, "held_out_error_before": held.err_sq, "held_out_error_after": None,
+                 "features": n, "statistics_bytes": statistics_bytes(len(kept), width, hidden), "reverted": False}
+        if chosen is None:  # no ridge beat the unrepaired weights on the held-out sequences
+            entry["loss_after"] = entry["loss_before"]
+            return entry, {}
+        fit.gram += held.gram  # every sequence for the final solve, in place (no third Gram held)
+        fit.cross += held.cross
+        del held
+        delta = _solve(fit.gram, fit.cross, chosen)  # [n, H]
+        new = {e: (experts.down_proj[e].double() + delta[p * width:(p + 1) * width].T).to(experts.down_proj.dtype)
+               for p, e in enumerate(kept)}
+        after: dict[int, float] = {}
+        for batch, _, x, z in block_io(stream, layer, block, inputs):  # z from the original weights
+            with swapped_down_proj(experts, new):
+                after[batch] = after.get(batch, 0.0) + _squared_error(masked, x, z)
+        entry.update(loss_after=self._loss(after), ridge=chosen, ridge_scale=scale, held_out_error_after=held_errors[scale])
+        if not entry["loss_after"] < entry["loss_before"]:  # stored in the model's dtype, the fit may not pay
+            entry.update(loss_after=entry["loss_before"], reverted=True)
+            return entry, {}
+        write_down_proj(experts, new)
+        return entry, {e: t.detach().to("cpu", copy=True) for e, t in new.items()}
+
+    def _accumulate(self, split: _Split, block: nn.Module, kept: list[int], x: torch.Tensor, z: torch.Tensor, width: int) -> None:
+        for lo in range(0, x.shape[0], self.chunk):
+            xs, zs = x[lo:lo + self.chunk], z[lo:lo + self.chunk]
+            feats, y = self._features(block, kept, xs)
+            extra = self.adapter.extra_output(block, xs)
+            e = zs.double() - y - (0.0 if extra is None else extra.double())
+            split.err_sq += float((e * e).sum())
+            _add_pairs(split, feats, e, width, xs.shape[0])
+
+    def _features(self, block: nn.Module, kept: list[int], x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per kept expert (position p): (its tokens, w * a [n_p, I] float64), and the routed output y [T, H] float64."""
+        experts = block.experts
+        mask = torch.zeros(self.adapter.num_experts, dtype=torch.bool, device=x.device)
+        mask[kept] = True
+        logits = self.adapter.router_logits(block, x).float().contiguous()
+        route = route_masked(logits, layer_routing(self.adapter, block), keep=mask)
+        ids, weights = route.ids.long(), route.weights
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+        feats = []
+        for e in kept:
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            a = activations(experts, e, x[tok]).double() * weights[tok, slot].double().unsqueeze(-1)
+            y.index_add_(0, tok, a @ experts.down_proj[e].double().T)
+            feats.append((tok, a))
+        return feats, y
+
+    def _loss(self, per_batch: dict[int, float]) -> float:
+        values = [max(0.0, v) for _, v in sorted(per_batch.items())]
+        return sum(math.sqrt(v) for v in values) if self.objective == "paper" else sum(values)
+
+
+def _add_pairs(split: _Split, feats: list[tuple[torch.Tensor, torch.Tensor]], e: torch.Tensor, width: int, tokens: int) -> None:
+    """G's upper blocks from the tokens each pair of kept experts shares; C from each expert's tokens."""
+    where = []
+    for tok, _ in feats:
+        pos = torch.full((tokens,), -1, dtype=torch.long, device=tok.device)
+        pos[tok] = torch.arange(tok.numel(), device=tok.device)
+        where.append(pos)
+    for p, (tok_p, a_p) in enumerate(feats):
+        if tok_p.numel() == 0:
+            continue
+        rows = slice(p * width, (p + 1) * width)
+        split.cross[rows] += a_p.T @ e[tok_p]
+        for q in range(p, len(feats)):
+            at = where[q][tok_p]
+            shared = at >= 0
+            if bool(shared.any()):
+                split.gram[rows, q * width:(q + 1) * width] += a_p[shared].T @ feats[q][1][at[shared]]
+
+
+def _held_out(seq: torch.Tensor, stream: HiddenStates) -> torch.Tensor:
+    """Which tokens belong to held-out sequences (``seq``: each token's calibration sequence)."""
+    total = stream.unpruned.shape[0]
+    held = seq % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    if total < HELD_OUT_EVERY:
+        held = seq == total - 1
+    return held
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(G + ridge I)^-1 C by Cholesky (ridge > 0 makes it positive definite), factored in place
+    in one n x n copy of G: the peak is the two splits' Grams plus this one."""
+    a = gram.clone()
+    a.diagonal().add_(ridge)
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    torch.linalg.cholesky_ex(a, out=(a, info))
+    if int(info) != 0:
+        a = gram.clone()
+        a.diagonal().add_(ridge)
+        return torch.linalg.solve(a, cross)
+    return torch.cholesky_solve(cross, a)
+
+
+def _choose_ridge(fit: _Split, held: _Split) -> tuple[float | None, float | None, dict[float, float]]:
+    """(scale, ridge) with the least held-out squared error, fitted on ``fit``; (None, None) when
+    none beats the unrepaired weights (Delta = 0, error ``held.err_sq``) or nothing was routed."""
+    n = fit.gram.shape[0]
+    base = float(torch.diagonal(fit.gram).sum()) / max(1, n)
+    errors: dict[float, float] = {}
+    if base <= 0.0 or held.err_sq <= 0.0:
+        return None, None, errors
+    for scale in RIDGE_SCALES:
+        delta = _solve(fit.gram, fit.cross, scale * base)  # [n, H]
+        err = held.err_sq - 2.0 * float((delta * held.cross).sum()) + float((delta * (held.gram @ delta)).sum())
+        errors[scale] = err
+    scale = min(errors, key=lambda s: (errors[s], -s))
+    if not errors[scale] < held.err_sq:
+        return None, None, errors
+    return scale, scale * base, errors
+
+
+def _squared_error(masked: MaskedForward, x: torch.Tensor, z: torch.Tensor) -> float:
+    """sum ||z - pruned block(x)||^2 over the tokens, the pruned block run as the export runs it."""
+    out = masked(x)
+    out = out[0] if isinstance(out, tuple) else out
+    return float(((z.double() - out.double()) ** 2).sum())
+
+
+@contextlib.contextmanager
+def swapped_down_proj(experts: nn.Module, new: dict[int, torch.Tensor]) -> Iterator[None]:
+    """``experts.down_proj`` with the rows ``new`` replaced, for the block's duration; the original after."""
+    original = experts.down_proj
+    swapped = original.detach().clone()
+    for e, t in new.items():
+        swapped[e] = t
+    experts.down_proj = nn.Parameter(swapped, requires_grad=False)
+    try:
+        yield
+    finally:
+        experts.down_proj = original
+
+
+def write_down_proj(experts: nn.Module, new: dict[int, torch.Tensor]) -> None:
+    """Writes repaired rows into ``experts.down_proj`` in place (the stored tensor stays the same object)."""
+    with torch.no_grad():
+        for e, t in new.items():
+            experts.down_proj.data[e].copy_(t.to(experts.down_proj.device, experts.down_proj.dtype))
+
+
+def apply_repaired(model: nn.Module, adapter: MoEAdapter, repaired: Repaired) -> None:
+    """Writes a run's repaired down projections into a loaded, unpruned model (original expert indices)."""
+    layers = adapter.decoder_layers(model)
+    for index, new in repaired.items():
+        write_down_proj(adapter.moe_block(layers[index]).experts, new)
+
+
+def block_io(stream: HiddenStates, layer: nn.Module, block: nn.Module, inputs: torch.Tensor
+             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per calibration batch: (batch index, each token's sequence index [T], block input x [T, H],
+    the unpruned block's output z [T, H]). Layer-wise both come from ``inputs``; progressive the
+    block input comes from the pruned stream (not yet moved past ``layer``) and z from ``inputs``."""
+    for b, rows in stream.batches:
+        kwargs = stream.kwargs(rows, layer)
+        x, z = _captured(layer, block, inputs[rows], kwargs)
+        if stream.progressive:
+            x, _ = _captured(layer, block, stream.pruned[rows], kwargs)
+        length = inputs.shape[1]
+        seq = torch.arange(rows.start, rows.stop, device=x.device).repeat_interleave(length)
+        yield b, seq, x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
+
+
+def _captured(layer: nn.Module, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the block's input, its stock output) while ``layer`` runs on ``hidden``."""
+    seen = {}
+
+    def hook(module, args, kw, output):
+        seen["x"] = args[0] if args else kw["hidden_states"]
+        seen["z"] = output[0] if isinstance(output, tuple) else output
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        layer(hidden, **kwargs)
+    finally:
+        handle.remove()
+    return seen["x"], seen["z"]
