@@ -79,11 +79,11 @@ def export_checkpoint(
     kept: dict[int, list[int]],
     pruning_record: dict,
     tokenizer=None,
-    repaired: dict[int, dict[int, torch.Tensor]] | None = None,
+    repaired: dict[int, dict[int, dict[str, torch.Tensor]]] | None = None,
 ) -> None:
     """Rewrites the checkpoint at ``source_path`` into ``directory`` with only the kept experts;
-    ``repaired`` (layer -> original expert index -> down_proj [H, I]) replaces those experts'
-    down projections (a pruning repair), in the source tensor's dtype."""
+    ``repaired`` (layer -> original expert index -> {"down_proj": [H, I], "gate_up_proj": [2I, H]})
+    replaces those experts' weights (a pruning repair), in the source tensor's dtype."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -158,26 +158,34 @@ def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]], repair
 
     def convert(tensor: torch.Tensor):
         if replaced:
-            tensor = _repaired_down(adapter, rel, tensor, replaced)
+            tensor = _repaired_tensor(adapter, rel, tensor, replaced)
         new_rel, new_tensor = adapter.prune_checkpoint_tensor(rel, tensor, layer_kept)
         return prefix + new_rel, new_tensor
 
     return convert
 
 
-def _repaired_down(adapter: MoEAdapter, rel: str, tensor: torch.Tensor, replaced: dict[int, torch.Tensor]) -> torch.Tensor:
-    """A layer's source tensor with repaired down projections put in: a per-expert hub key
-    (``...experts.N.<down>.weight``, [H, I]) or the fused ``experts.down_proj`` [E, H, I]."""
-    down = f"{adapter.hub_expert_proj[2]}.weight"
+def _repaired_tensor(adapter: MoEAdapter, rel: str, tensor: torch.Tensor, replaced: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """A layer's source tensor with repaired expert weights put in (``replaced``: expert ->
+    {"down_proj": [H, I], "gate_up_proj": [2I, H]}): a per-expert hub key
+    (``...experts.N.<gate|up|down>.weight``: the down projection, or the gate / up half of
+    gate_up_proj) or the fused ``experts.down_proj`` [E, H, I] / ``experts.gate_up_proj`` [E, 2I, H]."""
+    gate, up, down = (f"{p}.weight" for p in adapter.hub_expert_proj)
     hit = adapter._hub_expert_key(rel)
     if hit is not None:
-        if hit[1] == down and hit[0] in replaced:
-            return replaced[hit[0]].to(tensor.dtype).reshape(tensor.shape)
+        rows = replaced.get(hit[0], {})
+        if hit[1] == down and "down_proj" in rows:
+            return rows["down_proj"].to(tensor.dtype).reshape(tensor.shape)
+        if hit[1] in (gate, up) and "gate_up_proj" in rows:
+            half = rows["gate_up_proj"].chunk(2, dim=0)[0 if hit[1] == gate else 1]
+            return half.to(tensor.dtype).reshape(tensor.shape)
         return tensor
-    if rel in {f"{block}.experts.down_proj" for block in (adapter.hub_block_attr, adapter.block_attr)}:
-        tensor = tensor.clone()
-        for expert, value in replaced.items():
-            tensor[expert] = value.to(tensor.dtype)
+    for name in ("down_proj", "gate_up_proj"):
+        if rel in {f"{block}.experts.{name}" for block in (adapter.hub_block_attr, adapter.block_attr)}:
+            tensor = tensor.clone()
+            for expert, rows in replaced.items():
+                if name in rows:
+                    tensor[expert] = rows[name].to(tensor.dtype)
     return tensor
 
 

@@ -246,8 +246,8 @@ def test_unknown_repair_refused_before_work(tmp_path, monkeypatch) -> None:
     model = tiny_mixtral(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = str(tmp_path / "out")
-    with pytest.raises(ValueError, match="repair must be None or one of lstsq; got 'merge'"):
-        moe_fast.prune(model, calibration_ids(0), 4, out=out, progress=False, repair="merge")
+    with pytest.raises(ValueError, match="repair must be None or one of lstsq, merge; got 'bogus'"):
+        moe_fast.prune(model, calibration_ids(0), 4, out=out, progress=False, repair="bogus")
     assert not os.path.exists(out)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 

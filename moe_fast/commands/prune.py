@@ -57,10 +57,12 @@ def register(subparsers) -> None:
         "greedy/beam drop an expert only from a group with the fewest drops so far",
     )
     p.add_argument(
-        "--repair", choices=["lstsq"], default=None,
+        "--repair", choices=["lstsq", "merge"], default=None,
         help="after each layer's selection, repair the pruned block: lstsq refits the kept experts' down "
         "projections in closed form so that the block reproduces the unpruned block's output on the "
-        "calibration tokens (ridge chosen on held-out calibration sequences; docs/REPAIR.md). Default: none",
+        "calibration tokens (ridge chosen on held-out calibration sequences); merge folds each dropped "
+        "expert into the kept expert whose outputs it matches best, weighted by routing mass. A repair that "
+        "does not lower a layer's calibration loss is reverted (docs/REPAIR.md). Default: none",
     )
     p.add_argument("--beam-width", type=int, default=4, help="candidates kept per step with --search beam (default 4)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; a .pt is used whole)")

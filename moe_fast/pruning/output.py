@@ -63,7 +63,7 @@ def checkpoint_writer(
     source: LayerSource, model: nn.Module | None, report: PruneReport, tokenizer, repaired: dict | None = None
 ) -> Callable[[str], None]:
     """A loaded (already pruned, and repaired in place) model is saved; a checkpoint source is pruned
-    shard by shard, with ``repaired`` down projections (layer -> expert -> tensor) replacing the source's."""
+    shard by shard, with ``repaired`` expert weights (layer -> expert -> name -> tensor) replacing the source's."""
     from moe_fast import export
 
     if model is not None:
@@ -93,7 +93,7 @@ def prune_in_memory(model: nn.Module, source: LayerSource, report: PruneReport) 
 
 def load_pruned(source: LayerSource, report: PruneReport, exported: str | None, repaired: dict | None = None) -> nn.Module:
     """The pruned model of a checkpoint run: read back from ``exported``, or (nothing written on
-    this rank) the source loaded whole, given its ``repaired`` down projections and pruned in memory."""
+    this rank) the source loaded whole, given its ``repaired`` expert weights and pruned in memory."""
     from moe_fast.loading import load_pretrained
     from moe_fast.models import quiet_loading
 

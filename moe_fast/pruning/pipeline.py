@@ -41,6 +41,7 @@ from moe_fast.pruning.output import (
 )
 from moe_fast.pruning.progress import PARTIAL_SUFFIX, Progress, check_out, claimed, partial_folder
 from moe_fast.pruning.repair import LstsqRepair, Repaired, check_repair_fits, check_repair_name, check_repair_supported
+from moe_fast.pruning.repair_merge import MergeRepair
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, PruneResult, loss_key
 from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
 from moe_fast.pruning.source import open_source
@@ -111,13 +112,16 @@ def prune(
             in ``expert_outputs_per_token``); the same selections. True: every token starts with
             2k + 2 ranks and an extension goes ceil(3k/4) ranks past the need (18 and 6 for
             k = 8); a pair (first_ranks, lookahead) sets them. Lazy search only (greedy, beam, or ``lazy=True``).
-        repair: None (default: the selection alone) or ``"lstsq"``: after each layer's selection the
-            kept experts' down projections are refitted in closed form so that the pruned block
-            reproduces the unpruned block's output on the calibration tokens (``pruning.repair``;
-            ridge chosen on held-out calibration sequences). Progressive mode carries the repaired
-            layer's outputs on. Refused before any work: torchrun and ``resume`` (not yet), families
-            whose experts are not the standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and
-            a joint system (keep x expert width features) too large for the device (docs/REPAIR.md).
+        repair: None (default: the selection alone), ``"lstsq"`` or ``"merge"``: after each layer's
+            selection, ``lstsq`` refits the kept experts' down projections in closed form so that the
+            pruned block reproduces the unpruned block's output on the calibration tokens
+            (``pruning.repair``; ridge chosen on held-out calibration sequences); ``merge`` folds each
+            dropped expert into the kept expert whose outputs it matches best, weighted by routing
+            mass (``pruning.repair_merge``). A repair that does not lower the layer's calibration
+            loss is reverted. Progressive mode carries the repaired layer's outputs on. Refused
+            before any work: torchrun and ``resume`` (not yet), families whose experts are not the
+            standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and for lstsq a joint system
+            (keep x expert width features) too large for the device (docs/REPAIR.md).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -169,8 +173,9 @@ def prune(
         clock.mark("calibration")
         pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
         states_folder = None if out is None else partial_folder(out)
-        repairer = None if repair is None else LstsqRepair(source.adapter, objective, chunk_tokens)
-        repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired down_proj, for the export
+        repairer = None if repair is None else {"lstsq": LstsqRepair, "merge": MergeRepair}[repair](
+            source.adapter, objective, chunk_tokens)
+        repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired weights, for the export
 
         with torch.inference_mode():
             with ctx.guard(), clock.measure("forward"):
@@ -257,6 +262,7 @@ def _log_layer(index: int, result: LayerResult, bar) -> None:
     best = result.loss[loss_key(result.dropped)] if result.dropped else 0.0
     log.info("layer %d: keep %s, drop %s (loss %.6g)%s", index, result.kept, result.dropped, best, result.lazy_note())
     if result.repair is not None:
-        log.info("layer %d: lstsq repair: loss %.6g -> %.6g (ridge %s)", index, result.repair["loss_before"],
-                 result.repair["loss_after"], result.repair["ridge"])
+        rep = result.repair
+        detail = f"ridge {rep['ridge']}" if rep["method"] == "lstsq" else f"strength {rep['strength']}, into {rep['into']}"
+        log.info("layer %d: %s repair: loss %.6g -> %.6g (%s)", index, rep["method"], rep["loss_before"], rep["loss_after"], detail)
     bar.set_postfix_str(result.lazy_note().strip(" ;"), refresh=False)

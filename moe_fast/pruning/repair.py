@@ -37,11 +37,13 @@ from moe_fast.layer_routing import layer_routing, route_masked
 from moe_fast.masked_forward import MaskedForward
 from moe_fast.pruning.hidden_states import HiddenStates
 
-REPAIRS = ("lstsq",)
+REPAIRS = ("lstsq", "merge")
 RIDGE_SCALES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the mean diagonal of G
 HELD_OUT_EVERY = 5  # calibration sequence s is held out when s % 5 == 4 (the last one if none is)
 
-Repaired = dict[int, dict[int, torch.Tensor]]  # layer -> original expert index -> new down_proj [H, I]
+# layer -> original expert index -> {"down_proj": [H, I], and for merge "gate_up_proj": [2I, H]}: the new weights
+Rows = dict[int, dict[str, torch.Tensor]]
+Repaired = dict[int, Rows]
 
 
 def check_repair_name(repair: str | None) -> None:
@@ -51,16 +53,17 @@ def check_repair_name(repair: str | None) -> None:
 
 
 def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed: bool, resume: bool) -> None:
-    """Refuses, before any forward, what the least-squares repair does not handle yet: experts
-    whose forward is not the standard gated ``down_proj(act(gate) * up)`` without biases (their
-    output is not linear in a bias-free down projection as assumed), data-parallel runs and resumes."""
+    """Refuses, before any forward, what the repairs do not handle yet: experts whose forward is
+    not the standard gated ``down_proj(act(gate) * up)`` without biases (the least-squares refit
+    assumes an output linear in a bias-free down projection; the merge averages exactly those
+    weights), data-parallel runs and resumes."""
     if repair is None:
         return
     family = adapter.family or type(adapter).__name__
     if type(adapter).expert_forward is not _BaseAdapter.expert_forward:
         raise ValueError(f"repair={repair!r} is not supported for the {family} family: its experts do not run the "
                          "standard down_proj(act(gate) * up) forward (e.g. biases or clamped activations) that the "
-                         "least-squares refit of down_proj assumes")
+                         "repairs assume (docs/REPAIR.md)")
     if distributed:
         raise ValueError(f"repair={repair!r} is not supported under torchrun yet (its statistics are not summed over ranks)")
     if resume:
@@ -98,8 +101,8 @@ def free_bytes(device: torch.device) -> int:
 
 def check_repair_fits(repair: str | None, config, num_keep: int, device: torch.device) -> None:
     """Refuses, before any forward, a run whose joint normal equations (n = keep x expert width)
-    cannot be held on ``device`` (costs: docs/REPAIR.md)."""
-    if repair is None:
+    cannot be held on ``device`` (costs: docs/REPAIR.md). The merge holds E x E numbers per layer."""
+    if repair != "lstsq":
         return
     width, hidden = expert_width(config), int(config.hidden_size)
     need, free = statistics_bytes(num_keep, width, hidden), free_bytes(device)
@@ -139,9 +142,9 @@ class LstsqRepair:
         self.adapter, self.objective, self.chunk = adapter, objective, max(1, chunk_tokens)
 
     def run(self, stream: HiddenStates, layer: nn.Module, block: nn.Module, kept: list[int],
-            inputs: torch.Tensor) -> tuple[dict, dict[int, torch.Tensor]]:
+            inputs: torch.Tensor) -> tuple[dict, Rows]:
         """Repairs ``block`` in place (its kept experts' down_proj rows); returns (the report's
-        entry, {expert: new down_proj [H, I]}, empty when reverted). ``inputs``: the unpruned
+        entry, {expert: {"down_proj": new [H, I]}}, empty when reverted). ``inputs``: the unpruned
         stream's input of ``layer`` (the targets; layer-wise also the block inputs)."""
         experts = block.experts
         kept = sorted(kept)
@@ -153,7 +156,7 @@ class LstsqRepair:
         masked = MaskedForward(self.adapter, block, kept, chunk_tokens=self.chunk)
         before: dict[int, float] = {}
         for batch, seq, x, z in block_io(stream, layer, block, inputs):
-            before[batch] = before.get(batch, 0.0) + _squared_error(masked, x, z)
+            before[batch] = before.get(batch, 0.0) + squared_error(masked, x, z)
             holdout = _held_out(seq, stream)
             for split, rows in ((fit, ~holdout), (held, holdout)):
                 if bool(rows.any()):
@@ -161,7 +164,7 @@ class LstsqRepair:
         fit.finish(len(kept), width)
         held.finish(len(kept), width)
         scale, chosen, held_errors = _choose_ridge(fit, held)
-        entry = {"method": "lstsq", "loss_before": self._loss(before), "loss_after": None, "ridge": None,
+        entry = {"method": "lstsq", "loss_before": objective_loss(self.objective, before), "loss_after": None, "ridge": None,
                  "ridge_scale": None, "held_out_error_before": held.err_sq, "held_out_error_after": None,
                  "features": n, "statistics_bytes": statistics_bytes(len(kept), width, hidden), "reverted": False}
         if chosen is None:  # no ridge beat the unrepaired weights on the held-out sequences
@@ -171,18 +174,12 @@ class LstsqRepair:
         fit.cross += held.cross
         del held
         delta = _solve(fit.gram, fit.cross, chosen)  # [n, H]
-        new = {e: (experts.down_proj[e].double() + delta[p * width:(p + 1) * width].T).to(experts.down_proj.dtype)
+        new = {e: {"down_proj": (experts.down_proj[e].double() + delta[p * width:(p + 1) * width].T).to(experts.down_proj.dtype)}
                for p, e in enumerate(kept)}
-        after: dict[int, float] = {}
-        for batch, _, x, z in block_io(stream, layer, block, inputs):  # z from the original weights
-            with swapped_down_proj(experts, new):
-                after[batch] = after.get(batch, 0.0) + _squared_error(masked, x, z)
-        entry.update(loss_after=self._loss(after), ridge=chosen, ridge_scale=scale, held_out_error_after=held_errors[scale])
-        if not entry["loss_after"] < entry["loss_before"]:  # stored in the model's dtype, the fit may not pay
-            entry.update(loss_after=entry["loss_before"], reverted=True)
-            return entry, {}
-        write_down_proj(experts, new)
-        return entry, {e: t.detach().to("cpu", copy=True) for e, t in new.items()}
+        after = layer_losses(stream, layer, block, inputs, masked, [new])[0]  # z from the original weights
+        entry.update(loss_after=objective_loss(self.objective, after), ridge=chosen, ridge_scale=scale,
+                     held_out_error_after=held_errors[scale])
+        return keep_if_lower(entry, experts, new)
 
     def _accumulate(self, split: _Split, block: nn.Module, kept: list[int], x: torch.Tensor, z: torch.Tensor, width: int) -> None:
         for lo in range(0, x.shape[0], self.chunk):
@@ -210,9 +207,36 @@ class LstsqRepair:
             feats.append((tok, a))
         return feats, y
 
-    def _loss(self, per_batch: dict[int, float]) -> float:
-        values = [max(0.0, v) for _, v in sorted(per_batch.items())]
-        return sum(math.sqrt(v) for v in values) if self.objective == "paper" else sum(values)
+
+
+def objective_loss(objective: str, per_batch: dict[int, float]) -> float:
+    """The run's objective from per-batch squared errors: ``paper`` the sum of their square roots
+    (Frobenius norms), ``mse`` their sum."""
+    values = [max(0.0, v) for _, v in sorted(per_batch.items())]
+    return sum(math.sqrt(v) for v in values) if objective == "paper" else sum(values)
+
+
+def layer_losses(stream: HiddenStates, layer: nn.Module, block: nn.Module, inputs: torch.Tensor,
+                 masked: MaskedForward, candidates: list[Rows]) -> list[dict[int, float]]:
+    """Per candidate set of new rows, the pruned block's squared error per calibration batch, run as
+    the export runs it (``masked``), against the unpruned block's output (one pass over the batches)."""
+    errors: list[dict[int, float]] = [{} for _ in candidates]
+    for batch, _, x, z in block_io(stream, layer, block, inputs):
+        for errs, rows in zip(errors, candidates):
+            with swapped_rows(block.experts, rows):
+                errs[batch] = errs.get(batch, 0.0) + squared_error(masked, x, z)
+    return errors
+
+
+def keep_if_lower(entry: dict, experts: nn.Module, new: Rows) -> tuple[dict, Rows]:
+    """Writes ``new`` into ``experts`` when it lowered the loss (``entry``'s loss_after < loss_before);
+    otherwise marks the entry reverted (loss_after = loss_before) and writes nothing. Returns
+    (entry, the rows written, on the CPU, for the export)."""
+    if not entry["loss_after"] < entry["loss_before"]:  # stored in the model's dtype, the repair may not pay
+        entry.update(loss_after=entry["loss_before"], reverted=True)
+        return entry, {}
+    write_rows(experts, new)
+    return entry, {e: {name: t.detach().to("cpu", copy=True) for name, t in rows.items()} for e, rows in new.items()}
 
 
 def _add_pairs(split: _Split, feats: list[tuple[torch.Tensor, torch.Tensor]], e: torch.Tensor, width: int, tokens: int) -> None:
@@ -275,7 +299,7 @@ def _choose_ridge(fit: _Split, held: _Split) -> tuple[float | None, float | None
     return scale, scale * base, errors
 
 
-def _squared_error(masked: MaskedForward, x: torch.Tensor, z: torch.Tensor) -> float:
+def squared_error(masked: MaskedForward, x: torch.Tensor, z: torch.Tensor) -> float:
     """sum ||z - pruned block(x)||^2 over the tokens, the pruned block run as the export runs it."""
     out = masked(x)
     out = out[0] if isinstance(out, tuple) else out
@@ -283,31 +307,38 @@ def _squared_error(masked: MaskedForward, x: torch.Tensor, z: torch.Tensor) -> f
 
 
 @contextlib.contextmanager
-def swapped_down_proj(experts: nn.Module, new: dict[int, torch.Tensor]) -> Iterator[None]:
-    """``experts.down_proj`` with the rows ``new`` replaced, for the block's duration; the original after."""
-    original = experts.down_proj
-    swapped = original.detach().clone()
-    for e, t in new.items():
-        swapped[e] = t
-    experts.down_proj = nn.Parameter(swapped, requires_grad=False)
+def swapped_rows(experts: nn.Module, new: Rows) -> Iterator[None]:
+    """The experts' tensors (``down_proj``, ``gate_up_proj``) with the rows ``new`` replaced, for the
+    block's duration; the originals after."""
+    names = sorted({name for rows in new.values() for name in rows})
+    originals = {name: getattr(experts, name) for name in names}
+    for name, original in originals.items():
+        swapped = original.detach().clone()
+        for e, rows in new.items():
+            if name in rows:
+                swapped[e] = rows[name]
+        setattr(experts, name, nn.Parameter(swapped, requires_grad=False))
     try:
         yield
     finally:
-        experts.down_proj = original
+        for name, original in originals.items():
+            setattr(experts, name, original)
 
 
-def write_down_proj(experts: nn.Module, new: dict[int, torch.Tensor]) -> None:
-    """Writes repaired rows into ``experts.down_proj`` in place (the stored tensor stays the same object)."""
+def write_rows(experts: nn.Module, new: Rows) -> None:
+    """Writes repaired rows into the experts' tensors in place (each stored tensor stays the same object)."""
     with torch.no_grad():
-        for e, t in new.items():
-            experts.down_proj.data[e].copy_(t.to(experts.down_proj.device, experts.down_proj.dtype))
+        for e, rows in new.items():
+            for name, t in rows.items():
+                stored = getattr(experts, name)
+                stored.data[e].copy_(t.to(stored.device, stored.dtype))
 
 
 def apply_repaired(model: nn.Module, adapter: MoEAdapter, repaired: Repaired) -> None:
-    """Writes a run's repaired down projections into a loaded, unpruned model (original expert indices)."""
+    """Writes a run's repaired expert weights into a loaded, unpruned model (original expert indices)."""
     layers = adapter.decoder_layers(model)
     for index, new in repaired.items():
-        write_down_proj(adapter.moe_block(layers[index]).experts, new)
+        write_rows(adapter.moe_block(layers[index]).experts, new)
 
 
 def block_io(stream: HiddenStates, layer: nn.Module, block: nn.Module, inputs: torch.Tensor

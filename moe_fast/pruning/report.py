@@ -26,7 +26,8 @@ class LayerResult:
     discarded_by_bound: int | None = None  # lazy exhaustive: candidates whose lower bound lost
     search_state_bytes: int | None = None  # most bytes of per-token search state held (Gram, outputs, ids, ...)
     lazy_detail: dict | None = None  # lazy search: where the outputs went (``lazy_search.LazyInfo.summary``)
-    # repair="lstsq": loss_before / loss_after (the run's objective, weights as stored), ridge, ... (``pruning.repair``)
+    # repair: loss_before / loss_after (the run's objective, weights as stored), and per method: lstsq
+    # ridge, ... (``pruning.repair``); merge strength, into, cosine, mass (``pruning.repair_merge``)
     repair: dict | None = None
 
     def lazy_note(self) -> str:
@@ -77,16 +78,19 @@ class PruneReport:
         }
 
     def _repair_lines(self) -> list[str]:
-        """The repair's per-layer table (none without a repair): the objective before and after, the ridge."""
+        """The repair's per-layer table (none without a repair): the objective before and after, the
+        ridge (lstsq) or merge strength (merge)."""
         rows = [(i, r.repair) for i, r in sorted(self.layers.items()) if r.repair is not None]
         if not rows:
             return []
-        lines = [f"{'layer':>5}  {'repair':<7} {'loss before':>14} {'loss after':>14} {'change':>8} {'ridge':>10} {'note':<8}"]
+        header = "ridge" if all(rep["method"] == "lstsq" for _, rep in rows) else "ridge/str."
+        lines = [f"{'layer':>5}  {'repair':<7} {'loss before':>14} {'loss after':>14} {'change':>8} {header:>10} {'note':<8}"]
         for i, rep in rows:
             before, after = rep["loss_before"], rep["loss_after"]
             change = f"{(after - before) / before:+.1%}" if before else "-"
-            ridge = "-" if rep["ridge"] is None else f"{rep['ridge']:.3g}"
-            note = "reverted" if rep.get("reverted") else ("unfit" if rep["ridge"] is None else "")
+            value = rep.get("ridge") if rep["method"] == "lstsq" else rep.get("strength")
+            ridge = "-" if value is None else f"{value:.3g}"
+            note = "reverted" if rep.get("reverted") else ("unfit" if value is None else "")
             lines.append(f"{i:>5}  {rep['method']:<7} {before:>14.6g} {after:>14.6g} {change:>8} {ridge:>10} {note:<8}")
         return lines
 
