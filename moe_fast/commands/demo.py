@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         "search on wide models) with the frequency, REAP, EAN and random criteria at several r, task-agnostic (prose) "
         "and task-specific (code) calibration on several calibration samples, dynamic skipping alone and with "
         "pruning; evaluates each (perplexity and KL from the unpruned model on the prose and code test splits, accuracy "
-        "on 80 items of each built-in task moe_fast_next_line and moe_fast_docstring, expert FLOPs per token, size) and writes report.md, report.json and a plot.",
+        "on 64 items of each built-in task moe_fast_next_line and moe_fast_docstring, expert FLOPs per token, size) and writes report.md, report.json and a plot.",
     )
     p.add_argument("--out", default="moe_fast_demo", help="report directory (must not exist or be empty)")
     p.add_argument("--quick", action="store_true", help="a shortened run (a test of the pipeline, not results)")

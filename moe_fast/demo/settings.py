@@ -21,8 +21,8 @@ class Settings:
     model: str = "builtin:small-mixtral"
     n_samples: int = 128  # calibration sequences per sample
     seq_len: int = 256  # calibration and evaluation window
-    eval_tokens: int = 32768  # tokens scored per test split
-    task_items: int = 80  # items of each built-in task scored for accuracy (evenly spread; the tasks hold 1053-1406)
+    eval_tokens: int = 24576  # tokens scored per test split (96 windows of 256)
+    task_items: int = 64  # items of each built-in task scored for accuracy (evenly spread; the tasks hold 1053-1406)
     batch_size: int = 8  # calibration sequences per group of the paper's objective
     keeps: tuple[int, ...] = ()
     seeded_keeps: tuple[int, ...] = ()
