@@ -24,6 +24,7 @@ import moe_fast.pruning.repair as repair_mod
 from moe_fast.cli import main
 from helpers.brute_force import calibration_ids
 from helpers.checkpoints import save_checkpoint
+from helpers.reference_blocks import block_io
 from helpers.tiny_models import VOCAB, tiny_mixtral, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,19 +32,6 @@ BATCH = 4
 
 
 # --- the independent reference --------------------------------------------------------------------------
-def block_io(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input [N, L, H], output [N, L, H]) of a layer's MoE block in the stock model, float64."""
-    seen = {}
-    block = model.model.layers[layer].mlp
-    h = block.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), z=(o[0] if isinstance(o, tuple) else o).detach()))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        h.remove()
-    return seen["x"].double(), seen["z"].double()
-
-
 @torch.no_grad()
 def features(block, x: torch.Tensor, kept: list[int]) -> torch.Tensor:
     """F [T, r * I]: per kept expert p, w_tp * silu(gate) * up of token t (0 where t does not route to it)."""

@@ -26,6 +26,7 @@ from moe_fast.adapters import get_adapter
 from moe_fast.cli import main
 from helpers.brute_force import calibration_ids
 from helpers.checkpoints import save_checkpoint
+from helpers.reference_blocks import block_io
 from helpers.tiny_models import VOCAB, tiny_mixtral, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,20 +34,6 @@ BATCH = 4
 
 
 # --- the independent reference --------------------------------------------------------------------------
-def block_io(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input [N * L, H], output [N * L, H]) of a layer's MoE block in the model, float64."""
-    seen = {}
-    block = model.model.layers[layer].mlp
-    h = block.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), z=(o[0] if isinstance(o, tuple) else o).detach()))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        h.remove()
-    H = seen["x"].shape[-1]
-    return seen["x"].double().reshape(-1, H), seen["z"].double().reshape(-1, H)
-
-
 def expert_out(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """down (silu(gate x) * up x) for one expert's weights gate_up [2I, H], down [H, I]."""
     gate_up, down = gate_up.double(), down.double()
@@ -122,7 +109,7 @@ def test_merge_matches_the_documented_formula(tmp_path) -> None:
     _, report = moe_fast.prune(copy.deepcopy(model), ids, 4, out=out, batch_size=BATCH, progress=False, repair="merge")
     rep, kept = report.layers[0].repair, report.layers[0].kept
     block = model.model.layers[0].mlp
-    x, z = block_io(model, ids, 0)
+    x, z = block_io(model, ids, 0, flat=True)
     W, gu, dn, k = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj, block.gate.top_k
     before = paper(z - pruned_block(W, gu, dn, x, kept, k), ids.shape[1])
     assert rep["loss_before"] == pytest.approx(before, rel=1e-6)
@@ -235,8 +222,8 @@ def test_never_increases_and_progressive_sees_the_merged_layer(tmp_path, mode: s
         assert r.repair["reverted"] or r.repair["loss_after"] == min(r.repair["loss_by_strength"].values())
     # Layer 1's input in the run: the unpruned model's (layer-wise) or the exported, merged model's.
     stock = AutoModelForCausalLM.from_pretrained(out)
-    x, _ = block_io(model if mode == "layerwise" else stock, ids, 1)
-    _, z = block_io(model, ids, 1)
+    x, _ = block_io(model if mode == "layerwise" else stock, ids, 1, flat=True)
+    _, z = block_io(model, ids, 1, flat=True)
     block = model.model.layers[1].mlp
     kept = report.layers[1].kept
     e = z - pruned_block(block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj, x, kept, block.gate.top_k)

@@ -70,6 +70,21 @@ def reference_forward(model, betas: dict | None = None):
             del block.forward
 
 
+def block_io(model, ids: torch.Tensor, layer: int, flat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of a layer's MoE block in a forward of ``model`` on ``ids``, float64:
+    [N, L, H] each, or [N * L, H] with ``flat``. What the repair tests solve their reference on."""
+    seen = {}
+    block = model.model.layers[layer].mlp
+    h = block.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), z=(o[0] if isinstance(o, tuple) else o).detach()))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        h.remove()
+    x, z = seen["x"].double(), seen["z"].double()
+    return (x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])) if flat else (x, z)
+
+
 def has_routing_ties(model, ids) -> bool:
     """Whether any token's top-(k+1) router logits tie (bf16 does that): the order there is a convention."""
     found = []
