@@ -114,7 +114,7 @@ def export_checkpoint(
         handles: dict[str, object] = {}
         try:
             for key in sorted(units[unit]):
-                convert = _prune_key(adapter, key, kept, repaired or {})
+                convert = _prune_key(adapter, key, kept, repaired)
                 if convert is None:
                     continue
                 file = weight_map[key]
@@ -154,7 +154,7 @@ def _prune_key(adapter: MoEAdapter, key: str, kept: dict[int, list[int]], repair
     if hit is not None and hit[0] not in layer_kept:
         return None
 
-    replaced = (repaired or {}).get(int(parts[2]))
+    replaced = repaired.get(int(parts[2])) if repaired else None
 
     def convert(tensor: torch.Tensor):
         if replaced:

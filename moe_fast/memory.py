@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 
 
@@ -13,16 +14,29 @@ def peak_rss_bytes() -> int:
     return hwm if hwm is not None else process_max_rss_bytes()
 
 
-def vm_hwm_bytes() -> int | None:
-    """Linux's RSS high-water mark (VmHWM in /proc/self/status), or None where there is none."""
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a /proc file, in bytes; None where the file or the field is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def vm_hwm_bytes() -> int | None:
+    """Linux's RSS high-water mark (VmHWM in /proc/self/status), or None where there is none."""
+    return _proc_kib("/proc/self/status", "VmHWM")
+
+
+def available_ram_bytes() -> int:
+    """Memory the machine can give a new allocation now: Linux's MemAvailable, else free pages."""
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def process_max_rss_bytes() -> int:

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM
 import moe_fast
 import moe_fast.pruning.pipeline as pipeline_mod
 import moe_fast.pruning.repair as repair_mod
-from moe_fast.cli import main
 from helpers.brute_force import calibration_ids
 from helpers.checkpoints import save_checkpoint
 from helpers.reference_blocks import block_io
@@ -262,27 +261,3 @@ def test_resume_with_repair_refused(tmp_path, monkeypatch) -> None:
     _no_forward(monkeypatch)
     with pytest.raises(ValueError, match="cannot be resumed"):
         moe_fast.prune(tiny_mixtral(0), calibration_ids(0), 4, out=str(tmp_path / "o"), progress=False, repair="lstsq", resume=True)
-
-
-def test_cli_repair(tmp_path, capsys) -> None:
-    src = save_checkpoint(tiny_mixtral(11, layers=2), tmp_path / "src")
-    torch.save(calibration_ids(11), tmp_path / "ids.pt")
-    calib = str(tmp_path / "ids.pt")
-    bad = str(tmp_path / "bad")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["prune", src, "--keep", "4", "--calib", calib, "--out", bad, "--repair", "bogus"])
-    assert exit_info.value.code == 2
-    assert main(["prune", src, "--keep", "4", "--calib", calib, "--out", bad, "--repair", "lstsq",
-                 "--criterion", "frequency", "--no-progress"]) == 2
-    assert not os.path.exists(bad)
-    capsys.readouterr()
-    out = str(tmp_path / "out")
-    assert main(["prune", src, "--keep", "4", "--calib", calib, "--out", out, "--repair", "lstsq",
-                 "--batch-size", "4", "--no-progress"]) == 0
-    table = capsys.readouterr().out
-    assert "loss before" in table and "ridge" in table
-    with open(os.path.join(out, "moe_fast_report.json")) as f:
-        saved = json.load(f)
-    for entry in saved["layers"].values():
-        assert entry["repair"]["loss_after"] <= entry["repair"]["loss_before"]
-    AutoModelForCausalLM.from_pretrained(out)

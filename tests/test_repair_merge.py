@@ -23,7 +23,6 @@ import moe_fast.pruning.pipeline as pipeline_mod
 import moe_fast.pruning.repair as repair_mod
 import moe_fast.pruning.repair_merge as merge_mod
 from moe_fast.adapters import get_adapter
-from moe_fast.cli import main
 from helpers.brute_force import calibration_ids
 from helpers.checkpoints import save_checkpoint
 from helpers.reference_blocks import block_io
@@ -278,24 +277,3 @@ def test_merge_is_not_refused_for_the_least_squares_memory(tmp_path, monkeypatch
     monkeypatch.setattr(repair_mod, "free_bytes", lambda device: 0)
     _, report = moe_fast.prune(tiny_mixtral(0, layers=1), calibration_ids(0), 4, batch_size=BATCH, progress=False, repair="merge")
     assert report.layers[0].repair["method"] == "merge"
-
-
-def test_cli_merge(tmp_path, capsys) -> None:
-    src = save_checkpoint(tiny_mixtral(11, layers=2), tmp_path / "src")
-    torch.save(calibration_ids(11), tmp_path / "ids.pt")
-    calib = str(tmp_path / "ids.pt")
-    bad = str(tmp_path / "bad")
-    assert main(["prune", src, "--keep", "4", "--calib", calib, "--out", bad, "--repair", "merge",
-                 "--criterion", "frequency", "--no-progress"]) == 2
-    assert not os.path.exists(bad)
-    capsys.readouterr()
-    out = str(tmp_path / "out")
-    assert main(["prune", src, "--keep", "4", "--calib", calib, "--out", out, "--repair", "merge",
-                 "--batch-size", "4", "--no-progress"]) == 0
-    table = capsys.readouterr().out
-    assert "loss before" in table and "merge" in table
-    with open(os.path.join(out, "moe_fast_report.json")) as f:
-        saved = json.load(f)
-    for entry in saved["layers"].values():
-        assert entry["repair"]["loss_after"] <= entry["repair"]["loss_before"]
-    AutoModelForCausalLM.from_pretrained(out)

@@ -214,7 +214,7 @@ def _prune(args: argparse.Namespace, prune, device):
             chunk_tokens=args.chunk_tokens,
             return_model=False,
             recompute_outputs=_recompute(args.recompute_outputs),
-            **({"repair": args.repair} if args.repair else {}),
+            repair=args.repair,
             **_calibration_options(args),
         )
     except RankFailed as err:

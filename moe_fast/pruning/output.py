@@ -69,8 +69,7 @@ def checkpoint_writer(
     if model is not None:
         return lambda directory: export.save_loaded(model, directory, tokenizer)
     return lambda directory: export.export_checkpoint(
-        source.path, directory, source.adapter, report.kept, report.pruning_record(), tokenizer,
-        **({"repaired": repaired} if repaired else {}),
+        source.path, directory, source.adapter, report.kept, report.pruning_record(), tokenizer, repaired
     )
 
 

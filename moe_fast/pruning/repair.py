@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,6 +34,7 @@ from moe_fast.adapters import MoEAdapter
 from moe_fast.adapters.base import MoEAdapter as _BaseAdapter
 from moe_fast.layer_routing import layer_routing, route_masked
 from moe_fast.masked_forward import MaskedForward
+from moe_fast.memory import available_ram_bytes
 from moe_fast.pruning.hidden_states import HiddenStates
 
 REPAIRS = ("lstsq", "merge")
@@ -89,14 +89,7 @@ def free_bytes(device: torch.device) -> int:
     """Memory free for the statistics now: the GPU's free memory, or the machine's available RAM."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available_ram_bytes()
 
 
 def check_repair_fits(repair: str | None, config, num_keep: int, device: torch.device) -> None:
