@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         help="prune and skip a shipped small MoE on built-in data; print the paper-style table",
         description="Compares the paper's reconstruction-loss pruning (layer-wise and progressive, or greedy and beam "
         "search on wide models) with the frequency, REAP, EAN and random criteria at several r, task-agnostic (prose) "
-        "and task-specific (code) calibration on several calibration samples, dynamic skipping alone and with "
+        "and task-specific (code) calibration on several calibration samples, the least-squares and merge repairs "
+        "(prune(..., repair=...)) of the reconstruction selection at the middle r, dynamic skipping alone and with "
         "pruning; evaluates each (perplexity and KL from the unpruned model on the prose and code test splits, accuracy "
         "on 64 items of each built-in task moe_fast_next_line and moe_fast_docstring, expert FLOPs per token, size) and writes report.md, report.json and a plot.",
     )

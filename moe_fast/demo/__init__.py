@@ -17,6 +17,8 @@ One run:
   built-in tasks ``moe_fast_next_line`` and ``moe_fast_docstring`` (:mod:`moe_fast.tasks`,
   scored as lm-eval scores them), expert FLOPs per token, size on disk; plus dynamic skipping
   alone and on the layer-wise model;
+* repairs the strongest reconstruction selection at the seeded r with ``moe_fast.prune(...,
+  repair="lstsq" | "merge")`` on each calibration sample (:mod:`.repair`), scored the same way;
 * writes ``report.md``, ``report.json`` and ``perplexity_vs_experts.png`` (moved in whole).
 """
 
@@ -32,6 +34,7 @@ from dataclasses import asdict
 
 import torch
 
+from moe_fast.demo.repair import Repaired, repair_search, repaired_model
 from moe_fast.demo.report import findings, markdown_table, summarize, write_plot
 from moe_fast.demo.scoring import masked, perplexity_and_kl, pruned_weight_bytes, reference, skip_betas
 from moe_fast.demo.selection import (
@@ -57,7 +60,7 @@ def _windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def _selections(model, tokenizer, path: str, s: Settings, bar) -> list[Selection]:
+def _selections(model, tokenizer, path: str, s: Settings, bar, timings: dict) -> tuple[list[Selection], list[Repaired]]:
     from moe_fast.adapters import get_adapter
     from moe_fast.calibration import load_calibration
 
@@ -65,6 +68,7 @@ def _selections(model, tokenizer, path: str, s: Settings, bar) -> list[Selection
     layers = [ref.layer for ref in adapter.moe_blocks(model)]
     calibs = ["prose"] + (["code"] if s.task_specific else [])
     out: list[Selection] = []
+    repaired: list[Repaired] = []
     for calib in calibs:
         for seed in s.calib_seeds:
             num_keeps = tuple(r for r in s.keeps if seed in s.seeds_for(r))
@@ -79,10 +83,19 @@ def _selections(model, tokenizer, path: str, s: Settings, bar) -> list[Selection
                     bar.set_postfix_str(f"progressive r={num_keep}: {calib} seed {seed}")
                     out.append(progressive_selection(path, ids, num_keep, calib, seed, s.batch_size))
                     bar.update()
+            if calib in s.repair_calibs:
+                for num_keep in (r for r in s.seeded_keeps if r in num_keeps):
+                    for repair in s.repairs:
+                        bar.set_postfix_str(f"{repair} repair r={num_keep}: {calib} seed {seed}")
+                        t0 = time.perf_counter()
+                        repaired.append(repaired_model(model, ids[: s.repair_samples], num_keep, repair,
+                                                       repair_search(s.searches), calib, seed, s.batch_size, s.beam_width))
+                        timings["repair"] = timings.get("repair", 0.0) + time.perf_counter() - t0
+                        bar.update()
     for num_keep in s.keeps:
         for seed in s.random_seeds:
             out.append(random_selection(layers, adapter.num_experts, num_keep, seed))
-    return out
+    return out, repaired
 
 
 def _selection_steps(s: Settings) -> int:
@@ -93,6 +106,8 @@ def _selection_steps(s: Settings) -> int:
         for seed in s.calib_seeds:
             num_keeps = [r for r in s.keeps if seed in s.seeds_for(r)]
             n += bool(num_keeps) + (len(num_keeps) if s.progressive and calib in s.progressive_calibs else 0)
+            if calib in s.repair_calibs:
+                n += len(s.repairs) * sum(r in s.seeded_keeps for r in num_keeps)
     return n
 
 
@@ -123,9 +138,9 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
 
     t0 = time.perf_counter()
     bar = tqdm(total=_selection_steps(s), desc="demo: selecting experts", disable=not progress)
-    selections = _selections(model, tokenizer, path, s, bar)
+    selections, repaired = _selections(model, tokenizer, path, s, bar, timings)
     bar.close()
-    timings["selection"] = time.perf_counter() - t0
+    timings["selection"] = time.perf_counter() - t0 - timings.get("repair", 0.0)
 
     jobs: list[tuple[str, int, str | None, int | None, dict | None, dict | None]] = [("unpruned", E, None, None, None, None)]
     jobs += [(sel.method, sel.num_keep, sel.calib, sel.seed, sel.kept_dict, None) for sel in selections]
@@ -163,6 +178,18 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
             "expert_flops_per_token": expert_flops_per_token(model.config, result["expert_outputs_per_token"], num_moe),
             "size_bytes": pruned_weight_bytes(model, num_keep),
         })
+    for rep in tqdm(repaired, desc="demo: scoring repaired", disable=not progress):
+        sel = rep.selection
+        result = _score(rep.model, refs, tasks, None, None, num_moe, s, timings)
+        variants.append({
+            "method": sel.method, "keep": sel.num_keep, "calib": sel.calib, "seed": sel.seed,
+            "kept": {str(l): list(v) for l, v in sel.kept}, "betas": None, "repair": rep.layers,
+            "repair_samples": s.repair_samples, **result,
+            "expert_flops_per_token": expert_flops_per_token(model.config, result["expert_outputs_per_token"], num_moe),
+            "size_bytes": pruned_weight_bytes(model, sel.num_keep),
+        })
+        scored[("repaired", sel)] = result
+    del repaired
     timings["scoring"] = time.perf_counter() - t0
     timings["distinct selections scored"] = float(len(scored))
 
@@ -247,7 +274,11 @@ def report_markdown(report: dict, table: str) -> str:
         f"{s['seq_len']}; KL = mean KL(unpruned || pruned) of the next-token distribution, nats per token. "
         "Selections are scored on the unpruned model with the dropped experts masked (the exported "
         "checkpoint routes identically). Mean ± sample sd over seeds; a difference within the spread is a tie. "
-        "Expert MFLOP/tok: routed-expert multiply-adds x 2 per token over all MoE layers; size: float16 weights.",
+        "Expert MFLOP/tok: routed-expert multiply-adds x 2 per token over all MoE layers; size: float16 weights."
+        + (f" Repair rows: `moe_fast.prune(..., repair=...)` (layer-wise reconstruction selection, then the repair; "
+           f"docs/REPAIR.md) at r in {list(s['seeded_keeps'])} on the first {s['repair_samples']} sequences of each "
+           f"{'/'.join(s['repair_calibs'])} calibration sample, scored as exported (r experts, repaired weights)."
+           if s.get("repairs") else ""),
         "",
         table,
         "",

@@ -11,7 +11,8 @@ import statistics
 from typing import Any
 
 RECONSTRUCTION = ("layer-wise", "progressive", "greedy", "beam")
-ORDER = ["unpruned", "layer-wise", "progressive", "greedy", "beam", "frequency", "reap", "ean", "random",
+REPAIRED = tuple(f"{search} + {repair}" for search in ("layer-wise", "greedy", "beam") for repair in ("lstsq", "merge"))
+ORDER = ["unpruned", "layer-wise", "progressive", "greedy", "beam", *REPAIRED, "frequency", "reap", "ean", "random",
          "skipping", "layer-wise + skipping", "greedy + skipping"]
 COMBINED = ("layer-wise + skipping", "greedy + skipping")  # pruned, then skipping calibrated on the pruned model
 LABELS = {
@@ -20,6 +21,8 @@ LABELS = {
     "progressive": "Reconstruction, progressive",
     "greedy": "Reconstruction, greedy",
     "beam": "Reconstruction, beam",
+    **{name: f"{name.split(' + ')[0].capitalize()} + {'least-squares' if name.endswith('lstsq') else 'merge'} repair"
+       for name in REPAIRED},
     "frequency": "Frequency",
     "reap": "REAP (w·‖y‖)",
     "ean": "EAN (‖y‖)",
@@ -169,6 +172,39 @@ def findings(rows: list[dict]) -> list[str]:
                 f"(pruned alone {lw['expert_mflops_per_token']:.2f} M), size {r['size_mib']:.2f} MiB; prose perplexity "
                 f"{lw['ppl_prose']:.2f} -> {r['ppl_prose']:.2f}, code {lw['ppl_code']:.2f} -> {r['ppl_code']:.2f}."
             )
+    out += repair_findings(rows)
+    return out
+
+
+GOAL = 0.15  # issue 24: the best repaired KL at least 15% below the best pure pruning row, outside the spread
+
+
+def repair_findings(rows: list[dict]) -> list[str]:
+    """Per repaired row and test split: its KL against the selection it repaired and against the best
+    pure pruning row at the same r and calibration, and the goal check (at least ``GOAL`` below the
+    best pure pruning row, by more than the spread)."""
+    out = []
+    pure_methods = RECONSTRUCTION + ("frequency", "reap", "ean", "random")
+    for r in rows:
+        if r["method"] not in REPAIRED:
+            continue
+        base = find(rows, r["method"].split(" + ")[0], r["keep"], r["calib"])
+        pure = [p for p in rows if p["keep"] == r["keep"] and p["calib"] in (r["calib"], "-") and p["method"] in pure_methods]
+        for split in SPLITS:
+            key = f"kl_{split}"
+            parts = []
+            if base is not None:
+                verdict, rel, spread = compare(r, base, split, "kl")
+                parts.append(f"vs the selection it repaired ({base['method']}, KL {base[key]:.4f}): {rel:+.1%} "
+                             f"({verdict}, spread {spread:.4f})")
+            if pure:
+                best = min(pure, key=lambda p: p[key])
+                _, rel, spread = compare(r, best, split, "kl")
+                met = r[key] <= (1 - GOAL) * best[key] and best[key] - r[key] > spread
+                parts.append(f"vs the best pure pruning row ({best['method']}, KL {best[key]:.4f}): {rel:+.1%}; goal "
+                             f"(-{GOAL:.0%} outside the spread {spread:.4f}) {'met' if met else 'NOT met'}")
+            out.append(f"{r['calib']} calibration, r={r['keep']}, {split} test: {r['method']} KL {r[key]:.4f} "
+                       + "; ".join(parts) + ".")
     return out
 
 
@@ -207,6 +243,8 @@ STYLE = {  # method: (colour, marker, line style)
     "ean": ("tab:brown", "P", "--"),
     "random": ("tab:gray", "x", ":"),
     "layer-wise code": ("tab:red", "*", "-"),
+    **{name: ("tab:olive" if name.endswith("lstsq") else "tab:pink", "d" if name.endswith("lstsq") else "X", "")
+       for name in REPAIRED},
 }
 
 

@@ -15,7 +15,10 @@ class Settings:
     ``keeps``: experts kept per layer (r); ``seeded_keeps``: the r at which every non-random
     criterion is calibrated on ``len(calib_seeds)`` different calibration samples, so that a
     difference can be compared with its spread; ``searches``: how the reconstruction loss is
-    minimised (``exhaustive`` for 8 experts, ``greedy``/``beam`` for wide models).
+    minimised (``exhaustive`` for 8 experts, ``greedy``/``beam`` for wide models); ``repairs``: each
+    repair runs (``moe_fast.prune(..., repair=...)``) on the first search's layer-wise selection at the
+    seeded r, on every calibration sample of ``repair_calibs``, with its first ``repair_samples``
+    sequences.
     """
 
     model: str = "builtin:small-mixtral"
@@ -36,6 +39,9 @@ class Settings:
     task_specific: bool = True  # also calibrate on code
     skipping: bool = True
     skip_quantile: float = 0.5
+    repairs: tuple[str, ...] = ("lstsq", "merge")  # moe_fast.prune(..., repair=...) rows at the seeded r
+    repair_calibs: tuple[str, ...] = ("prose",)
+    repair_samples: int = 16  # the first n sequences of each calibration sample (the budget: demo/repair.py)
     quick: bool = False
     extra: dict = field(default_factory=dict)
 
