@@ -169,3 +169,23 @@ def test_quick_demo(tmp_path, capsys):
         assert unpruned[f"acc_{short}"] == pytest.approx(acc) and unpruned[f"acc_norm_{short}"] == pytest.approx(acc_norm)
         assert row[f"acc_{short}_sd"] == pytest.approx(statistics.stdev(v["acc"][task]["acc"] for v in runs))
     assert any("accuracy" in f for f in report["findings"])
+    # repair rows: moe_fast.prune(..., repair=...) at the seeded r on every prose sample
+    for repair in ("lstsq", "merge"):
+        runs = [v for v in report["variants"] if v["method"] == f"layer-wise + {repair}"]
+        assert sorted(v["seed"] for v in runs) == sorted(report["settings"]["calib_seeds"])
+        for v in runs:
+            assert v["keep"] == 4 and v["calib"] == "prose" and v["expert_outputs_per_token"] == pytest.approx(2.0)
+            assert v["repair_samples"] == report["settings"]["repair_samples"] >= report["settings"]["n_samples"]
+            # the whole sample went in: prune's own selection is the demo's layer-wise one of that seed
+            plain = next(p for p in report["variants"] if p["method"] == "layer-wise" and p["keep"] == 4
+                         and p["calib"] == "prose" and p["seed"] == v["seed"])
+            assert v["kept"] == plain["kept"]
+            assert len(v["repair"]) == 6
+            for rec in v["repair"].values():
+                assert rec["loss_after"] <= rec["loss_before"]
+            assert any(rec["loss_after"] < rec["loss_before"] for rec in v["repair"].values())
+    lw4 = next(r for r in report["rows"] if r["method"] == "layer-wise" and r["keep"] == 4 and r["calib"] == "prose")
+    lstsq = next(r for r in report["rows"] if r["method"] == "layer-wise + lstsq")
+    assert lstsq["n"] == len(report["settings"]["calib_seeds"]) and lstsq["kl_prose"] < lw4["kl_prose"]
+    assert lstsq["size_mib"] == pytest.approx(lw4["size_mib"])
+    assert sum("goal (-15% outside the spread" in f for f in report["findings"]) == 4  # 2 repairs x 2 test splits

@@ -257,7 +257,3 @@ def test_statistics_too_large_for_the_device_refused_before_work(tmp_path, monke
     assert not os.path.exists(str(tmp_path / "o"))
 
 
-def test_resume_with_repair_refused(tmp_path, monkeypatch) -> None:
-    _no_forward(monkeypatch)
-    with pytest.raises(ValueError, match="cannot be resumed"):
-        moe_fast.prune(tiny_mixtral(0), calibration_ids(0), 4, out=str(tmp_path / "o"), progress=False, repair="lstsq", resume=True)

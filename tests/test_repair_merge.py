@@ -263,10 +263,7 @@ def test_unsupported_family_refused_before_work(tmp_path, monkeypatch) -> None:
     assert not os.path.exists(out) and not os.path.exists(out + pipeline_mod.PARTIAL_SUFFIX)
 
 
-def test_resume_and_torchrun_refused(tmp_path, monkeypatch) -> None:
-    _no_forward(monkeypatch)
-    with pytest.raises(ValueError, match="repair='merge' cannot be resumed"):
-        moe_fast.prune(tiny_mixtral(0), calibration_ids(0), 4, out=str(tmp_path / "o"), progress=False, repair="merge", resume=True)
+def test_torchrun_refused() -> None:
     adapter = get_adapter(tiny_mixtral(0))
     with pytest.raises(ValueError, match="repair='merge' is not supported under torchrun"):
         repair_mod.check_repair_supported("merge", adapter, True, False)

@@ -40,7 +40,10 @@ from moe_fast.pruning.output import (
     checkpoint_writer, completed_output, export_pruned, finish_report, load_pruned, prune_in_memory,
 )
 from moe_fast.pruning.progress import PARTIAL_SUFFIX, Progress, check_out, claimed, partial_folder
-from moe_fast.pruning.repair import LstsqRepair, Repaired, check_repair_fits, check_repair_name, check_repair_supported
+from moe_fast.pruning.repair import (
+    LstsqRepair, Repaired, apply_repaired, check_repair_fits, check_repair_name, check_repair_supported, load_repaired,
+    save_rows, write_rows,
+)
 from moe_fast.pruning.repair_merge import MergeRepair
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, PruneResult, loss_key
 from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
@@ -118,8 +121,9 @@ def prune(
             (``pruning.repair``; ridge chosen on held-out calibration sequences); ``merge`` folds each
             dropped expert into the kept expert whose outputs it matches best, weighted by routing
             mass (``pruning.repair_merge``). A repair that does not lower the layer's calibration
-            loss is reverted. Progressive mode carries the repaired layer's outputs on. Refused
-            before any work: torchrun and ``resume`` (not yet), families whose experts are not the
+            loss is reverted. Progressive mode carries the repaired layer's outputs on. With ``out`` each
+            finished layer's repaired rows are saved in the partial folder, so ``resume`` continues
+            exactly. Refused before any work: torchrun (not yet), families whose experts are not the
             standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and for lstsq a joint system
             (keep x expert width features) too large for the device (docs/REPAIR.md).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
@@ -176,6 +180,11 @@ def prune(
         repairer = None if repair is None else {"lstsq": LstsqRepair, "merge": MergeRepair}[repair](
             source.adapter, objective, chunk_tokens)
         repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired weights, for the export
+        restored = load_repaired(states_folder, report.layers) if repairer is not None and lead else {}  # resume
+        if loaded is not None:
+            apply_repaired(loaded, source.adapter, restored)  # a fresh model: the finished layers' repairs again
+        else:
+            repaired.update(restored)
 
         with torch.inference_mode():
             with ctx.guard(), clock.measure("forward"):
@@ -188,6 +197,8 @@ def prune(
                 with open_layer(source, index, ctx) as (layer, block):
                     done = report.layers.get(index)
                     if block is None or done is not None:  # dense, or finished before a resume
+                        if index in restored and loaded is None:  # replayed with its repaired weights
+                            write_rows(block.experts, restored[index])
                         with ctx.guard(), clock.measure("forward"):
                             pruner.replay(stream, layer, block, done)
                         continue
@@ -203,6 +214,8 @@ def prune(
                             result.repair, rows = repairer.run(stream, layer, block, result.kept, inputs)
                         if loaded is None and rows:  # a loaded model holds them itself (written in place)
                             repaired[index] = rows
+                        if rows and states_folder is not None and lead:  # for a resume, before the progress names the layer
+                            save_rows(states_folder, index, rows)
                         del inputs
                     if lead:
                         _log_layer(index, result, bar)

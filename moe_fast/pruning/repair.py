@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -52,11 +53,12 @@ def check_repair_name(repair: str | None) -> None:
         raise ValueError(f"repair must be None or one of {', '.join(REPAIRS)}; got {repair!r}")
 
 
-def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed: bool, resume: bool) -> None:
+def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed: bool, resume: bool = False) -> None:
     """Refuses, before any forward, what the repairs do not handle yet: experts whose forward is
     not the standard gated ``down_proj(act(gate) * up)`` without biases (the least-squares refit
     assumes an output linear in a bias-free down projection; the merge averages exactly those
-    weights), data-parallel runs and resumes."""
+    weights) and data-parallel runs. ``resume`` is accepted: each finished layer's repaired rows are
+    saved in the partial folder beside its progress (``save_rows``, ``load_repaired``)."""
     if repair is None:
         return
     family = adapter.family or type(adapter).__name__
@@ -66,8 +68,6 @@ def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed:
                          "repairs assume (docs/REPAIR.md)")
     if distributed:
         raise ValueError(f"repair={repair!r} is not supported under torchrun yet (its statistics are not summed over ranks)")
-    if resume:
-        raise ValueError(f"repair={repair!r} cannot be resumed yet (the repaired weights are not saved with the progress)")
 
 
 def expert_width(config) -> int:
@@ -332,6 +332,43 @@ def apply_repaired(model: nn.Module, adapter: MoEAdapter, repaired: Repaired) ->
     layers = adapter.decoder_layers(model)
     for index, new in repaired.items():
         write_rows(adapter.moe_block(layers[index]).experts, new)
+
+
+ROWS_FILE = "repaired_layer_{}.safetensors"  # in the partial folder: one finished layer's repaired rows
+
+
+def save_rows(folder: str, index: int, rows: Rows) -> None:
+    """Saves layer ``index``'s repaired rows into the partial folder (one rename: a kill leaves the
+    old file or the new one). Called before the progress that names the layer finished, so a
+    resume that finds the layer finished finds its rows."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, ROWS_FILE.format(index))
+    tensors = {f"{e}.{name}": t.detach().to("cpu").contiguous() for e, named in rows.items() for name, t in named.items()}
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_repaired(folder: str | None, layers: dict) -> Repaired:
+    """Resume: the saved repaired rows of the finished layers ``layers`` ({index: LayerResult}) that
+    were repaired and kept (a reverted repair, or one without a ridge, wrote nothing)."""
+    from safetensors.torch import load_file
+
+    out: Repaired = {}
+    if folder is None:
+        return out
+    for index, result in sorted(layers.items()):
+        if not result.repair or result.repair.get("reverted") or not result.repair["loss_after"] < result.repair["loss_before"]:
+            continue
+        path = os.path.join(folder, ROWS_FILE.format(index))
+        if not os.path.exists(path):
+            raise ValueError(f"resume: layer {index} was repaired but {path} is missing; run without --resume to start over")
+        rows: Rows = {}
+        for key, t in load_file(path).items():
+            expert, name = key.split(".", 1)
+            rows.setdefault(int(expert), {})[name] = t
+        out[index] = rows
+    return out
 
 
 def block_io(stream: HiddenStates, layer: nn.Module, block: nn.Module, inputs: torch.Tensor
