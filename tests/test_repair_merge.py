@@ -263,12 +263,6 @@ def test_unsupported_family_refused_before_work(tmp_path, monkeypatch) -> None:
     assert not os.path.exists(out) and not os.path.exists(out + pipeline_mod.PARTIAL_SUFFIX)
 
 
-def test_torchrun_refused() -> None:
-    adapter = get_adapter(tiny_mixtral(0))
-    with pytest.raises(ValueError, match="repair='merge' is not supported under torchrun"):
-        repair_mod.check_repair_supported("merge", adapter, True, False)
-
-
 def test_merge_is_not_refused_for_the_least_squares_memory(tmp_path, monkeypatch) -> None:
     """The merge holds E x E numbers per layer: the joint system's memory check is lstsq's only."""
     monkeypatch.setattr(repair_mod, "free_bytes", lambda device: 0)

@@ -25,6 +25,7 @@ class HiddenStates:
     def __init__(self, source: LayerSource, calib: CalibrationBatches, batch_indices: list[int], progressive: bool) -> None:
         parts = [calib.batch(b) for b in batch_indices]
         self.source, self.batch_size = source, calib.batch_size
+        self.num_sequences = int(calib.ids.shape[0])  # over every rank's batches
         self.unpruned = torch.cat([source.embed(p) for p in parts]).to(source.dtype)
         self.pruned = self.unpruned.clone() if progressive else None
         self.batches: list[tuple[int, slice]] = []  # (global batch index, its rows here)

@@ -123,7 +123,8 @@ def prune(
             mass (``pruning.repair_merge``). A repair that does not lower the layer's calibration
             loss is reverted. Progressive mode carries the repaired layer's outputs on. With ``out`` each
             finished layer's repaired rows are saved in the partial folder, so ``resume`` continues
-            exactly. Refused before any work: torchrun (not yet), families whose experts are not the
+            exactly; under torchrun the repair's statistics and errors are summed over ranks. Refused
+            before any work: families whose experts are not the
             standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and for lstsq a joint system
             (keep x expert width features) too large for the device (docs/REPAIR.md).
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
@@ -152,7 +153,7 @@ def prune(
             check_out(out)
         source = open_source(model_or_path, device, dtype)
         spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
-        check_repair_supported(repair, source.adapter, ctx.active, resume)
+        check_repair_supported(repair, source.adapter)
         check_repair_fits(repair, source.config, keep, source.device)
         if tokenizer is None and needs_tokenizer(calibration):
             tokenizer = find_tokenizer(source.path, loaded)
@@ -178,9 +179,10 @@ def prune(
         pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
         states_folder = None if out is None else partial_folder(out)
         repairer = None if repair is None else {"lstsq": LstsqRepair, "merge": MergeRepair}[repair](
-            source.adapter, objective, chunk_tokens)
+            source.adapter, objective, chunk_tokens, ctx)
         repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired weights, for the export
-        restored = load_repaired(states_folder, report.layers) if repairer is not None and lead else {}  # resume
+        with ctx.guard():  # resume: every rank replays the finished layers with their repaired rows
+            restored = load_repaired(states_folder, report.layers) if repairer is not None else {}
         if loaded is not None:
             apply_repaired(loaded, source.adapter, restored)  # a fresh model: the finished layers' repairs again
         else:

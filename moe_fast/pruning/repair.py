@@ -36,6 +36,7 @@ from moe_fast.adapters.base import MoEAdapter as _BaseAdapter
 from moe_fast.layer_routing import layer_routing, route_masked
 from moe_fast.masked_forward import MaskedForward
 from moe_fast.memory import available_ram_bytes
+from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.hidden_states import HiddenStates
 
 REPAIRS = ("lstsq", "merge")
@@ -53,12 +54,13 @@ def check_repair_name(repair: str | None) -> None:
         raise ValueError(f"repair must be None or one of {', '.join(REPAIRS)}; got {repair!r}")
 
 
-def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed: bool, resume: bool = False) -> None:
+def check_repair_supported(repair: str | None, adapter: MoEAdapter) -> None:
     """Refuses, before any forward, what the repairs do not handle yet: experts whose forward is
     not the standard gated ``down_proj(act(gate) * up)`` without biases (the least-squares refit
     assumes an output linear in a bias-free down projection; the merge averages exactly those
-    weights) and data-parallel runs. ``resume`` is accepted: each finished layer's repaired rows are
-    saved in the partial folder beside its progress (``save_rows``, ``load_repaired``)."""
+    weights). ``resume`` is accepted: each finished layer's repaired rows are saved in the partial
+    folder beside its progress (``save_rows``, ``load_repaired``); so are data-parallel runs (the
+    statistics and per-batch errors are summed over ranks: ``RankSums``)."""
     if repair is None:
         return
     family = adapter.family or type(adapter).__name__
@@ -66,8 +68,6 @@ def check_repair_supported(repair: str | None, adapter: MoEAdapter, distributed:
         raise ValueError(f"repair={repair!r} is not supported for the {family} family: its experts do not run the "
                          "standard down_proj(act(gate) * up) forward (e.g. biases or clamped activations) that the "
                          "repairs assume (docs/REPAIR.md)")
-    if distributed:
-        raise ValueError(f"repair={repair!r} is not supported under torchrun yet (its statistics are not summed over ranks)")
 
 
 def expert_width(config) -> int:
@@ -128,11 +128,47 @@ def activations(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tenso
     return experts.act_fn(gate) * up
 
 
+class RankSums:
+    """What a repair shares between data-parallel ranks (``Dist``; one process: nothing to do).
+
+    Every rank holds whole calibration batches, so a repair's statistics are sums over ranks, and
+    its per-batch squared errors come from one rank each; after these every rank holds the same
+    numbers and decides alike."""
+
+    def __init__(self, ctx: Dist | None = None) -> None:
+        self.ctx = ctx or Dist()
+
+    def tensors(self, *tensors: torch.Tensor) -> None:
+        """Sums each tensor over ranks, in place."""
+        if self.ctx.active:
+            for t in tensors:
+                t.copy_(self.ctx.sum(t))
+
+    def number(self, value: float) -> float:
+        if not self.ctx.active:
+            return value
+        return float(self.ctx.sum(torch.tensor([value], dtype=torch.float64)))
+
+    def per_batch(self, errors: dict[int, float]) -> dict[int, float]:
+        """The per-batch errors of every rank (each batch is on one rank)."""
+        if not self.ctx.active:
+            return errors
+        merged: dict[int, float] = {}
+        for part in self.ctx.gather(errors):
+            merged.update(part)
+        return merged
+
+    def same_as_rank_0(self, value):
+        """Rank 0's ``value`` on every rank (a solve or choice that must not differ in its last bit)."""
+        return self.ctx.broadcast(value) if self.ctx.active else value
+
+
 class LstsqRepair:
     """Refits the kept experts' down projections of one layer at a time (see the module docstring)."""
 
-    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int) -> None:
+    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int, ctx: Dist | None = None) -> None:
         self.adapter, self.objective, self.chunk = adapter, objective, max(1, chunk_tokens)
+        self.ranks = RankSums(ctx)
 
     def run(self, stream: HiddenStates, layer: nn.Module, block: nn.Module, kept: list[int],
             inputs: torch.Tensor) -> tuple[dict, Rows]:
@@ -154,9 +190,12 @@ class LstsqRepair:
             for split, rows in ((fit, ~holdout), (held, holdout)):
                 if bool(rows.any()):
                     self._accumulate(split, block, kept, x[rows], z[rows], width)
+        self.ranks.tensors(fit.gram, fit.cross, held.gram, held.cross)
+        fit.err_sq, held.err_sq = self.ranks.number(fit.err_sq), self.ranks.number(held.err_sq)
+        before = self.ranks.per_batch(before)
         fit.finish(len(kept), width)
         held.finish(len(kept), width)
-        scale, chosen, held_errors = _choose_ridge(fit, held)
+        scale, chosen, held_errors = self.ranks.same_as_rank_0(_choose_ridge(fit, held))
         entry = {"method": "lstsq", "loss_before": objective_loss(self.objective, before), "loss_after": None, "ridge": None,
                  "ridge_scale": None, "held_out_error_before": held.err_sq, "held_out_error_after": None,
                  "features": n, "statistics_bytes": statistics_bytes(len(kept), width, hidden), "reverted": False}
@@ -166,10 +205,10 @@ class LstsqRepair:
         fit.gram += held.gram  # every sequence for the final solve, in place (no third Gram held)
         fit.cross += held.cross
         del held
-        delta = _solve(fit.gram, fit.cross, chosen)  # [n, H]
+        delta = self.ranks.same_as_rank_0(_solve(fit.gram, fit.cross, chosen))  # [n, H]
         new = {e: {"down_proj": (experts.down_proj[e].double() + delta[p * width:(p + 1) * width].T).to(experts.down_proj.dtype)}
                for p, e in enumerate(kept)}
-        after = layer_losses(stream, layer, block, inputs, masked, [new])[0]  # z from the original weights
+        after = self.ranks.per_batch(layer_losses(stream, layer, block, inputs, masked, [new])[0])  # z from the original weights
         entry.update(loss_after=objective_loss(self.objective, after), ridge=chosen, ridge_scale=scale,
                      held_out_error_after=held_errors[scale])
         return keep_if_lower(entry, experts, new)
@@ -252,8 +291,9 @@ def _add_pairs(split: _Split, feats: list[tuple[torch.Tensor, torch.Tensor]], e:
 
 
 def _held_out(seq: torch.Tensor, stream: HiddenStates) -> torch.Tensor:
-    """Which tokens belong to held-out sequences (``seq``: each token's calibration sequence)."""
-    total = stream.unpruned.shape[0]
+    """Which tokens belong to held-out sequences (``seq``: each token's calibration sequence, counted
+    over every rank's batches, so that data-parallel runs hold out the same sequences)."""
+    total = stream.num_sequences
     held = seq % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     if total < HELD_OUT_EVERY:
         held = seq == total - 1
@@ -382,7 +422,8 @@ def block_io(stream: HiddenStates, layer: nn.Module, block: nn.Module, inputs: t
         if stream.progressive:
             x, _ = _captured(layer, block, stream.pruned[rows], kwargs)
         length = inputs.shape[1]
-        seq = torch.arange(rows.start, rows.stop, device=x.device).repeat_interleave(length)
+        first = b * stream.batch_size  # global calibration sequence index of the batch's first row
+        seq = torch.arange(first, first + rows.stop - rows.start, device=x.device).repeat_interleave(length)
         yield b, seq, x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
 
 

@@ -30,8 +30,9 @@ from torch import nn
 from moe_fast.adapters import MoEAdapter
 from moe_fast.layer_routing import layer_routing, route_masked
 from moe_fast.masked_forward import MaskedForward
+from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.hidden_states import HiddenStates
-from moe_fast.pruning.repair import Rows, block_io, keep_if_lower, layer_losses, objective_loss, squared_error
+from moe_fast.pruning.repair import RankSums, Rows, block_io, keep_if_lower, layer_losses, objective_loss, squared_error
 
 STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0)  # s: how much of the dropped experts' mass goes into the average
 
@@ -60,8 +61,9 @@ def merged_rows(experts: nn.Module, assignment: dict[int, int], mass: torch.Tens
 class MergeRepair:
     """Merges one layer's dropped experts into its kept ones (see the module docstring)."""
 
-    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int) -> None:
+    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int, ctx: Dist | None = None) -> None:
         self.adapter, self.objective, self.chunk = adapter, objective, max(1, chunk_tokens)
+        self.ranks = RankSums(ctx)
 
     def run(self, stream: HiddenStates, layer: nn.Module, block: nn.Module, kept: list[int],
             inputs: torch.Tensor) -> tuple[dict, Rows]:
@@ -77,6 +79,8 @@ class MergeRepair:
             before[batch] = before.get(batch, 0.0) + squared_error(masked, x, z)
             for lo in range(0, x.shape[0], self.chunk):
                 stats.add(self.adapter, block, x[lo:lo + self.chunk])
+        self.ranks.tensors(stats.mass, stats.dot, stats.norm_dropped, stats.norm_kept)
+        before = self.ranks.per_batch(before)
         cosine = stats.cosine()
         assignment = {d: kept[int(torch.argmax(cosine[i]))] for i, d in enumerate(dropped)}
         loss_before = objective_loss(self.objective, before)
@@ -90,7 +94,7 @@ class MergeRepair:
         candidates = {s: rows for s, rows in candidates.items() if rows}
         if not candidates:  # every dropped expert has zero weight: nothing to fold in
             return entry, {}
-        losses = layer_losses(stream, layer, block, inputs, masked, list(candidates.values()))
+        losses = [self.ranks.per_batch(errs) for errs in layer_losses(stream, layer, block, inputs, masked, list(candidates.values()))]
         by_strength = {s: objective_loss(self.objective, errs) for s, errs in zip(candidates, losses)}
         best = min(by_strength, key=lambda s: (by_strength[s], s))
         entry.update(loss_after=by_strength[best], strength=best, loss_by_strength={str(s): v for s, v in by_strength.items()})
