@@ -1,7 +1,9 @@
 """Plain PyTorch references: the specification of every moe_fast op.
 
 Slow but obviously correct (vectorized, no custom code paths); the kernels are tested against
-these. This module is the specification: routing, skipping and the subset losses are defined here:
+these. No library module imports it (tests/test_imports.py): the plain-torch routing the library
+runs is :mod:`moe_fast.routing_runtime`, checked equal to this one (tests/test_routing_runtime.py).
+This module is the specification: routing, skipping and the subset losses are defined here:
 
 * ``route`` is not differentiable: its weights come back detached (``requires_grad=False``);
   the same holds for ``expert_gram`` and ``subset_loss``. They serve inference and the pruning
