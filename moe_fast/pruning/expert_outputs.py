@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moe_fast import ops, reference
+from moe_fast import ops
+from moe_fast import routing_runtime as reference  # the runtime routing pieces, not the spec module
 from moe_fast.adapters import MoEAdapter
 from moe_fast.layer_routing import ranked_ids
 from moe_fast.masked_forward import run_experts

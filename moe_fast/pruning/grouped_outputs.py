@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import reference
+from moe_fast import routing_runtime as reference  # the runtime routing pieces, not the spec module
 from moe_fast.adapters import MoEAdapter
 from moe_fast.layer_routing import route_candidates
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_fast import ops, reference
+from moe_fast import ops
+from moe_fast import routing_runtime as reference  # the runtime routing pieces, not the spec module
 from moe_fast.pruning.lazy_outputs import LazyOutputs
 
 def first_kept(order: torch.Tensor, dropped: torch.Tensor, n: int) -> torch.Tensor:

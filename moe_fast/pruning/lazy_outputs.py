@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import ops, reference
+from moe_fast import ops
+from moe_fast import routing_runtime as reference  # the runtime routing pieces, not the spec module
 from moe_fast.adapters import MoEAdapter
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
 
