@@ -68,10 +68,10 @@ def variants(args, dtype: torch.dtype, calib: torch.Tensor):
     cal_pruned = moe_fast.calibrate_skipping(pruned, calib, progress=False)
     return [
         ("stock", base, None),
-        ("moe_fast", moe_fast.patch(copy.deepcopy(base)), None),
-        ("skip", moe_fast.patch(copy.deepcopy(base), betas=cal), cal),
+        ("moe_fast", moe_fast.patch(copy.deepcopy(base)).model, None),
+        ("skip", moe_fast.patch(copy.deepcopy(base), betas=cal).model, cal),
         ("pruned 6", pruned, None),
-        ("pruned 6 + skip", moe_fast.patch(copy.deepcopy(pruned), betas=cal_pruned), cal_pruned),
+        ("pruned 6 + skip", moe_fast.patch(copy.deepcopy(pruned), betas=cal_pruned).model, cal_pruned),
     ]
 
 

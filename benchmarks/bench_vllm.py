@@ -99,11 +99,11 @@ def build_checkpoints(args, root: str) -> dict[str, str]:
 
     m = model()
     moe_fast.save(m, folders["unpruned"])
-    moe_fast.save(moe_fast.patch(m, betas=moe_fast.calibrate_skipping(m, calibration, progress=False)), folders["skip"])
+    moe_fast.save(moe_fast.patch(m, betas=moe_fast.calibrate_skipping(m, calibration, progress=False)).model, folders["skip"])
     m = model()
     prune_loaded_model(m, get_adapter(m), {layer: list(range(6)) for layer in range(args.layers)}, {"keep": 6, "kept": "0-5 (benchmark)"})
     moe_fast.save(m, folders["pruned 6"])
-    moe_fast.save(moe_fast.patch(m, betas=moe_fast.calibrate_skipping(m, calibration, progress=False)), folders["pruned 6 + skip"])
+    moe_fast.save(moe_fast.patch(m, betas=moe_fast.calibrate_skipping(m, calibration, progress=False)).model, folders["pruned 6 + skip"])
     return folders
 
 

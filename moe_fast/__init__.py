@@ -29,6 +29,7 @@ _LAZY = {
     "SkipCalibration": "moe_fast.betas",
     "patch": "moe_fast.patching",
     "unpatch": "moe_fast.patching",
+    "PatchHandle": "moe_fast.patching",
     "save": "moe_fast.saving",
     "from_pretrained": "moe_fast.saving",
     # Expert pruning.

@@ -171,16 +171,19 @@ class PeakMemory:
 class SkipCounter:
     """Counts skipped routing slots seen by the experts modules (index E, or weight 0, in slots >= 1).
 
-    It hooks the experts call, so it measures what actually ran, whoever did the routing.
+    It hooks the experts call, so it measures what actually ran, whoever did the routing: the
+    blocks ``moe_fast.patch`` patched (its handle) on a patched model, the adapter's blocks otherwise.
     """
 
     def __init__(self, model: nn.Module) -> None:
         from moe_fast.adapters import get_adapter
+        from moe_fast.patching import patch_handle
 
         self.handles = []
         self.skipped = 0
         self.slots = 0
-        for ref in get_adapter(model).moe_blocks(model):
+        patched = patch_handle(model)
+        for ref in patched.blocks if patched is not None else get_adapter(model).moe_blocks(model):
             self.handles.append(ref.experts.register_forward_pre_hook(self._hook, with_kwargs=True))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

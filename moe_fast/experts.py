@@ -3,12 +3,19 @@
 Why: transformers' built-in paths either loop over experts in Python (eager) or compute every
 slot (grouped_mm has no notion of a skipped slot). This one runs the expert MLPs from a dispatch
 plan (slots grouped by expert, skipped slots last) with grouped GEMMs, so a skipped slot (index
-E, weight 0) costs nothing. The plan comes from the patched router of the same call when it is
-there (checked by tensor identity), else it is rebuilt from ``top_k_index`` with a stable sort.
+E, weight 0) costs nothing.
+
+Where the plan comes from: the fused route op already computed it, so a patched router hands it
+over through the block's :class:`PlanChannel` (``experts.moe_fast_plans``, set by ``patch``, one
+per block): the router ``put``s the plan of its call next to the ``indices`` it returns, and this
+implementation ``take``s it once, for exactly the ``top_k_index`` tensor it was given. Any other
+call (no patched router, the block passed other indices, the experts run a second time) finds
+nothing to take and rebuilds the plan from ``top_k_index`` with a stable sort (``build_plan``),
+which gives the same plan.
 
 Under ``torch.compile`` the plan's row counts would be data the graph cannot depend on, so the
 experts sort the slots themselves and run every slot's row through ``moe_fast::grouped_matmul``
-(``_static_forward``; skipped rows are zero and weigh 0).
+(``_static_forward``; skipped rows are zero and weigh 0), and the router puts no plan.
 
 Registered as ``experts_implementation="moe_fast"`` on import of :mod:`moe_fast`, and by
 :func:`register` (``moe_fast.register()``), which ``patch`` (and so ``moe_fast.from_pretrained``) calls.
@@ -35,28 +42,51 @@ NAME = "moe_fast"
 class DispatchPlan(NamedTuple):
     """Dispatch plan of one call: which slots each expert computes."""
 
-    indices: torch.Tensor  # the exact top_k_index tensor this plan belongs to
     perm: torch.Tensor  # [T*k] int64: flat slots t*k+j grouped by expert, skipped last
     ends: torch.Tensor  # [E] int32: where each expert's rows end (grouped_mm's ``offs``), RouteResult.offsets[1:]
     active: int  # number of slots that are computed (ends[-1])
 
 
-def stash_plan(experts: nn.Module, indices: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor) -> None:
-    """Leaves the router's plan for the experts call that receives ``indices``.
+PLAN_CHANNEL_ATTR = "moe_fast_plans"  # the experts module's attribute that holds its block's PlanChannel
 
-    ``offsets`` is the router op's [E + 1] (starting at 0) int32 tensor.
+
+class PlanChannel:
+    """The patched router's dispatch plan, on its way to the experts call of the same block.
+
+    Why a channel and not a recomputation: the route op has already grouped the slots by expert;
+    rebuilding the plan would sort them a second time in every layer. Why keyed by the ``indices``
+    tensor: the plan belongs to the routing the router returned; a block that hands the experts
+    other indices (or experts that run without their router first) must not get it. One plan at a
+    time, taken once.
     """
-    ends = offsets[1:]
-    experts._moe_fast_plan = DispatchPlan(indices, perm.long(), ends, int(ends[-1]) if ends.numel() else 0)
+
+    __slots__ = ("_indices", "_plan")
+
+    def __init__(self) -> None:
+        self._indices: torch.Tensor | None = None
+        self._plan: DispatchPlan | None = None
+
+    def put(self, indices: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Leaves the plan of the router call that returned ``indices`` ([T, k], E = skipped).
+
+        ``perm`` [T*k] and ``offsets`` [E + 1] (starting at 0) as the route op returns them.
+        """
+        ends = offsets[1:]
+        self._indices = indices
+        self._plan = DispatchPlan(perm.long(), ends, int(ends[-1]) if ends.numel() else 0)
+
+    def take(self, top_k_index: torch.Tensor) -> DispatchPlan | None:
+        """The plan put for exactly ``top_k_index`` (None otherwise); the channel is empty afterwards."""
+        indices, plan = self._indices, self._plan
+        self._indices = self._plan = None
+        return plan if indices is top_k_index else None
 
 
-def _take_plan(experts: nn.Module, top_k_index: torch.Tensor) -> DispatchPlan:
-    plan = getattr(experts, "_moe_fast_plan", None)
-    if plan is not None:
-        experts._moe_fast_plan = None  # one use only
-        if plan.indices is top_k_index:
-            return plan
-    return build_plan(top_k_index, experts.num_experts)
+def _plan_for(experts: nn.Module, top_k_index: torch.Tensor) -> DispatchPlan:
+    """The router's plan when its channel holds one for these indices, else one built from them."""
+    channel = getattr(experts, PLAN_CHANNEL_ATTR, None)
+    plan = channel.take(top_k_index) if isinstance(channel, PlanChannel) else None
+    return plan if plan is not None else build_plan(top_k_index, experts.num_experts)
 
 
 def build_plan(top_k_index: torch.Tensor, num_experts: int) -> DispatchPlan:
@@ -66,7 +96,7 @@ def build_plan(top_k_index: torch.Tensor, num_experts: int) -> DispatchPlan:
     counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
     ends = torch.cumsum(counts, 0, dtype=torch.int32)
     active = int(ends[-1]) if num_experts else 0
-    return DispatchPlan(top_k_index, perm, ends, active)
+    return DispatchPlan(perm, ends, active)
 
 
 # CPU float32: BLAS runs a 1-row product as a matrix-vector kernel at memory speed, but a 2..8-row
@@ -264,7 +294,7 @@ def moe_fast_experts_forward(
         return _static_forward(self, hidden_states, top_k_index, top_k_weights)
     T, H = hidden_states.shape
     k = top_k_index.shape[-1]
-    plan = _take_plan(self, top_k_index)
+    plan = _plan_for(self, top_k_index)
     slots = plan.perm[: plan.active]
     x = hidden_states.index_select(0, torch.div(slots, k, rounding_mode="floor"))
 

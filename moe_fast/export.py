@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from moe_fast import mxfp4
-from moe_fast.adapters import MoEAdapter
+from moe_fast.adapters import MoEAdapter, get_adapter
 from moe_fast.config_record import PRUNING_KEY, set_record_entry
+from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +217,18 @@ def _copy_tokenizer(directory: str, tokenizer, source_path: str | None) -> None:
         src = os.path.join(source_path, name)
         if os.path.exists(src) and not os.path.exists(os.path.join(directory, name)):
             shutil.copy2(src, os.path.join(directory, name))
+
+
+def export_selection(model_path: str, kept: dict[int, list[int]], out: str, record: dict, tokenizer=None) -> str:
+    """Writes the checkpoint at ``model_path`` with only ``kept`` experts into ``out`` (staged and
+    moved in whole; ``record`` goes to config.json's pruning entry). For a selection made
+    elsewhere (the demo's); ``moe_fast.prune`` exports its own."""
+    from transformers import AutoConfig
+
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"output directory {out!r} exists and is not empty")
+    adapter = get_adapter(AutoConfig.from_pretrained(model_path))
+    with staged_directory(out) as tmp:
+        export_checkpoint(model_path, tmp, adapter, {int(k): sorted(v) for k, v in kept.items()}, record, tokenizer)
+    return out
+

@@ -3,7 +3,7 @@
 Why here: the rank-bounded statistics (``pruning.expert_outputs``), the block recorder and
 ``masked_forward`` must rank and weigh a layer's tokens exactly as ``ops.subset_loss_spec`` checks
 and the pruned checkpoint routes (docs/ROUTING.md). Plain softmax routers keep the long-standing
-``ops.route`` path bit for bit; every other spec ranks with ``reference.rank_spec`` (the ranking
+``ops.route`` path bit for bit; every other spec ranks with ``routing_runtime.rank_spec`` (the ranking
 the subset_loss check recomputes with the same torch ops, so near-ties never disagree).
 """
 
@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from moe_fast import ops, reference
+from moe_fast import ops, routing_runtime
 from moe_fast.adapters import MoEAdapter
 from moe_fast.routing_spec import RoutingSpec, softmax_routing
 
@@ -31,23 +31,23 @@ def ranked_ids(logits: torch.Tensor, m: int, spec: RoutingSpec) -> torch.Tensor:
     """Each token's m best experts in ``spec``'s order, [T, m] int32: what ``ops.subset_loss_spec`` accepts.
 
     Plain softmax: the fused ``ops.route`` up to its top-k limit (8), the plain-torch ranking (same
-    rules) beyond. Other specs: ``reference.rank_spec`` (the op's check ranks the same way).
+    rules) beyond. Other specs: ``routing_runtime.rank_spec`` (the op's check ranks the same way).
     """
     if spec.is_plain_softmax:
         if m <= 8:
             return ops.route(logits, m).ids
-        order, _ = reference.rank_experts(logits)
+        order, _ = routing_runtime.rank_experts(logits)
         return order[:, :m].to(torch.int32).contiguous()
     if spec.grouped:
         raise ValueError("ranked_ids: a grouped router's candidates are not prefixes of a ranked row")
-    return reference.rank_spec(logits, spec)[:, :m].to(torch.int32).contiguous()
+    return routing_runtime.rank_spec(logits, spec)[:, :m].to(torch.int32).contiguous()
 
 
 def unpruned_weights(logits: torch.Tensor, ranked: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """The unpruned final weights [T, k] float32 of the first k slots of ``ranked`` (scaling included).
 
     Plain softmax: ``ops.route``'s weights, as before. Other specs: the weights of exactly the ranked
-    ids (``reference.subset_weights_spec`` keeping every expert), so slots and weights cannot part.
+    ids (``routing_runtime.subset_weights_spec`` keeping every expert), so slots and weights cannot part.
     """
     k = spec.top_k
     if spec.is_plain_softmax:
@@ -59,7 +59,7 @@ def unpruned_weights(logits: torch.Tensor, ranked: torch.Tensor, spec: RoutingSp
             raise ValueError("unpruned_weights: a grouped router's ranked ids must be its unpruned top-k (route_candidates)")
         return w[0].contiguous()
     keep_all = torch.ones(1, logits.shape[1], dtype=torch.bool, device=logits.device)
-    w = reference.subset_weights_spec(ranked, logits, keep_all, spec)[0, :, :k]
+    w = routing_runtime.subset_weights_spec(ranked, logits, keep_all, spec)[0, :, :k]
     return w.float().contiguous()
 
 
@@ -87,11 +87,11 @@ def route_candidates(
     if spec.scoring != "sigmoid":
         raise ValueError(f"route_candidates: sigmoid scoring only, got {spec.scoring!r}")
     C, (T, E), k = keep.shape[0], logits.shape, spec.top_k
-    scores, choice = reference.sigmoid_choice(logits, spec)  # [T, E] float32
+    scores, choice = routing_runtime.sigmoid_choice(logits, spec)  # [T, E] float32
     allowed = keep.to(device=logits.device, dtype=torch.bool).unsqueeze(1).expand(C, T, E)
     biased = choice.unsqueeze(0).expand(C, T, E)
     if spec.n_group > 1:
-        eligible = reference.eligible_experts(biased.reshape(C * T, E), allowed.reshape(C * T, E), spec).view(C, T, E)
+        eligible = routing_runtime.eligible_experts(biased.reshape(C * T, E), allowed.reshape(C * T, E), spec).view(C, T, E)
     else:
         eligible = allowed
     if T and bool((eligible.sum(-1) < k).any()):

@@ -52,3 +52,27 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def release_freed_memory() -> bool:
+    """Hands the C heap's free pages back to the system (glibc ``malloc_trim``); False elsewhere.
+
+    Why: streaming frees one decoder layer's weights before the next is read. Tensors under
+    glibc's mmap threshold (which grows up to 32 MiB as large blocks are freed) come from the heap,
+    and the freed layers' pages stay resident there, so the peak would grow with depth."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC = None

@@ -6,16 +6,25 @@ float beta, a list of candidate sets) into the schema's. Semantics: :mod:`moe_fa
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 from moe_fast import _extension  # noqa: F401  (registers torch.ops.moe_fast)
-from moe_fast import reference
-from moe_fast.reference import RouteResult
+from moe_fast.betas import beta_values
 from moe_fast.routing_spec import RoutingSpec
 
 __all__ = ["route", "route_spec", "routing_op_args", "expert_gram", "subset_loss", "subset_loss_spec", "RouteResult"]
+
+
+class RouteResult(NamedTuple):
+    """What :func:`route` and :func:`route_spec` return (and their spec, ``reference.route_spec``)."""
+
+    weights: torch.Tensor  # [T, k] float32
+    ids: torch.Tensor  # [T, k] int32, E for a skipped slot
+    counts: torch.Tensor  # [E] int32
+    offsets: torch.Tensor  # [E + 1] int32
+    perm: torch.Tensor  # [T * k] int32
 
 
 def route(
@@ -42,7 +51,7 @@ def route(
         are the flat slots ``t * k + j`` routed to expert e, tokens ascending; skipped slots follow
         ``offsets[E]``.
     """
-    return RouteResult(*torch.ops.moe_fast.route(logits, k, renormalize, reference.beta_values(beta), keep))
+    return RouteResult(*torch.ops.moe_fast.route(logits, k, renormalize, beta_values(beta), keep))
 
 
 def routing_op_args(spec: RoutingSpec, device: torch.device | str | None = None) -> dict:
@@ -102,7 +111,7 @@ def route_spec(
     k = args.pop("k")
     renormalize = args.pop("renormalize")
     return RouteResult(
-        *torch.ops.moe_fast.route(logits, k, renormalize, reference.beta_values(beta), keep, **args)
+        *torch.ops.moe_fast.route(logits, k, renormalize, beta_values(beta), keep, **args)
     )
 
 

@@ -4,23 +4,29 @@
 transformers is edited) with one that calls the fused ``moe_fast.ops.route`` op with the family's
 routing descriptor (``adapter.routing(block)``, docs/ROUTING.md) and selects the
 registered ``moe_fast`` experts implementation, which runs only the non-skipped slots from the
-router's dispatch plan. The router keeps its return contract ``(router_logits, scores,
-indices)``; ``indices`` holds E for a skipped slot. ``unpatch`` restores stock behaviour.
+router's dispatch plan (handed over through the block's ``experts.PlanChannel``). The router keeps
+its return contract ``(router_logits, scores, indices)``; ``indices`` holds E for a skipped slot.
+
+``patch`` returns a :class:`PatchHandle`, also kept on the model (:func:`patch_handle`): the
+blocks it patched, their betas, and ``unpatch``. Helpers that work on a patched model (skipping
+calibration, the skip counter, unpatching) use its blocks instead of finding them again through
+the adapter. ``unpatch`` (or ``handle.unpatch()``) restores stock behaviour.
 """
 
 from __future__ import annotations
 
 import logging
 import types
-from dataclasses import dataclass
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from moe_fast import experts as fast_experts
 from moe_fast import ops
-from moe_fast.adapters import get_adapter
+from moe_fast.adapters import MoEBlockRef, get_adapter
 from moe_fast.betas import BetaSpec, normalize_betas, skipping_record
 from moe_fast.config_record import SKIPPING_KEY, remove_record_entry, set_record_entry
 from moe_fast.routing_spec import RoutingSpec
@@ -38,7 +44,7 @@ class RouterState:
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # the stock router's output 0
     scores_float32: bool
     beta: list[float] | None
-    experts: nn.Module
+    plans: fast_experts.PlanChannel  # to the experts of the same block (shared with experts.moe_fast_plans)
 
     @property
     def renormalize(self) -> bool:
@@ -54,10 +60,71 @@ class RouterState:
         return None if self.selection_bias_attr is None else getattr(router, self.selection_bias_attr)
 
 
-@dataclass
-class PatchState:
+@dataclass(eq=False)
+class PatchHandle:
+    """What ``patch`` did to one model: the blocks it patched, their betas, and how to undo it.
+
+    Why: the helpers that act on a patched model act on exactly the blocks ``patch`` patched;
+    finding them again through the adapter would be a second lookup that could disagree. ``patch``
+    returns the handle and keeps it on the model (``patch_handle(model)``); the model itself is
+    patched in place and is ``handle.model``.
+    """
+
+    model: nn.Module = field(repr=False)
+    blocks: tuple[MoEBlockRef, ...] = field(repr=False)
+    top_k: int
     previous_experts_implementation: str | None
-    layers: list[int]
+
+    @property
+    def layers(self) -> list[int]:
+        """Decoder layer index of each patched MoE block."""
+        return [ref.layer for ref in self.blocks]
+
+    @property
+    def betas(self) -> dict[int, list[float] | None]:
+        """{layer: thresholds or None}, read from the routers (what the next forward uses)."""
+        return {ref.layer: _router_state(ref).beta for ref in self.blocks}
+
+    @property
+    def active(self) -> bool:
+        """Whether the model is still patched by this handle (not unpatched since)."""
+        return getattr(self.model, "_moe_fast_patch", None) is self
+
+    @contextmanager
+    def skipping_off(self) -> Iterator[None]:
+        """Routes without skipping inside the block (skipping calibration measures the unskipped model)."""
+        saved = {ref.layer: _router_state(ref).beta for ref in self.blocks}
+        for ref in self.blocks:
+            _router_state(ref).beta = None
+        try:
+            yield
+        finally:
+            for ref in self.blocks:
+                _router_state(ref).beta = saved[ref.layer]
+
+    def unpatch(self) -> nn.Module:
+        """Restores the stock routers and the previous experts implementation; returns the model."""
+        if not self.active:
+            return self.model
+        for ref in self.blocks:
+            ref.router.__dict__.pop("forward", None)
+            ref.router.__dict__.pop("_moe_fast", None)
+            ref.experts.__dict__.pop(fast_experts.PLAN_CHANNEL_ATTR, None)
+        _set_experts_implementation(self.model, self.blocks, self.previous_experts_implementation)
+        remove_record_entry(self.model.config, SKIPPING_KEY)
+        del self.model._moe_fast_patch
+        return self.model
+
+    def __getattr__(self, name: str):
+        # Only reached for names the handle lacks: say where the model is (patch used to return it).
+        raise AttributeError(
+            f"'PatchHandle' has no attribute {name!r}; moe_fast.patch patches the model in place and returns "
+            "this handle: the model is handle.model"
+        )
+
+
+def _router_state(ref: MoEBlockRef) -> RouterState:
+    return ref.router._moe_fast
 
 
 def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
@@ -81,7 +148,7 @@ def _fused_router_forward(self: nn.Module, hidden_states: torch.Tensor):
         weights = _differentiable_weights(router_logits, indices, weights, state.spec)
     scores = weights if state.scores_float32 else weights.to(router_logits.dtype)
     if not torch.compiler.is_compiling():  # compiled experts sort the slots themselves (static shapes)
-        fast_experts.stash_plan(state.experts, indices, routed.perm, routed.offsets)
+        state.plans.put(indices, routed.perm, routed.offsets)
     return router_logits, scores, indices
 
 
@@ -130,12 +197,18 @@ def _set_experts_implementation(model: nn.Module, blocks, name: str | None) -> N
             config._experts_implementation_internal = name
 
 
+def patch_handle(model: nn.Module) -> PatchHandle | None:
+    """The handle of the ``patch`` call that patched ``model`` (None when it is not patched)."""
+    handle = getattr(model, "_moe_fast_patch", None)
+    return handle if isinstance(handle, PatchHandle) else None
+
+
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_moe_fast_patch", None), PatchState)
+    return patch_handle(model) is not None
 
 
-def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
-    """Turns on fused routing and skip-aware experts in place; returns the model.
+def patch(model: nn.Module, betas: BetaSpec = None) -> PatchHandle:
+    """Turns on fused routing and skip-aware experts in place; returns the :class:`PatchHandle`.
 
     Args:
         model: a loaded transformers MoE model of a supported family (Mixtral, Qwen2-MoE,
@@ -144,8 +217,9 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
         betas: skip thresholds: None (no skipping), one number, the result of
             ``calibrate_skipping``, one entry per MoE layer, or {layer index: entry}.
 
-    Calling it again changes the betas (idempotent otherwise). The betas are recorded in
-    ``model.config.moe_fast`` so that ``save_pretrained`` / ``moe_fast.save`` remember them.
+    Calling it again changes the betas and returns the same handle (idempotent otherwise). The
+    betas are recorded in ``model.config.moe_fast`` so that ``save_pretrained`` / ``moe_fast.save``
+    remember them. The model stays the caller's: ``handle.model`` is it.
     """
     fast_experts.register()
     adapter = get_adapter(model)
@@ -156,17 +230,24 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
     E = int(blocks[0].router.weight.shape[0])
     if not (1 <= k <= min(8, E) and E <= 512):
         raise ValueError(f"moe_fast.patch: the fused router supports up to 512 experts and top-k <= 8; got E={E}, k={k}")
-    per_layer = normalize_betas(betas, [ref.layer for ref in blocks], k)
+    layers = [ref.layer for ref in blocks]
+    per_layer = normalize_betas(betas, layers, k)
     for ref in blocks:
         _experts_config(ref.experts)
         for attr in ("weight", "top_k", "hidden_dim"):
             if not hasattr(ref.router, attr):
                 raise ValueError(f"moe_fast.patch: {type(ref.router).__name__} lacks .{attr}; unsupported router")
 
-    if not is_patched(model):
+    handle = patch_handle(model)
+    if handle is None:
         previous = getattr(_experts_config(blocks[0].experts), "_experts_implementation", None)
-        model._moe_fast_patch = PatchState(previous, [ref.layer for ref in blocks])
+        handle = PatchHandle(model, tuple(blocks), k, previous)
+        model._moe_fast_patch = handle
+    else:
+        handle.blocks, handle.top_k = tuple(blocks), k
     for ref in blocks:
+        plans = fast_experts.PlanChannel()
+        setattr(ref.experts, fast_experts.PLAN_CHANNEL_ATTR, plans)
         ref.router._moe_fast = RouterState(
             layer=ref.layer,
             spec=adapter.routing(),
@@ -174,53 +255,28 @@ def patch(model: nn.Module, betas: BetaSpec = None) -> nn.Module:
             logits=adapter.compute_router_logits,
             scores_float32=adapter.router_scores_float32,
             beta=per_layer[ref.layer],
-            experts=ref.experts,
+            plans=plans,
         )
         ref.router.forward = types.MethodType(_fused_router_forward, ref.router)
     _set_experts_implementation(model, blocks, fast_experts.NAME)
-    set_record_entry(model.config, SKIPPING_KEY, skipping_record(betas, [ref.layer for ref in blocks], k))
-    skipping = sum(per_layer[ref.layer] is not None for ref in blocks)
+    set_record_entry(model.config, SKIPPING_KEY, skipping_record(betas, layers, k))
+    skipping = sum(per_layer[layer] is not None for layer in layers)
     log.info("moe_fast: patched %d MoE blocks (%s), skipping on %d", len(blocks), adapter.family, skipping)
-    return model
+    return handle
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Restores the stock routers and the experts implementation the model had before ``patch``."""
-    state = getattr(model, "_moe_fast_patch", None)
-    if not isinstance(state, PatchState):
-        return model
-    adapter = get_adapter(model)
-    blocks = adapter.moe_blocks(model)
-    for ref in blocks:
-        ref.router.__dict__.pop("forward", None)
-        ref.router.__dict__.pop("_moe_fast", None)
-        ref.experts.__dict__.pop("_moe_fast_plan", None)
-    _set_experts_implementation(model, blocks, state.previous_experts_implementation)
-    remove_record_entry(model.config, SKIPPING_KEY)
-    del model._moe_fast_patch
-    return model
+def unpatch(model: nn.Module | PatchHandle) -> nn.Module:
+    """Restores the stock routers and the experts implementation the model had before ``patch``.
+
+    Takes the model or the handle ``patch`` returned; returns the model (unchanged when not patched).
+    """
+    if isinstance(model, PatchHandle):
+        return model.unpatch()
+    handle = patch_handle(model)
+    return model if handle is None else handle.unpatch()
 
 
 def current_betas(model: nn.Module) -> dict[int, list[float] | None]:
     """{layer: betas or None} of a patched model ({} when not patched)."""
-    if not is_patched(model):
-        return {}
-    return {ref.layer: ref.router._moe_fast.beta for ref in get_adapter(model).moe_blocks(model)}
-
-
-def suspend_skipping(model: nn.Module) -> Any:
-    """Turns skipping off on a patched model (for calibration); returns what ``resume_skipping`` needs."""
-    if not is_patched(model):
-        return None
-    saved = {}
-    for ref in get_adapter(model).moe_blocks(model):
-        saved[ref.layer] = ref.router._moe_fast.beta
-        ref.router._moe_fast.beta = None
-    return saved
-
-
-def resume_skipping(model: nn.Module, saved: Any) -> None:
-    if not saved:
-        return
-    for ref in get_adapter(model).moe_blocks(model):
-        ref.router._moe_fast.beta = saved[ref.layer]
+    handle = patch_handle(model)
+    return {} if handle is None else handle.betas

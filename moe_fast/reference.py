@@ -1,7 +1,9 @@
 """Plain PyTorch references: the specification of every moe_fast op.
 
 Slow but obviously correct (vectorized, no custom code paths); the kernels are tested against
-these. This module is the specification: routing, skipping and the subset losses are defined here:
+these. No library module imports it (tests/test_imports.py): the plain-torch routing the library
+runs is :mod:`moe_fast.routing_runtime`, checked equal to this one (tests/test_routing_runtime.py).
+This module is the specification: routing, skipping and the subset losses are defined here:
 
 * ``route`` is not differentiable: its weights come back detached (``requires_grad=False``);
   the same holds for ``expert_gram`` and ``subset_loss``. They serve inference and the pruning
@@ -55,21 +57,15 @@ output) is summed per calibration batch.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
+from moe_fast.betas import beta_values, per_slot  # what a beta may be is read in one place
+from moe_fast.ops import RouteResult  # the op's result type, which the spec of the op returns
 from moe_fast.routing_spec import RoutingSpec, softmax_routing
 
 _F32_MAX = torch.finfo(torch.float32).max
-
-
-class RouteResult(NamedTuple):
-    weights: torch.Tensor  # [T, k] float32
-    ids: torch.Tensor  # [T, k] int32, E for a skipped slot
-    counts: torch.Tensor  # [E] int32
-    offsets: torch.Tensor  # [E + 1] int32
-    perm: torch.Tensor  # [T * k] int32
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -77,38 +73,6 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     x = logits.float()
     x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
     return torch.where(x == math.inf, torch.full_like(x, _F32_MAX), x)
-
-
-def beta_entries(beta: float | Sequence[float] | torch.Tensor | None) -> list | None:
-    """beta's entries as a flat list, unconverted (a number is one entry); None stays None.
-
-    The one reading of what a beta may be: a number, a sequence or a tensor. The C++ side of
-    the rule (count and range checks, -log) is ``skip_gaps_from_beta`` in
-    csrc/include/moe_fast/rules.h; the per-layer checks with readable errors are in
-    :mod:`moe_fast.betas`.
-    """
-    if beta is None:
-        return None
-    if isinstance(beta, torch.Tensor):
-        return beta.reshape(-1).tolist()
-    if isinstance(beta, (int, float)):
-        return [beta]
-    entries = None if isinstance(beta, (str, bytes)) else list(beta)
-    if entries is None or any(isinstance(b, (str, bytes)) for b in entries):
-        # A string is a sequence of characters: "0.5" would be read as the betas "0", ".", "5".
-        raise ValueError(f"beta must be a number, a sequence of numbers or a tensor, got {beta!r} (a string is not a number)")
-    return entries
-
-
-def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
-    """beta as a list of floats (one for every slot, or one per slot 1..k-1); None stays None."""
-    entries = beta_entries(beta)
-    return None if entries is None else [float(b) for b in entries]
-
-
-def per_slot(values: list, k: int) -> list:
-    """One value for every slot 1..k-1: a single value stands for all of them (at least one slot)."""
-    return values * max(k - 1, 1) if len(values) == 1 else values
 
 
 def skip_gaps(beta: float | Sequence[float] | torch.Tensor | None, k: int) -> list[float] | None:

@@ -43,7 +43,6 @@ def skip_checkpoint(
     from transformers import AutoConfig
 
     from moe_fast import saving
-    from moe_fast.adapters import get_adapter
     from moe_fast.betas import skipping_record
     from moe_fast.calibration import calibration_fingerprint, load_calibration
     from moe_fast.model_checks import check_device, check_model_dir, model_limits
@@ -70,8 +69,7 @@ def skip_checkpoint(
     with quiet_loading():
         model = load_pretrained(model_path, dtype=from_pretrained_dtype(dtype)).to(device).eval()
     cal = calibrate_skipping(model, ids, quantile=quantile, batch_size=batch_size, progress=progress)
-    adapter = get_adapter(model)
-    record = skipping_record(cal, [ref.layer for ref in adapter.moe_blocks(model)], adapter.top_k)
+    record = skipping_record(cal, cal.layers, cal.top_k)  # the layers the calibration measured
     report = {
         "model": model_path,
         "calibration": {

@@ -2,21 +2,22 @@
 
 The paper's rule (reference.route_spec): slot j >= 1 of a token is skipped when ``w_j < beta_j * w_0``
 on the final weights. beta of a layer is the quantile q (default the median) over calibration
-tokens of ``w_j / w_0`` (``reference.skip_ratios`` under the family's routing, docs/ROUTING.md), so
-that about a fraction q of the tokens skip slot j. What a beta may be and how it is checked:
-:mod:`moe_fast.betas`.
+tokens of ``w_j / w_0`` (``routing_runtime.skip_ratios``, equal to the spec's
+``reference.skip_ratios``, under the family's routing, docs/ROUTING.md), so that about a fraction
+q of the tokens skip slot j. What a beta may be and how it is checked: :mod:`moe_fast.betas`.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from moe_fast import patching, reference
+from moe_fast import patching, routing_runtime
 from moe_fast.adapters import get_adapter
 from moe_fast.betas import SkipCalibration
 
@@ -70,7 +71,8 @@ def calibrate_skipping(
     if not 0.0 < float(quantile) < 1.0:
         raise ValueError(f"moe_fast.calibrate_skipping: quantile must be in (0, 1), got {quantile}")
     adapter = get_adapter(model)
-    blocks = adapter.moe_blocks(model)
+    handle = patching.patch_handle(model)  # a patched model: the blocks patch patched
+    blocks = handle.blocks if handle is not None else adapter.moe_blocks(model)
     k = adapter.top_k
     if k < 2:
         raise ValueError("moe_fast.calibrate_skipping: top-k is 1, there is no second expert to skip")
@@ -82,23 +84,21 @@ def calibrate_skipping(
     def make_hook(layer: int, spec):
         def hook(module, args, output):
             logits = output[0] if isinstance(output, tuple) else output
-            ratios[layer].append(reference.skip_ratios(logits.detach().reshape(-1, logits.shape[-1]), spec).cpu())
+            ratios[layer].append(routing_runtime.skip_ratios(logits.detach().reshape(-1, logits.shape[-1]), spec).cpu())
 
         return hook
 
     handles = [ref.router.register_forward_hook(make_hook(ref.layer, adapter.routing(ref.block))) for ref in blocks]
-    saved = patching.suspend_skipping(model)
     base = adapter.base_model(model)  # runs no head: every model class, same hidden states
     try:
         from tqdm.auto import tqdm
 
-        with torch.inference_mode():
+        with handle.skipping_off() if handle is not None else nullcontext(), torch.inference_mode():
             for batch in tqdm(batches, desc="calibrating skipping", disable=not progress):
                 base(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-        patching.resume_skipping(model, saved)
 
     layers, betas, rates, n_tokens = [], [], [], 0
     for ref in blocks:

@@ -1,4 +1,4 @@
-"""The beta rule's one reading (reference.beta_entries / per_slot) and its per-layer checks (moe_fast.betas)."""
+"""The beta rule's one reading (moe_fast.betas.beta_entries / per_slot) and its per-layer checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_fast import reference
-from moe_fast.betas import SkipCalibration, layer_betas, normalize_betas
+from moe_fast.betas import SkipCalibration, beta_entries, layer_betas, normalize_betas, per_slot
 from moe_fast.skipping import quantile_betas
 
 
@@ -18,13 +18,13 @@ from moe_fast.skipping import quantile_betas
     [(None, None), (0.5, [0.5]), ([0.2, 0.3], [0.2, 0.3]), (torch.tensor([[0.25]]), [0.25]), ((0.1,), [0.1])],
 )
 def test_beta_entries_reads_every_accepted_form(beta, entries):
-    assert reference.beta_entries(beta) == entries
+    assert beta_entries(beta) == entries
 
 
 def test_one_value_stands_for_every_slot():
-    assert reference.per_slot([0.5], 4) == [0.5, 0.5, 0.5]
-    assert reference.per_slot([0.5], 1) == [0.5]  # top-1: one (unused) slot
-    assert reference.per_slot([0.1, 0.2, 0.3], 4) == [0.1, 0.2, 0.3]
+    assert per_slot([0.5], 4) == [0.5, 0.5, 0.5]
+    assert per_slot([0.5], 1) == [0.5]  # top-1: one (unused) slot
+    assert per_slot([0.1, 0.2, 0.3], 4) == [0.1, 0.2, 0.3]
 
 
 def test_skip_gaps_and_layer_betas_read_betas_alike():

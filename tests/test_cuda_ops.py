@@ -27,7 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256, 384, 512) for k in (1, 2, 4, 8) if k <= e]
 
 
-def _assert_route_equal(got: reference.RouteResult, want: reference.RouteResult, what: str) -> None:
+def _assert_route_equal(got: ops.RouteResult, want: ops.RouteResult, what: str) -> None:
     for name in ("ids", "counts", "offsets", "perm"):
         g, w = getattr(got, name).cpu(), getattr(want, name).cpu()
         assert g.dtype == w.dtype == torch.int32, f"{what}: {name} dtype"

@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_fast import baselines
+from helpers import criteria_reference
+from moe_fast.export import export_selection
+from moe_fast.pruning.strategies import criteria
 from moe_fast.models import SMALL_MIXTRAL_DIR
 
 
@@ -28,23 +30,23 @@ def _tiny() -> MixtralForCausalLM:
 
 
 def test_selectors():
-    assert baselines.select_frequency([3, 9, 9, 1, 0, 5], 3) == [1, 2, 5]
-    assert baselines.select_frequency([1, 1, 1, 1], 2) == [0, 1]  # ties: lower index
-    assert baselines.select_saliency(torch.tensor([0.1, 0.5, 0.2, 0.9]), 2) == [1, 3]
-    picks = baselines.select_random(8, 4, 7)
-    assert picks == sorted(picks) and len(set(picks)) == 4 and picks == baselines.select_random(8, 4, 7)
-    assert len({tuple(baselines.select_random(8, 4, s)) for s in range(10)}) > 1
+    assert criteria.top_scores([3, 9, 9, 1, 0, 5], 3) == [1, 2, 5]
+    assert criteria.top_scores([1, 1, 1, 1], 2) == [0, 1]  # ties: lower index
+    assert criteria.top_scores(torch.tensor([0.1, 0.5, 0.2, 0.9]), 2) == [1, 3]
+    picks = criteria.select_random(8, 4, 7)
+    assert picks == sorted(picks) and len(set(picks)) == 4 and picks == criteria.select_random(8, 4, 7)
+    assert len({tuple(criteria.select_random(8, 4, s)) for s in range(10)}) > 1
     with pytest.raises(ValueError):
-        baselines.select_frequency([1, 2], 3)
+        criteria.top_scores([1, 2], 3)
     with pytest.raises(ValueError, match="unknown criterion"):
-        baselines.select("magnitude", 8, 4, [0])
+        criteria.canonical_criterion("magnitude")
 
 
 @pytest.mark.numerics
 def test_routing_stats_match_brute_force():
     model = _tiny()
     ids = torch.randint(0, 200, (3, 16))
-    stats = baselines.routing_stats(model, ids, batch_size=2, progress=False)
+    stats = criteria_reference.routing_stats(model, ids, batch_size=2, progress=False)
     # independent reference: record each block's input, route it with the definition, run each expert
     inputs = {}
     hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(a[0].detach()))
@@ -82,7 +84,7 @@ def test_apply_selection_writes_a_pruned_checkpoint(tmp_path):
     src = str(tmp_path / "src")
     model.save_pretrained(src)
     kept = {0: [1, 3, 4, 5], 1: [0, 2, 3, 5]}
-    out = baselines.apply_selection(src, kept, str(tmp_path / "out"), {"criterion": "test"})
+    out = export_selection(src, kept, str(tmp_path / "out"), {"criterion": "test"})
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     assert pruned.config.num_local_experts == 4
     for li, keep in kept.items():
@@ -101,7 +103,7 @@ def test_masked_scoring_equals_the_exported_checkpoint(tmp_path):
     src = str(tmp_path / "src")
     model.save_pretrained(src)
     kept = {0: [0, 2, 3, 5], 1: [1, 2, 4, 5]}
-    out = baselines.apply_selection(src, kept, str(tmp_path / "out"), {"criterion": "test"})
+    out = export_selection(src, kept, str(tmp_path / "out"), {"criterion": "test"})
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 200, (2, 16))
     with torch.no_grad(), masked(model, kept) as blocks:

@@ -1,7 +1,8 @@
 """Data-parallel calibration on torch.distributed (Gloo, 2 CPU processes).
 
 The selections of 2 ranks sharing the calibration batches must equal one process's selections
-on the same tokens, for both modes and both objectives and for beam search; a rank with bad input
+on the same tokens, for both modes and both objectives, for beam search and for the statistic
+criteria; a rank with bad input
 must stop the whole job with its error instead of leaving the other rank waiting.
 """
 
@@ -30,6 +31,9 @@ CASES = [("layerwise", "paper", "exhaustive", None), ("progressive", "paper", "e
          ("layerwise", "paper", "exhaustive", True), ("progressive", "mse", "exhaustive", True)]
 
 
+CRITERIA = ("frequency", "reap", "ean")  # statistic criteria: per-expert sums over both ranks' batches
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,6 +58,10 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
             assert report.settings["lazy"] is (search != "exhaustive" if lazy is None else lazy)
             out[f"{mode}/{objective}/{search}/{lazy}"] = {
                 str(i): [r.dropped, r.loss, r.expert_outputs_per_token] for i, r in report.layers.items()}
+        for criterion in CRITERIA:
+            _, report = moe_fast.prune(tiny_mixtral(21, layers=3), _ids(), 4, criterion=criterion, batch_size=BATCH,
+                                       progress=False, return_model=False)
+            out[criterion] = {str(i): [r.kept, r.criterion_scores] for i, r in report.layers.items()}
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
@@ -82,6 +90,13 @@ def test_two_ranks_select_what_one_process_selects(tmp_path, one_thread) -> None
                                     beam_width=2, batch_size=BATCH, progress=False, lazy=True)
             for i, r in one.layers.items():
                 assert got[str(i)][2] == pytest.approx(r.expert_outputs_per_token, abs=1e-4), (mode, objective, search, i)
+    for criterion in CRITERIA:
+        one = moe_fast.prune(copy.deepcopy(model), _ids(), 4, criterion=criterion, batch_size=BATCH, progress=False,
+                             return_model=False).report
+        for i, r in one.layers.items():
+            kept, scores = ranks[0][criterion][str(i)]
+            assert kept == r.kept, (criterion, i)
+            assert scores == pytest.approx(r.criterion_scores, rel=1e-9, abs=1e-12), (criterion, i)
 
 
 def _torchrun(args: list[str], tmp_path, timeout: float = 120) -> subprocess.CompletedProcess:

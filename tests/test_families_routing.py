@@ -107,7 +107,7 @@ def test_patch_bfloat16_within_transformers_eager_vs_grouped_mm_gap(family):
     with torch.no_grad():
         eager = tiny_model(family, dtype=torch.bfloat16, experts_implementation="eager")(ids).logits.float()
         grouped = tiny_model(family, dtype=torch.bfloat16, experts_implementation="grouped_mm")(ids).logits.float()
-        patched = moe_fast.patch(tiny_model(family, dtype=torch.bfloat16, experts_implementation="eager"))(ids).logits.float()
+        patched = moe_fast.patch(tiny_model(family, dtype=torch.bfloat16, experts_implementation="eager")).model(ids).logits.float()
     gap = (eager - grouped).abs().max()
     assert (patched - eager).abs().max() <= max(2 * gap, 1e-2 * eager.abs().max())
 

@@ -261,7 +261,7 @@ def test_full_model_loads_dequantize_an_mxfp4_checkpoint(tmp_path):
     patched = moe_fast.from_pretrained(out, dtype=torch.float32)  # MXFP4 and a skipping record
     betas = current_betas(patched)
     assert sorted(betas) == [0, 1] and all(b is not None for b in betas.values())
-    same = moe_fast.patch(load_dequantized(src, torch.float32), betas=betas)
+    same = moe_fast.patch(load_dequantized(src, torch.float32), betas=betas).model
     with torch.no_grad():
         assert torch.equal(patched(probe).logits, same(probe).logits)
 

@@ -133,3 +133,13 @@ def test_only_the_command_line_imports_the_command_line():
 def test_find_cycle_reports_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_library_code_runs_no_part_of_the_spec():
+    """moe_fast.reference is the specification the tests import: library modules take what they run
+    from moe_fast.routing_runtime (and the op's result type from moe_fast.ops). Only the package
+    itself imports it, to offer ``moe_fast.reference`` to users."""
+    spec = f"{PACKAGE}.reference"
+    users = sorted(module for module, targets in import_graph().items() if spec in targets and module != PACKAGE)
+    assert not users, "library modules import the spec: " + ", ".join(users)
+    assert f"{PACKAGE}.routing_runtime" in import_graph()[f"{PACKAGE}.layer_routing"]

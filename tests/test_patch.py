@@ -117,11 +117,11 @@ def test_experts_skip_index_E_and_plan_from_router_or_indices():
         got = moe_fast_experts_forward(block.experts, x, idx, w)
         want = _loop_experts(block.experts, x, idx, w)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-        # The plan stashed by the patched router is used for its own indices only.
+        # The plan the patched router puts in its channel is used for its own indices only.
         moe_fast.patch(model, betas=0.7)
         _, scores, indices = block.gate(x)
         from_router = moe_fast_experts_forward(block.experts, x, indices, scores)
-        block.gate(x)  # stashes a plan for other (equal-valued) indices
+        block.gate(x)  # puts a plan for other (equal-valued) indices
         rebuilt = moe_fast_experts_forward(block.experts, x, indices.clone(), scores)
         want = _loop_experts(block.experts, x, indices, scores)
     assert (indices == E).any()

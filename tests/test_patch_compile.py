@@ -26,7 +26,7 @@ def _ids(batch: int = 2, length: int = 6) -> torch.Tensor:
 
 def _patched(family: str, dtype: torch.dtype, beta: float | None = 0.3) -> torch.nn.Module:
     """Two decoder layers (DeepSeek / GLM: the dense one and one MoE layer), with skipping on."""
-    return moe_fast.patch(tiny_model(family, dtype=dtype, num_hidden_layers=2), beta)
+    return moe_fast.patch(tiny_model(family, dtype=dtype, num_hidden_layers=2), beta).model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -68,7 +68,7 @@ def test_compiled_training_step_gradients_equal_eager(one_thread):
     torch._dynamo.reset()
     grads = []
     for compiled in (False, True):
-        model = moe_fast.patch(tiny_model("mixtral", num_hidden_layers=1))
+        model = moe_fast.patch(tiny_model("mixtral", num_hidden_layers=1)).model
         fn = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
         fn(_ids(), labels=_ids()).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

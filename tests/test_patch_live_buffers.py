@@ -56,7 +56,7 @@ def _new_biases(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", BIASED)
 def test_load_state_dict_assign_after_patch(family, one_thread):
-    model = moe_fast.patch(tiny_model(family, seed=0))
+    model = moe_fast.patch(tiny_model(family, seed=0)).model
     other = tiny_model(family, seed=1)
     state = other.state_dict() | _new_biases(other, 5)
     other.load_state_dict(state)
@@ -66,7 +66,7 @@ def test_load_state_dict_assign_after_patch(family, one_thread):
 
 @pytest.mark.parametrize("family", BIASED)
 def test_reassigned_bias_buffer_after_patch(family, one_thread):
-    model = moe_fast.patch(tiny_model(family))
+    model = moe_fast.patch(tiny_model(family)).model
     stock = tiny_model(family)
     for name, bias in _new_biases(model, 7).items():
         for m in (model, stock):
@@ -94,7 +94,7 @@ def test_meta_patch_to_empty_and_reload(family, one_thread):
 
 @pytest.mark.parametrize("family", BIASED)
 def test_model_to_other_dtype_after_patch(family, one_thread):
-    model = moe_fast.patch(tiny_model(family))
+    model = moe_fast.patch(tiny_model(family)).model
     stock = tiny_model(family)
     with torch.no_grad():
         for m in (model, stock):
@@ -109,7 +109,7 @@ def test_model_to_other_dtype_after_patch(family, one_thread):
 
 @pytest.mark.parametrize("family", ROUTING_FAMILIES + ["mixtral", "qwen3_moe"])
 def test_all_tensors_of_a_patched_model_are_parameters_or_buffers(family):
-    model = moe_fast.patch(tiny_model(family))
+    model = moe_fast.patch(tiny_model(family)).model
     registered = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
 
     def loose(value, where: str):
@@ -140,7 +140,7 @@ def test_all_tensors_of_a_patched_model_are_parameters_or_buffers(family):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 @pytest.mark.parametrize("family", BIASED)
 def test_model_to_cuda_after_patch(family):
-    model = moe_fast.patch(tiny_model(family))
+    model = moe_fast.patch(tiny_model(family)).model
     stock = tiny_model(family)
     for m in (model, stock):
         m.load_state_dict(m.state_dict() | _new_biases(m, 13))

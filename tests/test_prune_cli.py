@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moe_fast
-import moe_fast.pruning.layer_phases as phases_mod
+import moe_fast.pruning.strategies.reconstruction as phases_mod
 import moe_fast.pruning.pipeline as prune_mod
 import moe_fast.pruning.progress as progress_mod
 from moe_fast.cli import main

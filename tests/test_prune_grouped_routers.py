@@ -433,7 +433,7 @@ def test_plan_bounds_the_grouped_search_and_refuses_an_uneven_keep(tmp_path):
 
 
 def test_resume_after_an_interrupted_grouped_run(tmp_path, monkeypatch):
-    import moe_fast.pruning.layer_phases as phases_mod
+    import moe_fast.pruning.strategies.reconstruction as phases_mod
 
     src = save_checkpoint(_model("deepseek_v3", seed=5), tmp_path / "src")
     ids = _ids(11)

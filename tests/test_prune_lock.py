@@ -27,7 +27,7 @@ RACER = textwrap.dedent(
     import contextlib, io, json, os, sys, time
     import torch
     torch.set_num_threads(1)
-    import moe_fast.pruning.layer_phases as phases_mod
+    import moe_fast.pruning.strategies.reconstruction as phases_mod
     from moe_fast.cli import main
 
     real = phases_mod.run_search

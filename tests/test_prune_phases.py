@@ -11,7 +11,8 @@ import torch
 from moe_fast.pruning.calibration_batches import CalibrationBatches
 from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.hidden_states import HiddenStates, _forward_layer, patched_forward
-from moe_fast.pruning.layer_phases import BoundedScores, LayerPruner, LazyScores, open_layer
+from moe_fast.pruning.layer_phases import LayerPruner, open_layer
+from moe_fast.pruning.strategies.reconstruction import BoundedScores, LazyScores
 from moe_fast.pruning.lazy_outputs import LazyOutputs
 from moe_fast.pruning.settings import SearchSpec
 from moe_fast.pruning.source import LoadedSource

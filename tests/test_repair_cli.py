@@ -28,7 +28,7 @@ def test_cli_repair(tmp_path, capsys, repair, table_word) -> None:
         main(["prune", src, "--keep", "4", "--calib", calib, "--out", bad, "--repair", "bogus"])
     assert exit_info.value.code == 2
     assert main(["prune", src, "--keep", "4", "--calib", calib, "--out", bad, "--repair", repair,
-                 "--criterion", "frequency", "--no-progress"]) == 2
+                 "--criterion", "frequency", "--search", "beam", "--no-progress"]) == 2  # a criterion has no search
     assert not os.path.exists(bad)
     capsys.readouterr()
     out = str(tmp_path / "out")
@@ -44,3 +44,10 @@ def test_cli_repair(tmp_path, capsys, repair, table_word) -> None:
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["moe_fast"]["pruning"]["repair"] == repair
     AutoModelForCausalLM.from_pretrained(out)
+    # after a statistic criterion's selection, too
+    after_reap = str(tmp_path / "after_reap")
+    assert main(["prune", src, "--keep", "4", "--calib", calib, "--out", after_reap, "--repair", repair,
+                 "--criterion", "reap", "--batch-size", "4", "--no-progress"]) == 0
+    with open(os.path.join(after_reap, "config.json")) as f:
+        record = json.load(f)["moe_fast"]["pruning"]
+    assert record["repair"] == repair and record["criterion"] == "reap"

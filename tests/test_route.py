@@ -14,7 +14,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EK = [(e, k) for e in (1, 2, 3, 8, 60, 64, 128, 256, 384, 512) for k in (1, 2, 4, 8) if k <= e]
 
 
-def assert_route_equal(got: reference.RouteResult, want: reference.RouteResult) -> None:
+def assert_route_equal(got: ops.RouteResult, want: ops.RouteResult) -> None:
     assert torch.equal(got.ids.cpu(), want.ids), "ids differ"
     torch.testing.assert_close(got.weights.cpu(), want.weights, atol=1e-6, rtol=1e-5)
     assert torch.equal(got.counts.cpu(), want.counts), "counts differ"

@@ -137,7 +137,7 @@ def _build(seed: int) -> DeepseekV3ForCausalLM:
 
 
 def test_patched_deepseek_v3_with_the_test_suite_config_equals_stock(one_thread):
-    stock, patched = _build(0), moe_fast.patch(_build(0))
+    stock, patched = _build(0), moe_fast.patch(_build(0)).model
     ids = torch.randint(1, 99, (3, 7), generator=torch.Generator().manual_seed(0))
     x = torch.randn(21, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -38,7 +38,7 @@ def specs(E: int, k: int, ties: bool = False) -> list[RoutingSpec]:
     return out
 
 
-def assert_same_routing(got: reference.RouteResult, want: reference.RouteResult, what: str = "") -> None:
+def assert_same_routing(got: ops.RouteResult, want: ops.RouteResult, what: str = "") -> None:
     assert torch.equal(got.ids.cpu(), want.ids), f"ids differ {what}"
     torch.testing.assert_close(got.weights.cpu(), want.weights, atol=1e-6, rtol=1e-5, msg=lambda m: f"{what}: {m}")
     assert torch.equal(got.counts.cpu(), want.counts), f"counts differ {what}"

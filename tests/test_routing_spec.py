@@ -25,7 +25,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
-from moe_fast import reference
+from moe_fast import ops, reference
 from moe_fast.adapters import ADAPTERS, get_adapter
 from moe_fast.routing_spec import RoutingSpec, routing_spec_from_config, softmax_routing
 from helpers.logits import special_logits
@@ -34,7 +34,7 @@ H = 16
 
 
 # --- today's softmax route, frozen: route_spec must reproduce it bit for bit --------------------
-def legacy_route(logits, k, renormalize=True, beta=None, keep=None) -> reference.RouteResult:
+def legacy_route(logits, k, renormalize=True, beta=None, keep=None) -> ops.RouteResult:
     """reference.route as it was before RoutingSpec (issue 13), kept verbatim as the yardstick."""
     T, E = logits.shape
     order, lg = reference.rank_experts(logits, keep)
@@ -55,11 +55,11 @@ def legacy_route(logits, k, renormalize=True, beta=None, keep=None) -> reference
     else:
         weights = kept_p * (top_p.sum(-1, keepdim=True) / kept_p.sum(-1, keepdim=True))
     ids = idx.masked_fill(skipped, E).to(torch.int32)
-    return reference.RouteResult(weights.float(), ids, *reference.dispatch_plan(ids, E))
+    return ops.RouteResult(weights.float(), ids, *reference.dispatch_plan(ids, E))
 
 
-def assert_bitwise(got: reference.RouteResult, want: reference.RouteResult) -> None:
-    for name, a, b in zip(reference.RouteResult._fields, got, want):
+def assert_bitwise(got: ops.RouteResult, want: ops.RouteResult) -> None:
+    for name, a, b in zip(ops.RouteResult._fields, got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), name
         assert torch.equal(torch.isnan(a), torch.isnan(b)), name
 
@@ -118,7 +118,7 @@ def spec_for(family: str, cfg, router) -> RoutingSpec:
     return spec.with_selection_bias(getattr(router, "e_score_correction_bias", None))
 
 
-def assert_same_routing(got: reference.RouteResult, weights: torch.Tensor, indices: torch.Tensor, ordered: bool) -> None:
+def assert_same_routing(got: ops.RouteResult, weights: torch.Tensor, indices: torch.Tensor, ordered: bool) -> None:
     """Same experts per token (as sets; in the same order when ``ordered``), same weight per expert."""
     ids = got.ids.long()
     if ordered:

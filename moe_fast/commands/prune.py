@@ -93,7 +93,9 @@ def register(subparsers) -> None:
         default="reconstruction",
         help="how experts are chosen: the paper's reconstruction loss (default), or: random, "
         "frequency (most often routed), reap (mean over routed tokens of routing weight x expert output norm; "
-        "'saliency' is an alias), ean (mean over routed tokens of the expert output norm)",
+        "'saliency' is an alias), ean (mean over routed tokens of the expert output norm). Every criterion "
+        "streams one layer at a time, resumes and runs under torchrun like the search; routers with expert "
+        "groups keep the same number in every group",
     )
     p.add_argument("--skip", action="store_true", help="also calibrate dynamic skipping on the pruned model")
     add_skip_arguments(p, prefix="skip-")
@@ -115,12 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
     if os.path.isdir(args.model):
         check_model_dir(args.model)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error, nothing written
-    if args.criterion != "reconstruction":
-        if args.repair:
-            raise ValueError("--repair works with --criterion reconstruction only (for now)")
-        run_baseline(args)
-    else:
-        run_reconstruction(args)
+    run_prune(args)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 wrote the checkpoint and reports
         return 0
     if args.skip:
@@ -148,26 +145,9 @@ def _calibration_options(args: argparse.Namespace) -> dict:
     return dict(n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, progress=not args.no_progress)
 
 
-def run_baseline(args: argparse.Namespace) -> None:
-    from moe_fast.baselines import prune_baseline
-
-    kept, _ = prune_baseline(
-        args.model,
-        args.calib,
-        args.keep,
-        args.criterion,
-        args.out,
-        batch_size=args.batch_size,
-        device=args.device or "cpu",
-        **_calibration_options(args),
-    )
-    print(f"criterion {args.criterion}: kept experts per layer")
-    for layer, experts in sorted(kept.items()):
-        print(f"  layer {layer}: {experts}")
-
-
-def run_reconstruction(args: argparse.Namespace) -> None:
-    """Under torchrun (WORLD_SIZE > 1) the ranks share the calibration batches (NCCL/Gloo)."""
+def run_prune(args: argparse.Namespace) -> None:
+    """Every criterion through ``moe_fast.prune``; under torchrun (WORLD_SIZE > 1) the ranks share
+    the calibration batches (NCCL/Gloo)."""
     from moe_fast.pruning import distributed, prune
 
     device = distributed.init_from_env(args.device)
@@ -215,6 +195,7 @@ def _prune(args: argparse.Namespace, prune, device):
             return_model=False,
             recompute_outputs=_recompute(args.recompute_outputs),
             repair=args.repair,
+            criterion=args.criterion,
             **_calibration_options(args),
         )
     except RankFailed as err:

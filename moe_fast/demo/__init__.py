@@ -242,13 +242,13 @@ def _score(model, refs, tasks, kept, betas, num_moe: int, s: Settings, timings: 
 
 
 def _export_checkpoints(path: str, selections: list[Selection], folder: str, tokenizer) -> None:
-    from moe_fast.baselines import apply_selection
+    from moe_fast.export import export_selection
 
     os.makedirs(folder)
     for sel in selections:
         if sel.seed in (None, 0) or sel.method == "random":
             name = f"{sel.method}_r{sel.num_keep}_{sel.calib or 'none'}_s{sel.seed}"
-            apply_selection(path, sel.kept_dict, os.path.join(folder, name),
+            export_selection(path, sel.kept_dict, os.path.join(folder, name),
                             {"criterion": sel.method, "keep": sel.num_keep, "calibration": sel.calib, "seed": sel.seed}, tokenizer)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moe_fast import ops, reference
+from moe_fast import ops, routing_runtime
 from moe_fast.adapters import MoEAdapter
 from moe_fast.layer_routing import ranked_ids
 from moe_fast.masked_forward import run_experts
@@ -34,14 +34,14 @@ def ranked_plan(
     num_experts = logits.shape[1]
     if spec is not None and not spec.is_plain_softmax:
         ids = ranked_ids(logits, m, spec)
-        _, offsets, perm = reference.dispatch_plan(ids.cpu(), num_experts)
+        _, offsets, perm = routing_runtime.dispatch_plan(ids.cpu(), num_experts)
         return ids, offsets.tolist(), perm.to(logits.device)
     if m <= 8:
         r = ops.route(logits, m)
         return r.ids, r.offsets.tolist(), r.perm
-    order, _ = reference.rank_experts(logits)
+    order, _ = routing_runtime.rank_experts(logits)
     ids = order[:, :m].to(torch.int32).contiguous()
-    _, offsets, perm = reference.dispatch_plan(ids.cpu(), num_experts)
+    _, offsets, perm = routing_runtime.dispatch_plan(ids.cpu(), num_experts)
     return ids, offsets.tolist(), perm.to(logits.device)
 
 

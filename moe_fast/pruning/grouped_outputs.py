@@ -7,7 +7,7 @@ every token afresh (``layer_routing.route_candidates``), and a (token, expert) o
 once, the first time some candidate chooses it (the unpruned top-k come with the layer forward).
 The outputs live in a pool indexed by a [T, E] map (-1: not computed), so memory follows the
 outputs computed. The errors are summed in float64 (the specification is
-``reference.grouped_subset_loss``).
+``routing_runtime.grouped_subset_loss``).
 
 Backward elimination scores a child (a frontier set plus one expert) against its parent's
 per-token state: dropping an expert that is neither among a token's chosen experts nor at least
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import reference
+from moe_fast import routing_runtime
 from moe_fast.adapters import MoEAdapter
 from moe_fast.layer_routing import route_candidates
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
@@ -157,7 +157,7 @@ class GroupedOutputs:
 
     def group_errors(self, keep: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Squared errors [C, G] float64 of keep-sets [C, E] over this rank's tokens, computing the
-        outputs their routing chooses and the pool lacks (``reference.grouped_subset_loss``).
+        outputs their routing chooses and the pool lacks (``routing_runtime.grouped_subset_loss``).
         Tokens a candidate routes as the unpruned router keep the unpruned error."""
         C = keep.shape[0]
         out = torch.zeros(C, num_groups, dtype=torch.float64)
@@ -216,7 +216,7 @@ class GroupedOutputs:
         step = max(1, GATHER_ELEMENTS // max(1, E))
         for lo in range(0, T, step):
             hi = min(T, lo + step)
-            choice = reference.sigmoid_choice(self.logits[lo:hi], self.spec)[1].masked_fill(~keep, -math.inf)
+            choice = routing_runtime.sigmoid_choice(self.logits[lo:hi], self.spec)[1].masked_fill(~keep, -math.inf)
             grouped = choice.view(hi - lo, G, E // G)
             second = torch.topk(grouped, min(2, E // G), dim=-1).values[..., -1:]  # [n, G, 1]
             critical[lo:hi] |= (grouped >= second).reshape(hi - lo, E) & keep

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_fast import ops, reference
+from moe_fast import ops, routing_runtime
 from moe_fast.pruning.lazy_outputs import LazyOutputs
 
 def first_kept(order: torch.Tensor, dropped: torch.Tensor, n: int) -> torch.Tensor:
@@ -74,7 +74,7 @@ def gather_gram(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -
     if n and bool((slots >= depth.unsqueeze(1)).any()):
         raise RuntimeError("a token needs a rank beyond those computed: extend it first")
     if not store.hold_outputs:  # lean: read in place, no flat copy
-        ia, ib = reference.triu_pairs(W)
+        ia, ib = routing_runtime.triu_pairs(W)
         a, b = slots.index_select(1, ia.to(slots.device)), slots.index_select(1, ib.to(slots.device))
         return store.lean_entries(tokens, torch.minimum(a, b), torch.maximum(a, b))
     flat, start, _, _ = store.flat_entries()
@@ -82,7 +82,7 @@ def gather_gram(store: LazyOutputs, slots: torch.Tensor, tokens: torch.Tensor) -
     s, d = slots.to(itype), depth.to(itype).unsqueeze(1)
     # Token t's packed entry (i, j), i <= j, lies at start + i d - i(i + 1)/2 + j (elementwise ops
     # and index_select: far cheaper on the CPU than advanced indexing and where).
-    ia, ib = reference.triu_pairs(W)
+    ia, ib = routing_runtime.triu_pairs(W)
     a, b = s.index_select(1, ia.to(slots.device)), s.index_select(1, ib.to(slots.device))
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
     idx = start[tokens].to(itype).unsqueeze(1) + lo * d - ((lo * (lo + 1)) >> 1) + hi

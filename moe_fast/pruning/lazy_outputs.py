@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import ops, reference
+from moe_fast import ops, routing_runtime
 from moe_fast.adapters import MoEAdapter
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
 
@@ -43,7 +43,7 @@ def ranking(logits: torch.Tensor, m: int) -> torch.Tensor:
     """Each token's m highest-ranked experts [T, m] int32, in routing order (ties: lower index)."""
     if m <= 8:
         return ops.route(logits, m).ids
-    order, _ = reference.rank_experts(logits)
+    order, _ = routing_runtime.rank_experts(logits)
     return order[:, :m].to(torch.int32).contiguous()
 
 
@@ -80,7 +80,7 @@ def run_pairs(adapter: MoEAdapter, experts: nn.Module, x: torch.Tensor, rows: to
 
 def _pack_index(d: int, m: int, device: torch.device) -> torch.Tensor:
     """Positions of the packed d x d upper triangle inside the packed m x m one (m >= d)."""
-    rows, cols = reference.triu_pairs(d)
+    rows, cols = routing_runtime.triu_pairs(d)
     start = rows * m - rows * (rows - 1) // 2  # gram_index(i, i, m)
     return (start + cols - rows).to(device)
 
@@ -385,7 +385,7 @@ class LazyOutputs:
         placed in the packed d x d triangle of all first d ranks (zeros elsewhere)."""
         n, L = slot.shape
         g, cross, _ = ops.expert_gram(y, z)
-        ia, ib = reference.triu_pairs(L)
+        ia, ib = routing_runtime.triu_pairs(L)
         a, b = slot[:, ia.to(slot.device)], slot[:, ib.to(slot.device)]  # ascending slots: a <= b
         gram = g.new_zeros(n, d * (d + 1) // 2).scatter_(1, a * d - a * (a - 1) // 2 + b - a, g)
         full_cross = None if z is None else g.new_zeros(n, d).scatter_(1, slot, cross)

@@ -46,7 +46,8 @@ from moe_fast.pruning.repair import (
 )
 from moe_fast.pruning.repair_merge import MergeRepair
 from moe_fast.pruning.report import REPORT_NAME, LayerResult, PruneReport, PruneResult, loss_key
-from moe_fast.pruning.settings import SearchSpec, check_arguments, run_settings
+from moe_fast.pruning.settings import SearchSpec, check_arguments, criterion_spec, run_settings
+from moe_fast.pruning.strategies import RunShape, canonical_criterion, make_strategy
 from moe_fast.pruning.source import open_source
 
 __all__ = ["prune", "PruneReport", "PruneResult", "LayerResult", "PARTIAL_SUFFIX", "REPORT_NAME"]
@@ -78,6 +79,7 @@ def prune(
     lazy: bool | None = None,
     recompute_outputs: bool | tuple[int, int] = False,
     repair: str | None = None,
+    criterion: str = "reconstruction",
 ) -> PruneResult:
     """Prunes every MoE layer to ``keep`` experts; returns ``(model, report)``.
 
@@ -127,6 +129,14 @@ def prune(
             before any work: families whose experts are not the
             standard gated ``down_proj(act(gate) * up)`` (gpt-oss), and for lstsq a joint system
             (keep x expert width features) too large for the device (docs/REPAIR.md).
+        criterion: how each layer's experts are chosen: ``reconstruction`` (default: the paper's
+            search above) or a statistic criterion (``pruning.strategies.criteria``): ``frequency``
+            (most often in a token's top-k), ``reap`` (mean routing weight x output norm over the
+            tokens routed to an expert; alias ``saliency``), ``ean`` (the same without the weight),
+            ``random`` (``seed`` draws; no calibration forward unless a repair needs one). Every
+            criterion streams, resumes, runs under torchrun and exports as the search does; a
+            router with expert groups keeps the same number of experts in every group. ``search``,
+            ``lazy`` and ``recompute_outputs`` belong to the search and are refused with a criterion.
         device, dtype: where and in what precision a checkpoint path is computed (default cpu, the
             checkpoint's dtype). A loaded model keeps its dtype; with ``device`` each layer moves
             there while it is processed and back afterwards.
@@ -142,6 +152,7 @@ def prune(
     clock = Timings("calibration", "forward", "expert_outputs", "search")
     check_arguments(mode, objective, batch_size, beam_width, chunk_tokens)
     check_repair_name(repair)
+    criterion = canonical_criterion(criterion)
     device = check_device(device)
     ctx = distributed.current(device)  # data-parallel calibration when a process group is up
     lead = ctx.rank == 0  # writes progress, the checkpoint and the report
@@ -152,7 +163,10 @@ def prune(
         if lead and not resume:
             check_out(out)
         source = open_source(model_or_path, device, dtype)
-        spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
+        if criterion == "reconstruction":
+            spec = SearchSpec.build(source.adapter, keep, search, beam_width, objective, lazy, recompute_outputs)
+        else:
+            spec = criterion_spec(source.adapter, keep, criterion, search, lazy, recompute_outputs)
         check_repair_supported(repair, source.adapter)
         check_repair_fits(repair, source.config, keep, source.device)
         if tokenizer is None and needs_tokenizer(calibration):
@@ -160,7 +174,7 @@ def prune(
         calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed, model_limits(source.config))
         my_batches = ctx.batches(calib.num_batches)
     check_same_on_all_ranks(ctx, calib)
-    settings = run_settings(spec, mode, source, calib.summary, repair)
+    settings = run_settings(spec, mode, source, calib.summary, repair, criterion, seed)
     with claimed(out, ctx, resume) as partial:  # the lock and resume file of <out>.moe_fast_partial
         with ctx.guard():
             finished = completed_output(out, settings) if partial.out_not_empty else None
@@ -176,7 +190,10 @@ def prune(
             report.layers = partial.start(settings, resume)
         report.layers, states_at = ctx.broadcast((report.layers, partial.states_next_layer))
         clock.mark("calibration")
-        pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
+        shape = RunShape(calib.num_batches, calib.num_tokens, chunk_tokens, progress and lead)
+        strategy = make_strategy(criterion, source.adapter, spec, ctx, shape, seed, source.moe_layers())
+        pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens,
+                             progress and lead, strategy)
         states_folder = None if out is None else partial_folder(out)
         repairer = None if repair is None else {"lstsq": LstsqRepair, "merge": MergeRepair}[repair](
             source.adapter, objective, chunk_tokens, ctx)
@@ -189,10 +206,15 @@ def prune(
             repaired.update(restored)
 
         with torch.inference_mode():
-            with ctx.guard(), clock.measure("forward"):
-                stream = HiddenStates(source, calib, my_batches, progressive=mode == "progressive")
-            start = _restore_states(ctx, stream, states_folder, states_at) if report.layers else 0
-            bar = tqdm(range(source.num_layers), desc="layers", disable=not progress or not lead)
+            if not pruner.needs_forward and repairer is None:  # random: no layer needs the calibration tokens
+                _choose_without_forward(pruner, source, report, ctx, partial, settings)
+                stream = None
+                bar = tqdm(range(0), disable=True)
+            else:
+                with ctx.guard(), clock.measure("forward"):
+                    stream = HiddenStates(source, calib, my_batches, progressive=mode == "progressive")
+                bar = tqdm(range(source.num_layers), desc="layers", disable=not progress or not lead)
+            start = _restore_states(ctx, stream, states_folder, states_at) if report.layers and stream is not None else 0
             for index in bar:
                 if index < start:  # carried past it by the restored states
                     continue
@@ -209,7 +231,7 @@ def prune(
                         collected = pruner.collect(stream, layer, block)
                     with clock.measure("search"):
                         scores = pruner.score(collected, desc=f"layer {index}", block=block)
-                        result = report.layers[index] = pruner.choose(scores)
+                        result = report.layers[index] = pruner.choose(scores, index)
                         del collected, scores  # the statistics go before the next layer's come
                     if repairer is not None:
                         with clock.measure("repair"):
@@ -237,6 +259,17 @@ def prune(
     if loaded is None and return_model:
         model = load_pruned(source, report, out if out is not None and lead else None, repaired)
     return PruneResult(model, report)
+
+
+def _choose_without_forward(
+    pruner: LayerPruner, source, report: PruneReport, ctx: distributed.Dist, partial: Progress, settings: dict,
+) -> None:
+    """A strategy that needs no calibration forward (random) chooses every MoE layer at once."""
+    for index in source.moe_layers():
+        if index not in report.layers:
+            report.layers[index] = pruner.choose(None, index)
+    if ctx.rank == 0:
+        partial.save(settings, report, states_next_layer=0)
 
 
 def _save_progress(
@@ -274,8 +307,11 @@ def _restore_states(ctx: distributed.Dist, stream: HiddenStates, folder: str | N
 
 
 def _log_layer(index: int, result: LayerResult, bar) -> None:
-    best = result.loss[loss_key(result.dropped)] if result.dropped else 0.0
-    log.info("layer %d: keep %s, drop %s (loss %.6g)%s", index, result.kept, result.dropped, best, result.lazy_note())
+    if result.criterion_scores is not None or not result.loss:  # a statistic criterion: no candidate losses
+        log.info("layer %d: keep %s, drop %s (%s)", index, result.kept, result.dropped, result.search)
+    else:
+        best = result.loss[loss_key(result.dropped)] if result.dropped else 0.0
+        log.info("layer %d: keep %s, drop %s (loss %.6g)%s", index, result.kept, result.dropped, best, result.lazy_note())
     if result.repair is not None:
         rep = result.repair
         detail = f"ridge {rep['ridge']}" if rep["method"] == "lstsq" else f"strength {rep['strength']}, into {rep['into']}"

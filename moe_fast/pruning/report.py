@@ -29,6 +29,8 @@ class LayerResult:
     # repair: loss_before / loss_after (the run's objective, weights as stored), and per method: lstsq
     # ridge, ... (``pruning.repair``); merge strength, into, cosine, mass (``pruning.repair_merge``)
     repair: dict | None = None
+    # statistic criteria (frequency, reap, ean): the per-expert scores the layer kept the largest of
+    criterion_scores: list[float] | None = None
 
     def lazy_note(self) -> str:
         """'; 2.41 expert outputs/token, 12 scored exactly, 58 discarded by bound' (empty without lazy search)."""
@@ -64,6 +66,8 @@ class PruneReport:
             "kept_experts": {str(i): r.kept for i, r in sorted(self.layers.items())},
             "objective": s["objective"], "mode": s["mode"], "search": s["search"], "calibration": s["calibration"],
         }
+        if s.get("criterion") is not None:
+            record["criterion"] = s["criterion"]
         if s.get("repair") is not None:
             record["repair"] = s["repair"]
         return record
@@ -110,7 +114,8 @@ class PruneReport:
     def table(self) -> str:
         """Readable per-layer summary: kept, dropped, the chosen set's loss and the runner-up (the
         smallest loss of another complete set the search scored: as many experts dropped; greedy
-        and beam search also score smaller sets on the way, which are not candidates)."""
+        and beam search also score smaller sets on the way, which are not candidates). A statistic
+        criterion scores no candidate set: its loss columns are "-"."""
         lines = [f"{'layer':>5}  {'kept':<28} {'dropped':<16} {'loss':>14} {'runner-up':>14} {'evaluated':>9} {'bounded':>7} {'outputs/tok':>11}"]
         for i, r in sorted(self.layers.items()):
             values = r.loss.values()
@@ -118,8 +123,8 @@ class PruneReport:
             bounded = "-" if r.discarded_by_bound is None else str(r.discarded_by_bound)
             outputs = "-" if r.expert_outputs_per_token is None else f"{r.expert_outputs_per_token:.2f}"
             lines.append(
-                f"{i:>5}  {','.join(map(str, r.kept)):<28} {','.join(map(str, r.dropped)):<16} {best:>14.6g} {second:>14.6g} {len(values):>9}"
-                f" {bounded:>7} {outputs:>11}"
+                f"{i:>5}  {','.join(map(str, r.kept)):<28} {','.join(map(str, r.dropped)):<16} {_number(best, r):>14} {_number(second, r):>14}"
+                f" {len(values):>9} {bounded:>7} {outputs:>11}"
             )
         lines += self._repair_lines()
         t = self.timings
@@ -128,11 +133,17 @@ class PruneReport:
         return "\n".join(lines)
 
 
+def _number(value: float, result: LayerResult) -> str:
+    """A loss for the table; "-" for a statistic criterion, which scores no candidate set."""
+    return "-" if not result.loss else f"{value:.6g}"
+
+
 def layer_dict(result: LayerResult) -> dict:
     """A layer's JSON entry; ``repair`` only where a repair ran (reports without one are unchanged)."""
     entry = dict(vars(result))
-    if entry.get("repair") is None:
-        entry.pop("repair", None)
+    for optional in ("repair", "criterion_scores"):
+        if entry.get(optional) is None:
+            entry.pop(optional, None)
     return entry
 
 

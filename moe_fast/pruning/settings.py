@@ -144,6 +144,37 @@ class SearchSpec:
         return cls(num_experts, top_k, num_keep, method, beam_width, objective, use_lazy, recompute=recompute)
 
 
+def criterion_spec(
+    adapter: MoEAdapter, num_keep: int, criterion: str, search: str = "auto", lazy: bool | None = None,
+    recompute_outputs: bool | tuple[int, int] = False,
+) -> SearchSpec:
+    """The spec of a statistic criterion's run (``method`` is the criterion's name): the keep
+    rules as for the search, a grouped router's keep split evenly over its groups; the search's own
+    options are refused, since no search runs."""
+    if search != "auto" or lazy is not None or recompute_outputs:
+        raise ValueError(f"criterion {criterion!r} keeps the highest-scoring experts without a search: search, lazy and "
+                         "recompute_outputs apply to criterion='reconstruction' only (leave them unset)")
+    num_experts, top_k = adapter.num_experts, adapter.top_k
+    if not top_k <= num_keep < num_experts:
+        raise ValueError(f"keep must satisfy top-k ({top_k}) <= keep < number of experts ({num_experts}); got {num_keep}")
+    routing = adapter.routing() if hasattr(adapter, "routing") else None
+    n_group = 1 if routing is None else max(1, int(routing.n_group or 1))
+    if n_group > 1:
+        check_equal_groups(adapter, num_keep, n_group)
+    return SearchSpec(num_experts, top_k, num_keep, criterion, 1, "paper", False)
+
+
+def check_equal_groups(adapter: MoEAdapter, num_keep: int, n_group: int) -> None:
+    """A router with expert groups keeps the same number in each: ``num_keep`` must split evenly
+    and satisfy the adapter's keep rule (refused before any forward)."""
+    E = adapter.num_experts
+    if num_keep % n_group:
+        raise ValueError(f"{adapter.family}'s router has {n_group} expert groups and keeps the same number of experts in "
+                         f"each; keep = {num_keep} does not split into {n_group} equal parts")
+    size, per = E // n_group, num_keep // n_group
+    adapter.check_keep([g * size + j for g in range(n_group) for j in range(per)])
+
+
 def resolve_recompute(value: bool | tuple[int, int] | list[int], top_k: int, rank_bound: int) -> tuple[int, int] | None:
     """``recompute_outputs`` as (first ranks, lookahead): False -> None, True -> the defaults
     (2k + 2 first ranks, lookahead ceil(3k/4): 18 and 6 for k = 8, the setting that met both goals
@@ -165,9 +196,13 @@ def resolve_recompute(value: bool | tuple[int, int] | list[int], top_k: int, ran
 
 
 
-def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: dict, repair: str | None = None) -> dict:
+def run_settings(
+    spec: SearchSpec, mode: str, source: LayerSource, calibration: dict, repair: str | None = None,
+    criterion: str = "reconstruction", seed: int | None = None,
+) -> dict:
     """The report's ``settings`` (its keys and their order are part of the report format; ``repair``
-    appears only when a repair ran, so that runs without one keep their reports as they were)."""
+    and ``criterion`` appear only when a repair ran or a statistic criterion chose, so that
+    reconstruction runs without a repair keep their reports as they were). ``seed``: random's draw."""
     settings = {
         "keep": spec.num_keep, "num_experts": spec.num_experts, "top_k": spec.top_k, "mode": mode,
         "objective": spec.objective, "search": spec.method,
@@ -179,4 +214,6 @@ def run_settings(spec: SearchSpec, mode: str, source: LayerSource, calibration: 
     }
     if repair is not None:
         settings["repair"] = repair
+    if criterion != "reconstruction":
+        settings.update(criterion=criterion, rank_bound=None, **({"seed": seed} if criterion == "random" else {}))
     return settings

@@ -48,6 +48,15 @@ class LayerSource:
     def layer_kwargs(self, hidden: torch.Tensor) -> dict:
         return self.adapter.layer_call_kwargs(self.config, self.rotary, hidden)
 
+    def moe_layers(self) -> list[int]:
+        """Indices of the decoder layers with an MoE block, as the adapter finds them in the model
+        (a checkpoint's skeleton on the meta device: no weights read)."""
+        layers = self.adapter.decoder_layers(self._layers_model())
+        return [i for i, layer in enumerate(layers) if self.adapter.moe_block(layer) is not None]
+
+    def _layers_model(self) -> nn.Module:
+        raise NotImplementedError
+
 
 class LoadedSource(LayerSource):
     """A transformers model already in memory; a layer moves to ``device`` only while it is used.
@@ -64,6 +73,9 @@ class LoadedSource(LayerSource):
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
         self.rotary = self.adapter.base_model(model).rotary_emb
+
+    def _layers_model(self) -> nn.Module:
+        return self.model
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.model.get_input_embeddings()
@@ -133,6 +145,9 @@ class CheckpointSource(LayerSource):
             if exit_fn is not None:
                 exit_fn(None, None, None)
         self._handles.clear()
+
+    def _layers_model(self) -> nn.Module:
+        return self.skeleton
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._embed(ids.to(self.device))
