@@ -2,7 +2,7 @@
 
 The selections of 2 ranks sharing the calibration batches must equal one process's selections
 on the same tokens, for both modes and both objectives, for beam search and for the statistic
-criteria; a rank with bad input
+criteria, and with a repair (its statistics summed over ranks); a rank with bad input
 must stop the whole job with its error instead of leaving the other rank waiting.
 """
 
@@ -32,6 +32,7 @@ CASES = [("layerwise", "paper", "exhaustive", None), ("progressive", "paper", "e
 
 
 CRITERIA = ("frequency", "reap", "ean")  # statistic criteria: per-expert sums over both ranks' batches
+REPAIRS = [("layerwise", "lstsq"), ("progressive", "lstsq"), ("progressive", "merge")]  # statistics summed over ranks
 
 
 def _free_port() -> int:
@@ -62,6 +63,11 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
             _, report = moe_fast.prune(tiny_mixtral(21, layers=3), _ids(), 4, criterion=criterion, batch_size=BATCH,
                                        progress=False, return_model=False)
             out[criterion] = {str(i): [r.kept, r.criterion_scores] for i, r in report.layers.items()}
+        for mode, repair in REPAIRS:
+            model, report = moe_fast.prune(tiny_mixtral(21, layers=3), _ids(), 4, mode=mode, repair=repair,
+                                           batch_size=BATCH, progress=False)
+            out[f"{mode}/{repair}"] = {"layers": {str(i): [r.kept, r.repair] for i, r in report.layers.items()},
+                                       "down_proj": [float(layer.mlp.experts.down_proj.double().sum()) for layer in model.model.layers]}
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
@@ -97,6 +103,20 @@ def test_two_ranks_select_what_one_process_selects(tmp_path, one_thread) -> None
             kept, scores = ranks[0][criterion][str(i)]
             assert kept == r.kept, (criterion, i)
             assert scores == pytest.approx(r.criterion_scores, rel=1e-9, abs=1e-12), (criterion, i)
+    for mode, repair in REPAIRS:
+        model_one, one = moe_fast.prune(copy.deepcopy(model), _ids(), 4, mode=mode, repair=repair, batch_size=BATCH,
+                                        progress=False)
+        got = ranks[0][f"{mode}/{repair}"]
+        for i, r in one.layers.items():
+            kept, entry = got["layers"][str(i)]
+            assert kept == r.kept, (mode, repair, i)
+            assert entry["reverted"] == r.repair["reverted"] and entry.get("ridge_scale") == r.repair.get("ridge_scale")
+            assert entry.get("strength") == r.repair.get("strength"), (mode, repair, i)
+            for key in ("loss_before", "loss_after"):
+                assert entry[key] == pytest.approx(r.repair[key], rel=1e-6), (mode, repair, i, key)
+        assert any(not r.repair["reverted"] for r in one.layers.values()), (mode, repair)  # a repair that did something
+        sums = [float(layer.mlp.experts.down_proj.double().sum()) for layer in model_one.model.layers]
+        assert got["down_proj"] == pytest.approx(sums, rel=1e-5), (mode, repair)
 
 
 def _torchrun(args: list[str], tmp_path, timeout: float = 120) -> subprocess.CompletedProcess:
