@@ -19,6 +19,7 @@ import torch
 
 from engine import Job, load_hf, max_abs_diff, run_vllm
 from families import VLLM_DTYPE, prompts, vllm_engine, write_family_checkpoint
+from gaps import SKIP_GAPS
 from skip_engine import serve_skipping
 
 # Every family whose skipping export vLLM 0.32's CPU build serves: all of moe_fast's, gpt-oss in MXFP4
@@ -128,6 +129,9 @@ def test_vllm_skipping_equals_moe_fast_within_the_family_gap(served, family: str
     print(f"{family}: unskipped gap max {gap[-1]:.2e} q90 {_quantile(gap, TYPICAL_QUANTILE):.2e}; "
           f"skipping gap max {diff[-1]:.2e} q90 {_quantile(diff, TYPICAL_QUANTILE):.2e}; "
           f"skipping's effect max {effect[-1]:.2e} q90 {_quantile(effect, TYPICAL_QUANTILE):.2e}")
+    SKIP_GAPS.setdefault(family, {}).update(
+        {name: (d[-1], _quantile(d, TYPICAL_QUANTILE)) for name, d in (("gap", gap), ("skipping_gap", diff), ("effect", effect))}
+    )
     if family not in VLLM_DTYPE:
         assert diff[-1] <= tolerance, f"{family}: vLLM skipping differs from moe_fast's by {diff[-1]:.3g} (tolerance {tolerance:.3g})"
         assert effect[-1] > 20 * tolerance, f"{family}: skipping changed the log-probs by only {effect[-1]:.3g}"
@@ -149,6 +153,7 @@ def test_vllm_skipping_equals_moe_fast_within_the_family_gap(served, family: str
 def test_vllm_skips_the_same_slots_and_computes_only_the_rest(served, family: str) -> None:
     result, side = _get(served, family)
     counts = {int(layer): c for layer, c in result["counts"].items()}
+    SKIP_GAPS.setdefault(family, {})["skipped"] = [(c["skipped"], side["skipped"].get(layer)) for layer, c in sorted(counts.items())]
     assert sorted(counts) == sorted(side["skipped"]), "vLLM skipped in other layers than moe_fast"
     tokens = sum(len(p) for p in prompts(4, 24))
     for layer, c in counts.items():
