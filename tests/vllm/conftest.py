@@ -47,9 +47,13 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    from gaps import GAPS, table
+    from gaps import GAPS, SKIP_GAPS, skip_table, table
 
     if GAPS:
         terminalreporter.section("vLLM vs transformers: max |log-prob difference| (nats)")
         for line in table():
+            terminalreporter.write_line(line)
+    if SKIP_GAPS:
+        terminalreporter.section("skipping exports: |log-prob difference| (nats), max/q90 over positions")
+        for line in skip_table():
             terminalreporter.write_line(line)

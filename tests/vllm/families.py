@@ -5,10 +5,10 @@ attention takes head sizes of 32 and up, and its DeepSeek-V3 (MLA) path only the
 (qk_nope 128, qk_rope 64, v 128, kv_lora_rank 512), and reads ``scoring_func: "sigmoid"`` and
 ``topk_method: "noaux_tc"`` from config.json (without them it routes by softmax and does not load
 the selection bias): the hub's checkpoints have them, so the source written here has them too (the
-exports add them when a source lacks them: MoEAdapter.serving_config_keys). Everything else is the main suite's tiny model,
-except for the families vLLM serves in bfloat16 only (VLLM_DTYPE): a smaller lm_head (BF16_LM_HEAD_SCALE)
-and, for DeepSeek-V3, no rope part in MLA's scores (_zero_rope_projections), which vLLM's CPU path rotates
-unlike transformers.
+exports add them when a source lacks them: MoEAdapter.serving_config_keys). Everything else is the
+main suite's tiny model, except for the families vLLM serves in bfloat16 only (VLLM_DTYPE: gpt-oss):
+a smaller lm_head (BF16_LM_HEAD_SCALE). DeepSeek-V3 is served in float32 with the engine settings of
+VLLM_ENGINE (see there: vLLM 0.32's CPU rotary-embedding op mis-rotates MLA's queries).
 """
 
 from __future__ import annotations
@@ -34,15 +34,33 @@ MLA = dict(
 )
 
 
-# vLLM's dtype per family (float32 elsewhere): its CPU MLA kernels (DeepSeek-V3) and its CPU experts
-# for gpt-oss (biases, clamped SwiGLU; MXFP4) take only bfloat16 weights. transformers runs these in
-# bfloat16 too (HF_DTYPE): like with like, on the unpruned and the pruned model alike.
-VLLM_DTYPE = {"deepseek_v3": "bfloat16", "gpt_oss": "bfloat16", "gpt_oss_mxfp4": "bfloat16"}
+# vLLM's dtype per family (float32 elsewhere): its CPU experts for gpt-oss (biases, clamped SwiGLU;
+# MXFP4) take only bfloat16 weights. transformers runs these in bfloat16 too (HF_DTYPE): like with
+# like, on the unpruned and the pruned model alike.
+VLLM_DTYPE = {"gpt_oss": "bfloat16", "gpt_oss_mxfp4": "bfloat16"}
 HF_DTYPE = {name: getattr(torch, dtype) for name, dtype in VLLM_DTYPE.items()}
 # lm_head of the bfloat16-served checkpoints scaled by this: logits of std ~0.5 instead of ~2, so that
 # bfloat16's ~1% relative error on the final hidden state moves log-probs by ~1e-2, not ~5e-2 (the
 # routing, which pruning changes, is untouched).
 BF16_LM_HEAD_SCALE = 0.25
+# vllm.LLM settings per family over the dtype. DeepSeek-V3 in float32: on CPUs with AMX vLLM picks its
+# AMX MLA attention, which takes bfloat16 only, so the plain CPU MLA backend is named; and vLLM 0.32's
+# CPU rotary-embedding op (torch.ops._C.rotary_embedding, RotaryEmbedding.forward_cpu) rotates MLA's
+# query wrong: MLA passes it as a [tokens, heads, 64] slice of the [tokens, heads, 192] query (and the
+# shared key as a strided slice of the latent), and the op mis-indexes every head of a 3-D query with
+# more than one head and a strided key (errors up to ~5 on unit-variance inputs; the 2-D query of
+# other models is right; positions 0 are unrotated, so right). That alone put the tiny model 2.6 nats
+# from transformers. With the op disabled (custom_ops "-rotary_embedding": vLLM's PyTorch rotation,
+# forward_native, equal to transformers' interleaved rotation), vLLM serves it 1e-6 from transformers
+# in float32. tests/vllm/test_vllm_rope_cpu.py pins the op's error.
+VLLM_ENGINE = {
+    "deepseek_v3": {"attention_backend": "CPU_MLA", "compilation_config": {"custom_ops": ["-rotary_embedding"]}},
+}
+
+
+def vllm_engine(name: str) -> dict:
+    """``vllm.LLM`` keyword arguments that serve checkpoint ``name`` (a family, or gpt_oss_mxfp4)."""
+    return {"dtype": VLLM_DTYPE.get(name, "float32")} | VLLM_ENGINE.get(name, {})
 
 
 def family_overrides(family: str) -> dict:
@@ -63,23 +81,10 @@ def vllm_tiny_model(family: str, seed: int = 0):
                 attn = layer.self_attn
                 attn.kv_b_proj.weight.mul_((32 / attn.kv_b_proj.weight.shape[1]) ** 0.5)
                 attn.o_proj.weight.mul_((32 / attn.o_proj.weight.shape[1]) ** 0.5)
-                _zero_rope_projections(attn, model.config)
     if family in VLLM_DTYPE:
         with torch.no_grad():
             model.lm_head.weight.mul_(BF16_LM_HEAD_SCALE)
     return model
-
-
-def _zero_rope_projections(attn, config) -> None:
-    """Zeroes the rotary (rope) part of MLA's queries and shared key, so that attention scores are
-    the rope-free part alone. vLLM 0.32's CPU MLA path rotates them unlike transformers
-    (``rope_interleave``): on a one-layer dense DeepSeek-V3 (no MoE) the log-probs agree at position 0
-    (no rotation) and differ by up to 2.6 nats after it; with the rope part zeroed they agree to
-    bfloat16's ~5e-2 (before the lm_head scaling). The rope is no part of what an export changes."""
-    heads, nope, rope = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
-    q = attn.q_b_proj.weight.view(heads, nope + rope, -1)
-    q[:, nope:].zero_()
-    attn.kv_a_proj_with_mqa.weight[config.kv_lora_rank:].zero_()
 
 
 def write_family_checkpoint(family: str, path, seed: int = 0) -> str:

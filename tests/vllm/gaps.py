@@ -5,6 +5,10 @@ after the run by conftest.py so that check_vllm.sh's output states them."""
 from __future__ import annotations
 
 GAPS: dict[str, dict[str, float]] = {}
+# Skipping exports (tests/vllm/test_skipping_families.py): family -> {"gap": unskipped vLLM vs
+# transformers, "skipping_gap": vLLM skipping vs moe_fast, "effect": vLLM skipping vs unskipped
+# transformers}, each a (max, q90) pair over positions, and "skipped": (vLLM, moe_fast) slots per layer.
+SKIP_GAPS: dict[str, dict] = {}
 
 
 def table() -> list[str]:
@@ -15,4 +19,14 @@ def table() -> list[str]:
         if "unpruned_typical" in gap:
             line += f"   {gap['unpruned_typical']:.2e} / {gap['pruned_typical']:.2e} / {gap['typical_tolerance']:.2e}"
         lines.append(line)
+    return lines
+
+
+def skip_table() -> list[str]:
+    """One line per skipping export: max / q90 of its three differences and the skipped slots."""
+    lines = [f"{'family':<14} {'unskipped gap':>19} {'skipping gap':>19} {'skipping effect':>19}   skipped slots per layer (vLLM/moe_fast)"]
+    for name, g in sorted(SKIP_GAPS.items()):
+        cells = " ".join(f"{g[key][0]:>9.2e}/{g[key][1]:.1e}" for key in ("gap", "skipping_gap", "effect"))
+        skipped = " ".join(f"{v}/{m}" for v, m in g.get("skipped", []))
+        lines.append(f"{name:<14} {cells}   {skipped}")
     return lines
