@@ -248,12 +248,31 @@ def test_unsupported_family_refused_before_work(tmp_path, monkeypatch) -> None:
 
 
 def test_statistics_too_large_for_the_device_refused_before_work(tmp_path, monkeypatch) -> None:
-    """Keep 4 of a width-48 Mixtral: n = 192 features, 3 x 192^2 x 8 + 2 x 192 x 32 x 8 bytes."""
+    """Keep 4 of a width-48 Mixtral: n = 192 features, 3 x 192^2 x 4 + 2 x 192 x 32 x 4 bytes in
+    float32 (the smaller of the two statistics dtypes)."""
     _no_forward(monkeypatch)
-    need = 3 * 192 * 192 * 8 + 2 * 192 * 32 * 8
+    need = 3 * 192 * 192 * 4 + 2 * 192 * 32 * 4
     monkeypatch.setattr(repair_mod, "free_bytes", lambda device: need - 1)
-    with pytest.raises(ValueError, match=r"4 x 48 = 192 features: .* GiB \(float64\), more than"):
+    with pytest.raises(ValueError, match=r"4 x 48 = 192 features: .* GiB even in float32 \(.* GiB in float64\), more than"):
         moe_fast.prune(tiny_mixtral(0), calibration_ids(0), 4, out=str(tmp_path / "o"), progress=False, repair="lstsq")
     assert not os.path.exists(str(tmp_path / "o"))
+
+
+def test_float32_statistics_where_float64_does_not_fit(monkeypatch) -> None:
+    """Between the two sizes the statistics are float32: the report says so, and the repair lowers
+    each layer's loss about as much as the float64 one (same selection, same ridge grid)."""
+    ids = calibration_ids(3)
+    wide = moe_fast.prune(tiny_mixtral(3), ids, 4, batch_size=BATCH, progress=False, repair="lstsq").report
+    float64_bytes = 3 * 192 * 192 * 8 + 2 * 192 * 32 * 8
+    monkeypatch.setattr(repair_mod, "free_bytes", lambda device: float64_bytes - 1)
+    narrow = moe_fast.prune(tiny_mixtral(3), ids, 4, batch_size=BATCH, progress=False, repair="lstsq").report
+    assert narrow.kept == wide.kept
+    for i, r in narrow.layers.items():
+        assert r.repair["statistics_dtype"] == "float32" and wide.layers[i].repair["statistics_dtype"] == "float64"
+        assert r.repair["statistics_bytes"] * 2 == wide.layers[i].repair["statistics_bytes"]
+        assert r.repair["loss_after"] < r.repair["loss_before"], i
+        gain64 = wide.layers[i].repair["loss_before"] - wide.layers[i].repair["loss_after"]
+        gain32 = r.repair["loss_before"] - r.repair["loss_after"]
+        assert gain32 == pytest.approx(gain64, rel=0.05), i
 
 

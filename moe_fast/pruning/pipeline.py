@@ -168,7 +168,7 @@ def prune(
         else:
             spec = criterion_spec(source.adapter, keep, criterion, search, lazy, recompute_outputs)
         check_repair_supported(repair, source.adapter)
-        check_repair_fits(repair, source.config, keep, source.device)
+        statistics_dtype = check_repair_fits(repair, source.config, keep, source.device)
         if tokenizer is None and needs_tokenizer(calibration):
             tokenizer = find_tokenizer(source.path, loaded)
         calib = load_batches(calibration, tokenizer, n_samples, seq_len, batch_size, seed, model_limits(source.config))
@@ -195,8 +195,9 @@ def prune(
         pruner = LayerPruner(source.adapter, spec, ctx, calib.num_batches, calib.num_tokens, chunk_tokens,
                              progress and lead, strategy)
         states_folder = None if out is None else partial_folder(out)
-        repairer = None if repair is None else {"lstsq": LstsqRepair, "merge": MergeRepair}[repair](
-            source.adapter, objective, chunk_tokens, ctx)
+        repairer = None if repair is None else (
+            LstsqRepair(source.adapter, objective, chunk_tokens, ctx, statistics_dtype) if repair == "lstsq"
+            else MergeRepair(source.adapter, objective, chunk_tokens, ctx))
         repaired: Repaired = {}  # checkpoint source: layer -> expert -> repaired weights, for the export
         with ctx.guard():  # resume: every rank replays the finished layers with their repaired rows
             restored = load_repaired(states_folder, report.layers) if repairer is not None else {}

@@ -79,10 +79,14 @@ def expert_width(config) -> int:
     return int(width)
 
 
-def statistics_bytes(num_keep: int, width: int, hidden: int) -> int:
+STATISTICS_DTYPES = (torch.float64, torch.float32)  # preferred first: float32 where float64 does not fit
+
+
+def statistics_bytes(num_keep: int, width: int, hidden: int, dtype: torch.dtype = torch.float64) -> int:
     """Peak bytes of one layer's normal equations: two splits' Grams plus one factored copy, and C."""
     n = num_keep * width
-    return 3 * n * n * 8 + 2 * n * hidden * 8
+    size = torch.empty((), dtype=dtype).element_size()
+    return 3 * n * n * size + 2 * n * hidden * size
 
 
 def free_bytes(device: torch.device) -> int:
@@ -92,24 +96,31 @@ def free_bytes(device: torch.device) -> int:
     return available_ram_bytes()
 
 
-def check_repair_fits(repair: str | None, config, num_keep: int, device: torch.device) -> None:
-    """Refuses, before any forward, a run whose joint normal equations (n = keep x expert width)
-    cannot be held on ``device`` (costs: docs/REPAIR.md). The merge holds E x E numbers per layer."""
+def check_repair_fits(repair: str | None, config, num_keep: int, device: torch.device) -> torch.dtype | None:
+    """The dtype of the least-squares statistics: float64 where the joint normal equations
+    (n = keep x expert width) fit ``device``'s free memory, else float32 (half the bytes; the ridge
+    grid's held-out check still picks a well-conditioned solve), else refused before any forward
+    (costs: docs/REPAIR.md). None for the merge, which holds E x E numbers per layer."""
     if repair != "lstsq":
-        return
+        return None
     width, hidden = expert_width(config), int(config.hidden_size)
-    need, free = statistics_bytes(num_keep, width, hidden), free_bytes(device)
-    if need > free:
-        raise ValueError(
-            f"repair={repair!r} holds per layer a joint least-squares system over keep x expert width = "
-            f"{num_keep} x {width} = {num_keep * width} features: {need / 2**30:.1f} GiB (float64), more than the "
-            f"{free / 2**30:.1f} GiB free on {device}; keep fewer experts or use a larger device (docs/REPAIR.md)"
-        )
+    free = free_bytes(device)
+    for dtype in STATISTICS_DTYPES:
+        if statistics_bytes(num_keep, width, hidden, dtype) <= free:
+            return dtype
+    need = statistics_bytes(num_keep, width, hidden, STATISTICS_DTYPES[-1])
+    raise ValueError(
+        f"repair={repair!r} holds per layer a joint least-squares system over keep x expert width = "
+        f"{num_keep} x {width} = {num_keep * width} features: {need / 2**30:.1f} GiB even in float32 "
+        f"({statistics_bytes(num_keep, width, hidden) / 2**30:.1f} GiB in float64), more than the "
+        f"{free / 2**30:.1f} GiB free on {device}; keep fewer experts or use a larger device (docs/REPAIR.md)"
+    )
 
 
 @dataclass
 class _Split:
-    """Normal-equation statistics of one split of the calibration sequences (float64)."""
+    """Normal-equation statistics of one split of the calibration sequences (float64, or float32
+    where float64 does not fit: ``check_repair_fits``)."""
 
     gram: torch.Tensor  # [n, n] sum f f^T (upper blocks filled while streaming, mirrored by ``finish``)
     cross: torch.Tensor  # [n, H] sum f e^T
@@ -166,9 +177,11 @@ class RankSums:
 class LstsqRepair:
     """Refits the kept experts' down projections of one layer at a time (see the module docstring)."""
 
-    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int, ctx: Dist | None = None) -> None:
+    def __init__(self, adapter: MoEAdapter, objective: str, chunk_tokens: int, ctx: Dist | None = None,
+                 statistics_dtype: torch.dtype | None = None) -> None:
         self.adapter, self.objective, self.chunk = adapter, objective, max(1, chunk_tokens)
         self.ranks = RankSums(ctx)
+        self.dtype = statistics_dtype or torch.float64
 
     def run(self, stream: HiddenStates, layer: nn.Module, block: nn.Module, kept: list[int],
             inputs: torch.Tensor) -> tuple[dict, Rows]:
@@ -180,7 +193,7 @@ class LstsqRepair:
         width, hidden = experts.down_proj.shape[2], experts.down_proj.shape[1]
         n = len(kept) * width
         device = experts.down_proj.device
-        fit = _Split(torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros(n, hidden, dtype=torch.float64, device=device))
+        fit = _Split(torch.zeros(n, n, dtype=self.dtype, device=device), torch.zeros(n, hidden, dtype=self.dtype, device=device))
         held = _Split(torch.zeros_like(fit.gram), torch.zeros_like(fit.cross))
         masked = MaskedForward(self.adapter, block, kept, chunk_tokens=self.chunk)
         before: dict[int, float] = {}
@@ -198,7 +211,8 @@ class LstsqRepair:
         scale, chosen, held_errors = self.ranks.same_as_rank_0(_choose_ridge(fit, held))
         entry = {"method": "lstsq", "loss_before": objective_loss(self.objective, before), "loss_after": None, "ridge": None,
                  "ridge_scale": None, "held_out_error_before": held.err_sq, "held_out_error_after": None,
-                 "features": n, "statistics_bytes": statistics_bytes(len(kept), width, hidden), "reverted": False}
+                 "features": n, "statistics_bytes": statistics_bytes(len(kept), width, hidden, self.dtype),
+                 "statistics_dtype": str(self.dtype).replace("torch.", ""), "reverted": False}
         if chosen is None:  # no ridge beat the unrepaired weights on the held-out sequences
             entry["loss_after"] = entry["loss_before"]
             return entry, {}
@@ -220,7 +234,7 @@ class LstsqRepair:
             extra = self.adapter.extra_output(block, xs)
             e = zs.double() - y - (0.0 if extra is None else extra.double())
             split.err_sq += float((e * e).sum())
-            _add_pairs(split, feats, e, width, xs.shape[0])
+            _add_pairs(split, [(tok, a.to(self.dtype)) for tok, a in feats], e.to(self.dtype), width, xs.shape[0])
 
     def _features(self, block: nn.Module, kept: list[int], x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Per kept expert (position p): (its tokens, w * a [n_p, I] float64), and the routed output y [T, H] float64."""
@@ -324,8 +338,12 @@ def _choose_ridge(fit: _Split, held: _Split) -> tuple[float | None, float | None
         return None, None, errors
     for scale in RIDGE_SCALES:
         delta = _solve(fit.gram, fit.cross, scale * base)  # [n, H]
-        err = held.err_sq - 2.0 * float((delta * held.cross).sum()) + float((delta * (held.gram @ delta)).sum())
+        err = held.err_sq - 2.0 * float((delta * held.cross).double().sum()) + float((delta * (held.gram @ delta)).double().sum())
+        if err != err:  # a float32 solve that broke down (NaN): this ridge is not a candidate
+            continue
         errors[scale] = err
+    if not errors:
+        return None, None, errors
     scale = min(errors, key=lambda s: (errors[s], -s))
     if not errors[scale] < held.err_sq:
         return None, None, errors
