@@ -15,7 +15,12 @@ import os
 import pkgutil
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 import moe_fast.commands
+from moe_fast.extras import MissingExtra
+from moe_fast.models import quiet_loading
+from moe_fast.staging import FolderBusy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +46,6 @@ def error_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from moe_fast.extras import MissingExtra
-    from moe_fast.models import quiet_loading
-    from moe_fast.staging import FolderBusy
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

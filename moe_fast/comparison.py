@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moe_fast.evaluation import SkipCounter, data_texts, is_skipping, load_model, tokenize
+from moe_fast.patching import patch
+
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +75,6 @@ class ComparisonResult:
 
 
 def _windows(tokenizer, spec: str, max_tokens: int, seq_len: int) -> torch.Tensor:
-    from moe_fast.evaluation import data_texts, tokenize
-
     ids = tokenize(tokenizer, data_texts(spec), max_tokens)
     n = ids.numel() // seq_len
     if n < 1:
@@ -148,8 +149,6 @@ def compare_models(model_spec: str, base_spec: str, data_specs: list[str], *, dt
                    device: str = "cpu", skip: bool = False, beta: float | None = None, max_tokens: int = 16384,
                    seq_len: int = 256, batch_size: int = 8, top: int = 256, work_dir: str | None = None) -> ComparisonResult:
     """``moe-fast eval MODEL --base BASE --data ...``: the base first, saved to disk, then MODEL."""
-    from moe_fast.evaluation import SkipCounter, is_skipping, load_model
-
     with tempfile.TemporaryDirectory(prefix="moe_fast_base_", dir=work_dir) as tmp:
         base, tokenizer, _ = load_model(base_spec, dtype, device)
         vocab = base.config.vocab_size
@@ -163,8 +162,6 @@ def compare_models(model_spec: str, base_spec: str, data_specs: list[str], *, dt
         gc.collect()
         model, _, _ = load_model(model_spec, dtype, device, skip=skip and beta is None)
         if beta is not None:
-            from moe_fast.patching import patch
-
             patch(model, betas=beta)
         if skip and not is_skipping(model):
             raise ValueError(f"--skip: {model_spec} records no skipping betas in its config; give --beta")

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_fast.adapters import get_adapter
+from moe_fast.calibration import read_texts
+from moe_fast.data.builtin import load_builtin, parse_builtin_spec
+from moe_fast.loading import load_pretrained
 from moe_fast.memory import process_max_rss_bytes, reset_peak_rss, vm_hwm_bytes
+from moe_fast.model_checks import check_model_dir
+from moe_fast.models import quiet_loading, resolve_model
+from moe_fast.patching import current_betas, patch_handle
+from moe_fast.saving import from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +42,10 @@ def data_texts(spec: str) -> str:
     a ``.txt`` file is used whole; ``.json``/``.jsonl`` records' ``text`` fields are joined.
     """
     if spec.startswith("builtin:"):
-        from moe_fast.data.builtin import load_builtin, parse_builtin_spec
-
         _, split = parse_builtin_spec(spec)
         return load_builtin(spec, split=split or "test")
     if not os.path.exists(spec):
         raise FileNotFoundError(f"evaluation data {spec!r} does not exist (give builtin:NAME or a .txt/.jsonl file)")
-    from moe_fast.calibration import read_texts
-
     return "\n\n".join(read_texts(spec))
 
 
@@ -176,9 +180,6 @@ class SkipCounter:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from moe_fast.adapters import get_adapter
-        from moe_fast.patching import patch_handle
-
         self.handles = []
         self.skipped = 0
         self.slots = 0
@@ -276,8 +277,6 @@ def evaluate(
             skips the speed test.
         measure_skips: count skipped slots (default: when the model is patched for skipping).
     """
-    from moe_fast.adapters import get_adapter
-
     t0 = time.perf_counter()
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -325,10 +324,6 @@ def evaluate(
 
 def is_skipping(model: nn.Module) -> bool:
     """Whether the model is patched with skipping thresholds on any layer."""
-    try:
-        from moe_fast.patching import current_betas
-    except ImportError:
-        return False
     return any(b is not None for b in current_betas(model).values())
 
 
@@ -340,20 +335,13 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     """
     from transformers import AutoTokenizer
 
-    from moe_fast.model_checks import check_model_dir
-    from moe_fast.models import quiet_loading, resolve_model
-
     path = resolve_model(spec)
     if os.path.isdir(path):
         check_model_dir(path)  # a truncated or corrupt file, a bad MXFP4 pair: one clear error instead of a traceback
     with quiet_loading():
         if skip:
-            from moe_fast.saving import from_pretrained
-
             model = from_pretrained(path, dtype=dtype)
         else:
-            from moe_fast.loading import load_pretrained
-
             model = load_pretrained(path, dtype=dtype)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -88,7 +88,7 @@ def export_checkpoint(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from moe_fast.pruning.source import checkpoint_weight_map
+    from moe_fast.pruning.source import checkpoint_weight_map  # cycle: moe_fast.pruning's __init__ imports pruning.output, which imports this module
 
     counts = {len(v) for v in kept.values()}
     if len(counts) != 1:

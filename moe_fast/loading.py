@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
+from moe_fast import mxfp4
+
 log = logging.getLogger(__name__)
 
 # from_pretrained arguments that also say where the config is.
@@ -73,8 +75,6 @@ def model_load_kwargs(path: str | os.PathLike, **kwargs) -> dict:
     if "quantization_config" in kwargs:
         return kwargs
     from transformers import AutoConfig
-
-    from moe_fast import mxfp4
 
     config_kwargs = {k: kwargs[k] for k in CONFIG_KWARGS if k in kwargs}
     if mxfp4.is_mxfp4(AutoConfig.from_pretrained(path, **config_kwargs)):

@@ -15,7 +15,11 @@ E8M0's range is bf16's), so dequantizing to bf16 and casting loses nothing.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from moe_fast.checkpoint_check import read_header
 
 # Value of each 4-bit code: e2m1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -102,10 +106,6 @@ def check_checkpoint(path: str, weight_map: dict[str, str], num_experts: int | N
     Why: the export slices blocks and scales one key at a time, so a mismatched pair would
     otherwise be written out as a checkpoint that transformers cannot load.
     """
-    import os
-
-    from moe_fast.checkpoint_check import read_header
-
     pairs: dict[str, dict[str, str]] = {}
     for key in weight_map:
         hit = packed_key(key)

@@ -17,6 +17,8 @@ from torch import nn
 from moe_fast import patching
 from moe_fast.adapters import get_adapter, supported_model_types
 from moe_fast.config_record import SKIPPING_KEY, has_record_entry, record_entry, set_record_entry
+from moe_fast.export import add_serving_keys
+from moe_fast.loading import load_pretrained
 from moe_fast.staging import staged_directory
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def save(
     if patching.is_patched(model) and not has_record_entry(model.config, SKIPPING_KEY):
         raise ValueError("moe_fast.save: patched model lost its config.moe_fast record; call moe_fast.patch again")
     if getattr(model.config, "model_type", None) in supported_model_types():  # what vLLM needs to route as transformers
-        from moe_fast.export import add_serving_keys
-
         add_serving_keys(get_adapter(model), model.config)
     with staged_directory(out, replace=True) as stage:
         tmp = Path(stage)
@@ -82,8 +82,6 @@ def from_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> nn.M
     """
     if model_class is None:
         model_class = saved_model_class(path, **kwargs)
-    from moe_fast.loading import load_pretrained
-
     model = load_pretrained(path, model_class, **kwargs)
     if has_record_entry(model.config, SKIPPING_KEY):
         skipping = record_entry(model.config, SKIPPING_KEY)

@@ -13,7 +13,14 @@ import os
 import shutil
 from pathlib import Path
 
+from moe_fast import saving
+from moe_fast.betas import skipping_record
+from moe_fast.calibration import calibration_fingerprint, load_calibration
 from moe_fast.config_record import CONFIG_KEY, SKIPPING_KEY, merged_record, set_record_entry
+from moe_fast.loading import from_pretrained_dtype, load_pretrained, load_tokenizer
+from moe_fast.model_checks import check_device, check_model_dir, model_limits
+from moe_fast.models import quiet_loading, resolve_model
+from moe_fast.skipping import calibrate_skipping
 from moe_fast.staging import staged_directory
 
 REPORT_NAME = "moe_fast_skip.json"
@@ -39,16 +46,7 @@ def skip_checkpoint(
     ``seq_len`` default to 32 x 512 for text, the whole tensor for ids. Returns the report (also
     written to ``out/moe_fast_skip.json``).
     """
-
     from transformers import AutoConfig
-
-    from moe_fast import saving
-    from moe_fast.betas import skipping_record
-    from moe_fast.calibration import calibration_fingerprint, load_calibration
-    from moe_fast.model_checks import check_device, check_model_dir, model_limits
-    from moe_fast.loading import from_pretrained_dtype, load_pretrained, load_tokenizer
-    from moe_fast.models import quiet_loading, resolve_model
-    from moe_fast.skipping import calibrate_skipping
 
     model_path, out = resolve_model(os.fspath(model_path)), Path(out)
     in_place = out.exists() and Path(model_path).exists() and out.resolve() == Path(model_path).resolve()

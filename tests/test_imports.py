@@ -110,7 +110,7 @@ def _is_cli(module: str) -> bool:
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
-    assert f"{PACKAGE}.models" in graph[f"{PACKAGE}.commands.prune"]  # imported inside run()
+    assert f"{PACKAGE}.pruning" in graph[f"{PACKAGE}.commands.prune"]  # imported inside run_prune()
     assert f"{PACKAGE}.ops" in graph[f"{PACKAGE}.patching"]
 
 
@@ -143,3 +143,57 @@ def test_library_code_runs_no_part_of_the_spec():
     users = sorted(module for module, targets in import_graph().items() if spec in targets and module != PACKAGE)
     assert not users, "library modules import the spec: " + ", ".join(users)
     assert f"{PACKAGE}.routing_runtime" in import_graph()[f"{PACKAGE}.layer_routing"]
+
+
+# Folders the header rule below does not cover yet: moe_fast/vllm_plugin/ is being edited on another
+# branch (its imports of moe_fast modules inside functions are left to that work).
+NOT_YET_CHECKED = ("vllm_plugin",)
+# Why an import of a moe_fast module may stay inside a function, said on its line: "# lazy: ..." (kept
+# out of a start-up: transformers out of `import moe_fast`, the jobs out of the CLI's parser),
+# "# cycle: ..." (the module named imports this one) or "# optional ...".
+REASONS = ("# lazy:", "# cycle:", "# optional")
+
+
+def local_imports_without_a_reason(path: Path, module: str) -> list[int]:
+    """The line of each import of a moe_fast module inside a function whose line gives no reason."""
+    lines = path.read_text().splitlines()
+    found = []
+
+    def visit(node: ast.AST, inside: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if inside and isinstance(child, (ast.Import, ast.ImportFrom)):
+                names = (
+                    [alias.name for alias in child.names]
+                    if isinstance(child, ast.Import)
+                    else [_absolute(module, path, child)]
+                )
+                ours = any(name == PACKAGE or name.startswith(PACKAGE + ".") for name in names)
+                text = " ".join(lines[child.lineno - 1 : child.end_lineno])
+                if ours and not any(reason in text for reason in REASONS):
+                    found.append(child.lineno)
+            visit(child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return found
+
+
+def test_imports_of_moe_fast_modules_sit_in_the_header():
+    """A module's header says what it depends on: an import of a moe_fast module inside a function
+    says on its line why it cannot be at the top (``# lazy:``, ``# cycle:`` or ``# optional``)."""
+    wrong = [
+        f"{path.relative_to(PACKAGE_DIR.parent)}:{line}"
+        for module, path in module_names().items()
+        if not any(part in NOT_YET_CHECKED for part in path.relative_to(PACKAGE_DIR).parts)
+        for line in local_imports_without_a_reason(path, module)
+    ]
+    assert not wrong, "imports of moe_fast modules inside functions, with no '# lazy:'/'# cycle:' reason: " + ", ".join(wrong)
+
+
+def test_the_header_rule_sees_an_import_inside_a_function(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import os\n\n\ndef f():\n    from moe_fast import ops\n    from moe_fast.models import x  # lazy: start-up\n"
+        "    import moe_fast.export\n    from . import staging  # cycle: staging imports this module\n"
+        "    from . import reference\n    import json\n"
+    )
+    assert local_imports_without_a_reason(bad, f"{PACKAGE}.bad") == [5, 7, 9]

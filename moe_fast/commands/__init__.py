@@ -6,18 +6,17 @@ models and corpora), so ``--help`` lists exactly what the commands accept.
 
 from __future__ import annotations
 
+from moe_fast.data.builtin import BUILTIN_CORPORA
+from moe_fast.models import builtin_model_specs
+
 
 def builtin_models_text() -> str:
     """"builtin:small-mixtral, ..." from :data:`moe_fast.models.BUILTIN_MODELS`."""
-    from moe_fast.models import builtin_model_specs
-
     return ", ".join(builtin_model_specs())
 
 
 def builtin_corpora_text() -> str:
     """"builtin:python-prose, ..." from :data:`moe_fast.data.builtin.BUILTIN_CORPORA`."""
-    from moe_fast.data.builtin import BUILTIN_CORPORA
-
     return ", ".join(f"builtin:{name}" for name in BUILTIN_CORPORA)
 
 

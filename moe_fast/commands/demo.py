@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from moe_fast.demo import Settings, run_demo
+    from moe_fast.demo import Settings, run_demo  # lazy: CLI start-up (the parser imports every command)
 
     if args.threads:
         torch.set_num_threads(args.threads)

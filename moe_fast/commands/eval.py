@@ -14,7 +14,11 @@ import argparse
 import json
 import logging
 
+import torch
+
 from moe_fast.commands import builtin_corpora_text, model_help
+from moe_fast.loading import DTYPES
+from moe_fast.model_checks import check_device
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +70,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from moe_fast.evaluation import data_texts, evaluate, load_model, write_json
-    from moe_fast.loading import DTYPES
-
-    from moe_fast.model_checks import check_device
+    from moe_fast.evaluation import data_texts, evaluate, is_skipping, load_model, write_json  # lazy: CLI start-up (the parser imports every command)
 
     check_device(args.device)  # before any loading: --device tpu or cuda without CUDA is one line
     if args.threads:
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--base and --tasks: run them as two commands (--tasks scores one model)")
     prepared = limit = None
     if args.tasks:  # every task and its data checked before any model is loaded
-        from moe_fast.tasks.harness import parse_limit, prepare
+        from moe_fast.tasks.harness import parse_limit, prepare  # lazy: CLI start-up (the parser imports every command)
 
         limit = parse_limit(args.limit)
         if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -97,12 +96,10 @@ def run(args: argparse.Namespace) -> int:
         return _compare(args, skip)
     model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], args.device, skip=skip and args.beta is None)
     if args.beta is not None:
-        from moe_fast.patching import patch
+        from moe_fast.patching import patch  # lazy: CLI start-up (the parser imports every command)
 
         patch(model, betas=args.beta)
     if skip:
-        from moe_fast.evaluation import is_skipping
-
         if not is_skipping(model):
             raise ValueError(
                 f"--skip: {args.model} records no skipping betas in its config; calibrate them with "
@@ -123,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             log.debug("%s", json.dumps(result.to_dict()))
         return 0
-    from moe_fast.tasks.harness import metric_rows, metric_table, run_tasks, serializable
+    from moe_fast.tasks.harness import metric_rows, metric_table, run_tasks, serializable  # lazy: CLI start-up (the parser imports every command)
 
     results = run_tasks(model, tokenizer, prepared, num_fewshot=args.num_fewshot, limit=limit,
                         batch_size=args.task_batch_size, measure_skips=skip)
@@ -138,9 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace, skip: bool) -> int:
     """``--base``: MODEL against the original on the --data text, one model loaded at a time."""
-    from moe_fast.comparison import compare_models
-    from moe_fast.evaluation import write_json
-    from moe_fast.loading import DTYPES
+    from moe_fast.comparison import compare_models  # lazy: CLI start-up (the parser imports every command)
+    from moe_fast.evaluation import write_json  # lazy: CLI start-up (the parser imports every command)
 
     if args.kl_top < 0:
         raise ValueError(f"--kl-top {args.kl_top}: give 0 (keep every log-probability) or a count of tokens")

@@ -7,6 +7,8 @@ import os
 
 from moe_fast.commands import calib_help, model_help
 from moe_fast.commands.skip import add_skip_arguments
+from moe_fast.model_checks import check_device, check_model_dir
+from moe_fast.models import resolve_model
 
 USAGE = (
     "moe-fast prune MODEL --keep R --calib SPEC --out DIR [options]\n"
@@ -103,15 +105,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_fast.models import resolve_model
-
     args.model = resolve_model(args.model)
     if args.plan:
         return run_plan(args)
     if args.calib is None or args.out is None:
         raise ValueError("--calib and --out are required (except with --plan)")
-    from moe_fast.model_checks import check_device, check_model_dir
-
     check_device(args.device)
     if args.chunk_tokens < 1:
         raise ValueError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
@@ -121,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 wrote the checkpoint and reports
         return 0
     if args.skip:
-        from moe_fast.skip_export import skip_checkpoint
+        from moe_fast.skip_export import skip_checkpoint  # lazy: CLI start-up (the parser imports every command)
 
         skipped = skip_checkpoint(
             args.out,
@@ -148,7 +146,7 @@ def _calibration_options(args: argparse.Namespace) -> dict:
 def run_prune(args: argparse.Namespace) -> None:
     """Every criterion through ``moe_fast.prune``; under torchrun (WORLD_SIZE > 1) the ranks share
     the calibration batches (NCCL/Gloo)."""
-    from moe_fast.pruning import distributed, prune
+    from moe_fast.pruning import distributed, prune  # lazy: CLI start-up (the parser imports every command)
 
     device = distributed.init_from_env(args.device)
     finished = False
@@ -175,7 +173,7 @@ def _recompute(value: str | None) -> bool | tuple[int, int]:
 
 
 def _prune(args: argparse.Namespace, prune, device):
-    from moe_fast.pruning.distributed import RankFailed
+    from moe_fast.pruning.distributed import RankFailed  # lazy: CLI start-up (the parser imports every command)
 
     try:
         _, report = prune(
@@ -204,7 +202,7 @@ def _prune(args: argparse.Namespace, prune, device):
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from moe_fast.pruning.plan import plan_json, plan_table, prune_plan
+    from moe_fast.pruning.plan import plan_json, plan_table, prune_plan  # lazy: CLI start-up (the parser imports every command)
 
     plan = prune_plan(
         args.model,

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_fast.skip_export import skip_checkpoint
+    from moe_fast.skip_export import skip_checkpoint  # lazy: CLI start-up (the parser imports every command)
 
     report = skip_checkpoint(
         args.model, args.calib, args.out, quantile=args.quantile, n_samples=args.n_samples, seq_len=args.seq_len,

@@ -28,10 +28,12 @@ import ast
 import functools
 import hashlib
 import inspect
+import json
 import logging
 import os
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -185,9 +187,6 @@ def load_builtin(spec: str, split: str | None = None) -> str:
 
 
 def main() -> None:
-    import json
-    import time
-
     t0 = time.perf_counter()
     corpora = _build_all()
     took = time.perf_counter() - t0

@@ -33,7 +33,10 @@ import time
 from dataclasses import asdict
 
 import torch
+from tqdm.auto import tqdm
 
+from moe_fast.adapters import get_adapter
+from moe_fast.calibration import load_calibration
 from moe_fast.demo.repair import Repaired, repair_search, repaired_model
 from moe_fast.demo.report import findings, markdown_table, summarize, write_plot
 from moe_fast.demo.scoring import masked, perplexity_and_kl, pruned_weight_bytes, reference, skip_betas
@@ -41,8 +44,12 @@ from moe_fast.demo.selection import (
     Selection, expert_flops_per_token, one_pass_selections, progressive_selection, random_selection,
 )
 from moe_fast.demo.settings import CALIBS, Settings
-from moe_fast.evaluation import load_model
+from moe_fast.evaluation import data_texts, load_model, tokenize
+from moe_fast.export import export_selection
+from moe_fast.extras import require
 from moe_fast.staging import staged_directory
+from moe_fast.tasks.items import TASKS, task_items
+from moe_fast.tasks.scorer import accuracy, choice_loglikelihoods, encode, subset
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +57,6 @@ __all__ = ["Settings", "run_demo"]
 
 
 def _windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tensor:
-    from moe_fast.evaluation import data_texts, tokenize
-
     n = max(1, tokens // seq_len)
     ids = tokenize(tokenizer, data_texts(spec), n * seq_len)
     n = ids.numel() // seq_len
@@ -61,9 +66,6 @@ def _windows(tokenizer, spec: str, tokens: int, seq_len: int) -> torch.Tensor:
 
 
 def _selections(model, tokenizer, path: str, s: Settings, bar, timings: dict) -> tuple[list[Selection], list[Repaired]]:
-    from moe_fast.adapters import get_adapter
-    from moe_fast.calibration import load_calibration
-
     adapter = get_adapter(model)
     layers = [ref.layer for ref in adapter.moe_blocks(model)]
     calibs = ["prose"] + (["code"] if s.task_specific else [])
@@ -113,12 +115,6 @@ def _selection_steps(s: Settings) -> int:
 
 def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool = False, progress: bool = True) -> dict:
     """Runs the whole comparison; writes the report directory ``out``; returns report.json's content."""
-    from tqdm.auto import tqdm
-
-    from moe_fast.adapters import get_adapter
-    from moe_fast.calibration import load_calibration
-    from moe_fast.extras import require
-
     require("demo", "the demo")  # its plot needs matplotlib: say so before minutes of work, not after
     s = settings or Settings()
     if os.path.exists(out) and os.listdir(out):
@@ -152,9 +148,6 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
         if lw is not None:
             betas = skip_betas(model, lw.kept_dict, skip_ids, s.skip_quantile)
             jobs.append((f"{lw.method} + skipping", lw.num_keep, "prose", lw.seed, lw.kept_dict, betas))
-
-    from moe_fast.tasks.items import TASKS, task_items
-    from moe_fast.tasks.scorer import encode, subset
 
     t0 = time.perf_counter()
     task_sets = {task: subset(task_items(task), s.task_items) for task in TASKS}
@@ -221,8 +214,6 @@ def run_demo(out: str, settings: Settings | None = None, keep_checkpoints: bool 
 
 
 def _score(model, refs, tasks, kept, betas, num_moe: int, s: Settings, timings: dict) -> dict:
-    from moe_fast.tasks.scorer import accuracy, choice_loglikelihoods
-
     result: dict = {"ppl": {}, "kl": {}, "acc": {}}
     computed = slots = tokens = 0
     with masked(model, kept, betas) as blocks:
@@ -242,8 +233,6 @@ def _score(model, refs, tasks, kept, betas, num_moe: int, s: Settings, timings: 
 
 
 def _export_checkpoints(path: str, selections: list[Selection], folder: str, tokenizer) -> None:
-    from moe_fast.export import export_selection
-
     os.makedirs(folder)
     for sel in selections:
         if sel.seed in (None, 0) or sel.method == "random":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moe_fast.demo.selection import Selection, _freeze
+from moe_fast.pruning import prune
 
 
 @dataclass
@@ -46,8 +47,6 @@ def repaired_model(
 ) -> Repaired:
     """Layer-wise reconstruction pruning to ``num_keep`` experts with ``repair`` on ``ids``, through
     ``moe_fast.prune`` on a deep copy of ``model`` (the model itself is not touched)."""
-    from moe_fast.pruning import prune
-
     copied = copy.deepcopy(model)
     result = prune(
         copied, ids, num_keep, mode="layerwise", search=search, beam_width=beam_width, batch_size=batch_size,

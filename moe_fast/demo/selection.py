@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_fast.pruning import prune
 from moe_fast.pruning.one_pass import one_pass_selections as one_pass
 from moe_fast.pruning.strategies.criteria import select_random
 
@@ -55,8 +56,6 @@ def one_pass_selections(
 
 def progressive_selection(model_path: str, ids: torch.Tensor, num_keep: int, calib: str, seed: int, batch_size: int = 8) -> Selection:
     """Progressive reconstruction-loss pruning (``moe_fast.prune``) in float32, no checkpoint."""
-    from moe_fast.pruning import prune
-
     result = prune(
         model_path, ids, num_keep, mode="progressive", batch_size=batch_size, dtype="float32", return_model=False,
         progress=False,

@@ -56,6 +56,8 @@ import time
 
 import torch
 
+from moe_fast.data.builtin import get_corpus
+
 log = logging.getLogger("moe_fast.train_small")
 
 EOS = "<|endoftext|>"
@@ -269,8 +271,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
-
-    from moe_fast.data.builtin import get_corpus
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -15,9 +15,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from moe_fast import export, loading
 from moe_fast.checkpoint_check import verify_checkpoint
+from moe_fast.models import quiet_loading
 from moe_fast.pruning.memory import Timings, peak_memory
 from moe_fast.pruning.progress import naming_errors
+from moe_fast.pruning.repair import apply_repaired
 from moe_fast.pruning.report import REPORT_NAME, PruneReport
 from moe_fast.pruning.source import LayerSource
 from moe_fast.staging import staged_directory
@@ -64,8 +67,6 @@ def checkpoint_writer(
 ) -> Callable[[str], None]:
     """A loaded (already pruned, and repaired in place) model is saved; a checkpoint source is pruned
     shard by shard, with ``repaired`` expert weights (layer -> expert -> name -> tensor) replacing the source's."""
-    from moe_fast import export
-
     if model is not None:
         return lambda directory: export.save_loaded(model, directory, tokenizer)
     return lambda directory: export.export_checkpoint(
@@ -85,23 +86,16 @@ def verify_export(directory: str) -> None:
 
 def prune_in_memory(model: nn.Module, source: LayerSource, report: PruneReport) -> nn.Module:
     """Drops the unchosen experts from a loaded model, in place."""
-    from moe_fast.export import prune_loaded_model
-
-    return prune_loaded_model(model, source.adapter, report.kept, report.pruning_record())
+    return export.prune_loaded_model(model, source.adapter, report.kept, report.pruning_record())
 
 
 def load_pruned(source: LayerSource, report: PruneReport, exported: str | None, repaired: dict | None = None) -> nn.Module:
     """The pruned model of a checkpoint run: read back from ``exported``, or (nothing written on
     this rank) the source loaded whole, given its ``repaired`` expert weights and pruned in memory."""
-    from moe_fast.loading import load_pretrained
-    from moe_fast.models import quiet_loading
-
     with quiet_loading():
         if exported is not None:
-            return load_pretrained(exported, dtype=source.dtype)
-        full = load_pretrained(source.path, dtype=source.dtype)
+            return loading.load_pretrained(exported, dtype=source.dtype)
+        full = loading.load_pretrained(source.path, dtype=source.dtype)
         if repaired:
-            from moe_fast.pruning.repair import apply_repaired
-
             apply_repaired(full, source.adapter, repaired)
         return prune_in_memory(full, source, report)

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter, get_adapter
-from moe_fast.model_checks import check_model_dir
 from moe_fast.loading import match_dequantized_experts, resolve_dtype
+from moe_fast.model_checks import check_model_dir
+from moe_fast.models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ def open_source(model_or_path: nn.Module | str | os.PathLike, device: str | None
     """A loaded model as is, or a checkpoint directory (a hub name resolved), checked before any work."""
     if isinstance(model_or_path, nn.Module):
         return LoadedSource(model_or_path, device=device)
-    from moe_fast.models import resolve_model
-
     path = resolve_model(os.fspath(model_or_path))
     check_model_dir(path)  # a truncated or corrupt file, a bad MXFP4 pair in any layer: one clear error before any work
     return CheckpointSource(path, device=device, dtype=dtype)

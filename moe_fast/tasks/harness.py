@@ -14,13 +14,16 @@ installs it).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_fast.evaluation import SkipCounter
 from moe_fast.extras import require
+from moe_fast.tasks.registry import task_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,6 @@ def prepare(tasks: list[str], include_paths: list[str] | None = None) -> Prepare
     """
     require_lm_eval()
     go_offline()
-    from moe_fast.tasks.registry import task_folder
-
     if not tasks or any(not t.strip() for t in tasks):
         raise ValueError("--tasks: give task names separated by commas, e.g. moe_fast_next_line,moe_fast_docstring")
     for path in include_paths or []:
@@ -132,8 +133,6 @@ def run_tasks(model, tokenizer, prepared: Prepared, *, num_fewshot: int | None =
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-
-    from moe_fast.evaluation import SkipCounter
 
     _quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -183,8 +182,6 @@ def metric_table(rows: list[dict], skip_rate: float | None = None) -> str:
 
 def serializable(results: dict) -> dict:
     """lm-eval's results made JSON-safe with its own converter (numpy values, functions in configs)."""
-    import json
-
     from lm_eval.utils import handle_non_serializable
 
     return json.loads(json.dumps(results, default=handle_non_serializable))

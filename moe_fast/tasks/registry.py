@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from moe_fast.data.builtin import stdlib_dir
 from moe_fast.tasks.items import _SALT, TASKS, task_items
 
 CACHE_ENV = "MOE_FAST_CACHE"
@@ -63,8 +64,6 @@ def _write_whole(path: str, text: str) -> None:
 
 def task_folder() -> str:
     """The folder of the built-in tasks' YAML and jsonl files (written when missing or stale)."""
-    from moe_fast.data.builtin import stdlib_dir
-
     key = hashlib.sha256(f"{_SALT}:{sys.version}:{stdlib_dir()}".encode()).hexdigest()[:16]
     folder = os.path.join(_cache_root(), key)
     os.makedirs(folder, exist_ok=True)
