@@ -1,4 +1,7 @@
-"""Skip thresholds (betas): what a caller may pass, how it is checked, and a calibration's result.
+"""Skip thresholds (betas) per layer: how they are checked, a calibration's result, the record.
+
+What one beta argument may be (a number, a sequence, a tensor) is read in ``beta_args``, below the
+ops, which take betas too.
 
 Why a module of its own: ``patch`` reads betas and ``calibrate_skipping`` produces them, and
 calibrating needs ``patch``'s switch to turn skipping off; with the beta rule here both import
@@ -13,38 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from moe_fast.beta_args import beta_entries, per_slot
 from moe_fast.config_record import SKIP_RECORD_VERSION
-
-
-def beta_entries(beta: float | Sequence[float] | torch.Tensor | None) -> list | None:
-    """beta's entries as a flat list, unconverted (a number is one entry); None stays None.
-
-    The one reading of what a beta may be: a number, a sequence or a tensor (the ops, the spec and
-    the per-layer checks below all read betas through it). The C++ side of the rule (count and
-    range checks, -log) is ``skip_gaps_from_beta`` in csrc/include/moe_fast/rules.h.
-    """
-    if beta is None:
-        return None
-    if isinstance(beta, torch.Tensor):
-        return beta.reshape(-1).tolist()
-    if isinstance(beta, (int, float)):
-        return [beta]
-    entries = None if isinstance(beta, (str, bytes)) else list(beta)
-    if entries is None or any(isinstance(b, (str, bytes)) for b in entries):
-        # A string is a sequence of characters: "0.5" would be read as the betas "0", ".", "5".
-        raise ValueError(f"beta must be a number, a sequence of numbers or a tensor, got {beta!r} (a string is not a number)")
-    return entries
-
-
-def beta_values(beta: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
-    """beta as a list of floats (one for every slot, or one per slot 1..k-1); None stays None."""
-    entries = beta_entries(beta)
-    return None if entries is None else [float(b) for b in entries]
-
-
-def per_slot(values: list, k: int) -> list:
-    """One value for every slot 1..k-1: a single value stands for all of them (at least one slot)."""
-    return values * max(k - 1, 1) if len(values) == 1 else values
 
 
 BetaSpec = Any  # None | float | SkipCalibration | Sequence[float | Sequence[float] | None] | Mapping[int, ...]

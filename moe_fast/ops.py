@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from moe_fast import _extension  # noqa: F401  (registers torch.ops.moe_fast)
-from moe_fast.betas import beta_values
+from moe_fast.beta_args import beta_values
 from moe_fast.routing_spec import RoutingSpec
 
 __all__ = ["route", "route_spec", "routing_op_args", "expert_gram", "subset_loss", "subset_loss_spec", "RouteResult"]

@@ -61,7 +61,7 @@ from typing import Sequence
 
 import torch
 
-from moe_fast.betas import beta_values, per_slot  # what a beta may be is read in one place
+from moe_fast.beta_args import beta_values, per_slot  # what a beta may be is read in one place
 from moe_fast.ops import RouteResult  # the op's result type, which the spec of the op returns
 from moe_fast.routing_spec import RoutingSpec, softmax_routing
 

@@ -1,4 +1,4 @@
-"""The beta rule's one reading (moe_fast.betas.beta_entries / per_slot) and its per-layer checks."""
+"""The beta rule's one reading (moe_fast.beta_args.beta_entries / per_slot) and its per-layer checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moe_fast import reference
-from moe_fast.betas import SkipCalibration, beta_entries, layer_betas, normalize_betas, per_slot
+from moe_fast.beta_args import beta_entries, per_slot
+from moe_fast.betas import SkipCalibration, layer_betas, normalize_betas
 from moe_fast.skipping import quantile_betas
 
 
