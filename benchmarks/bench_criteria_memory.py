@@ -28,7 +28,7 @@ CRITERIA = ("reconstruction", "reap", "ean", "frequency", "random")
 
 def run_child(path: str, criterion: str, keep: int, batch_size: int, dtype: str) -> dict:
     import moe_fast
-    from moe_fast.memory import peak_rss_bytes
+    from moe_fast.host.ram import peak_rss_bytes
 
     out = tempfile.mkdtemp(prefix="bench_criteria_out_")
     os.rmdir(out)

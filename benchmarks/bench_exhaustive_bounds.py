@@ -116,8 +116,8 @@ def shipped_layers(n_samples: int, seq_len: int, batch: int) -> list[tuple[str, 
     from transformers import AutoModelForCausalLM
 
     from moe_fast.adapters import get_adapter
-    from moe_fast.calibration import load_calibration
-    from moe_fast.loading import load_tokenizer
+    from moe_fast.data.calibration import load_calibration
+    from moe_fast.checkpoint.loading import load_tokenizer
     from moe_fast.models import resolve_model
 
     path = resolve_model("builtin:small-mixtral")

@@ -41,7 +41,7 @@ import torch
 
 import moe_fast
 from moe_fast import ops, reference
-from moe_fast.routing_spec import RoutingSpec
+from moe_fast.kernels.routing_spec import RoutingSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_routers import deepseek_v3_route_dispatch  # noqa: E402
@@ -59,7 +59,7 @@ H200_FP64_FLOPS = 34e12  # CUDA cores (subset_loss computes in float64 without t
 
 
 # ----------------------------------------------------------------------------------------------
-# Compulsory traffic and arithmetic per kernel call (pure functions: tests/test_bench_gpu.py)
+# Compulsory traffic and arithmetic per kernel call (pure functions: tests/benchmarks/test_bench_gpu.py)
 # ----------------------------------------------------------------------------------------------
 def route_cost(T: int, E: int, k: int, logit_bytes: int = 2) -> tuple[int, int]:
     """(bytes, flops) of ops.route: logits read once; weights, ids, perm [T, k] (4 bytes each),
@@ -387,7 +387,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; nothing to measure")
         return 0
-    if not moe_fast._extension.HAS_CUDA_KERNELS:
+    if not moe_fast.kernels.extension.HAS_CUDA_KERNELS:
         print("bench_gpu: moe_fast was built without CUDA kernels (MOE_FAST_CUDA=1 pip install --no-build-isolation -e .)")
         return 1
     torch.manual_seed(0)

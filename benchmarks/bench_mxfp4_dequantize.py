@@ -1,7 +1,7 @@
-"""Dequantizing one gpt-oss layer's MXFP4 experts: moe_fast.mxfp4 against transformers' helper.
+"""Dequantizing one gpt-oss layer's MXFP4 experts: moe_fast.checkpoint.mxfp4 against transformers' helper.
 
 Random blocks and scales of one projection (default: gpt-oss-20b's gate_up, 32 experts of
-5760 rows x 2880 values) are dequantized to bf16 by ``moe_fast.mxfp4.dequantize`` (one expert at a
+5760 rows x 2880 values) are dequantized to bf16 by ``moe_fast.checkpoint.mxfp4.dequantize`` (one expert at a
 time) and by transformers' ``convert_moe_packed_tensors`` (the whole tensor at once), each in its
 own process (benchmarks/child_process.py). Prints whether the results are bit-identical, the
 result's size, each one's peak resident memory above its inputs and the time ratio of the two
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def child(which: str, experts: int, rows: int, groups: int) -> None:
     import torch
 
-    from moe_fast import mxfp4
+    from moe_fast.checkpoint import mxfp4
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (experts, rows, groups, 16), generator=g, dtype=torch.uint8)

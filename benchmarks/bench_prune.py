@@ -36,7 +36,7 @@ import time
 from child_process import run_json_child
 from results import finish
 
-from moe_fast.memory import peak_rss_bytes
+from moe_fast.host.ram import peak_rss_bytes
 
 
 def add_checkpoint_arguments(p: argparse.ArgumentParser, layers: int, n_samples: int) -> None:

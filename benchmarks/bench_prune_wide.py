@@ -35,7 +35,7 @@ import time
 from child_process import run_json_child
 from results import finish
 
-from moe_fast.memory import peak_rss_bytes
+from moe_fast.host.ram import peak_rss_bytes
 
 
 def build_checkpoint(args, path: str) -> None:

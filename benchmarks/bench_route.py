@@ -19,7 +19,7 @@ import torch
 import moe_fast  # noqa: F401
 from hf_routers import deepseek_v3_route_dispatch
 from moe_fast import ops
-from moe_fast.routing_spec import RoutingSpec
+from moe_fast.kernels.routing_spec import RoutingSpec
 from timing import format_table, machine_line, median_seconds
 
 

@@ -18,7 +18,7 @@ import torch
 
 import moe_fast  # noqa: F401
 from moe_fast import ops, reference
-from moe_fast.routing_spec import RoutingSpec, softmax_routing
+from moe_fast.kernels.routing_spec import RoutingSpec, softmax_routing
 from timing import format_table, machine_line, median_seconds
 
 

@@ -76,7 +76,7 @@ def build_checkpoints(args, root: str) -> dict[str, str]:
 
     import moe_fast
     from moe_fast.adapters import get_adapter
-    from moe_fast.export import prune_loaded_model
+    from moe_fast.pruning.export import prune_loaded_model
 
     folders = {row: os.path.join(root, row.replace(" ", "_").replace("+", "and")) for row in ROWS}
     cfg = MixtralConfig(
@@ -141,7 +141,7 @@ def run_row(args, folder: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from moe_fast.vllm_plugin import stats
+    from moe_fast.serving.vllm_plugin import stats
 
     spent = time_expert_calls()
     llm = LLM(

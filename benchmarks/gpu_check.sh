@@ -3,7 +3,7 @@
 # or two) and the transfers: the whole script stays inside GPU_CHECK_BUDGET_S (default 480 s).
 #   1. build the CUDA extension in place for this GPU's architecture only, on all cores
 #      (no pip, no network: the machine has torch, setuptools and ninja but no internet);
-#   2. the tests that run on CUDA (tests/test_cuda_ops.py and the op tests' cuda cases);
+#   2. the tests that run on CUDA (tests/kernels/test_cuda_ops.py and the op tests' cuda cases);
 #   3. benchmarks/bench_gpu.py, the GPU table, in whatever time is left;
 #   4. benchmarks/bench_vllm.py (skipping inside vLLM) when vllm imports, else one line.
 # Each step has its own time limit, cut to what is left of the budget, and a log in $OUT (or a
@@ -62,14 +62,14 @@ if ! step build 240 bash scripts/build_extension.sh; then
   echo "gpu_check: build failed; see ${OUTDIR}/build.log"
   exit 1
 fi
-if ! "${PY}" -c "import moe_fast; assert moe_fast._extension.HAS_CUDA_KERNELS, 'no CUDA kernels registered'"; then
+if ! "${PY}" -c "import moe_fast; assert moe_fast.kernels.extension.HAS_CUDA_KERNELS, 'no CUDA kernels registered'"; then
   echo "gpu_check: FAILED (the extension has no CUDA kernels)" | tee -a "${OUTDIR}/summary.txt"
   exit 1
 fi
 
 # 2. The tests that run on the GPU (the `device` fixture adds cuda cases when a GPU is present).
 step tests 150 "${PY}" -m pytest -q -rs -p no:cacheprovider --maxfail=10 \
-  tests/test_cuda_ops.py tests/test_route.py tests/test_subset_loss.py tests/test_subset_loss_spec.py
+  tests/kernels/test_cuda_ops.py tests/kernels/test_route.py tests/kernels/test_subset_loss.py tests/kernels/test_subset_loss_spec.py
 
 # 3. The table, in the time that is left (minus a margin for writing the summary).
 BUDGET=$((BUDGET - 10)) step bench 400 "${PY}" benchmarks/bench_gpu.py ${QUICK}

@@ -11,7 +11,7 @@ Mixtral-style routers (softmax, top-k, renormalized unless ``norm_topk_prob`` is
 import math, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe_fast.models import resolve_model
-from moe_fast.calibration import load_calibration
+from moe_fast.data.calibration import load_calibration
 torch.set_grad_enabled(False)
 path = resolve_model(sys.argv[1]); kept = [int(v) for v in sys.argv[2].split(",")]; layer = int(sys.argv[3])
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

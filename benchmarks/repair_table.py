@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from moe_fast.demo.report import GOAL, REPAIRED, RECONSTRUCTION, SPLITS
+from moe_fast.demo.summary import GOAL, REPAIRED, RECONSTRUCTION, SPLITS
 
 PURE = RECONSTRUCTION + ("frequency", "reap", "ean", "random")
 

@@ -1,5 +1,5 @@
 // The one place where every moe_fast op schema is declared. Implementations register per device
-// in csrc/bindings/*_bindings.cpp; fake (meta) kernels live in moe_fast/ops.py.
+// in csrc/bindings/*_bindings.cpp; fake (meta) kernels live in moe_fast/kernels/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -17,28 +17,28 @@ if "torch" not in _sys.modules and _sys.argv and (
 ):
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from moe_fast import _extension  # noqa: F401  (loads the kernels first)
-from moe_fast import ops, reference
-from moe_fast.experts import register_when_transformers_loads as _register_experts
+from moe_fast.kernels import extension as _extension  # noqa: F401  (loads the kernels first)
+from moe_fast.kernels import ops, reference
+from moe_fast.serving.experts import register_when_transformers_loads as _register_experts
 
 _register_experts()  # experts_implementation="moe_fast" in transformers
 
 # Skipping and patching (imported lazily: they pull in transformers).
 _LAZY = {
-    "calibrate_skipping": "moe_fast.skipping",
-    "SkipCalibration": "moe_fast.betas",
-    "patch": "moe_fast.patching",
-    "unpatch": "moe_fast.patching",
-    "PatchHandle": "moe_fast.patching",
-    "save": "moe_fast.saving",
-    "from_pretrained": "moe_fast.saving",
+    "calibrate_skipping": "moe_fast.serving.skipping",
+    "SkipCalibration": "moe_fast.serving.betas",
+    "patch": "moe_fast.serving.patching",
+    "unpatch": "moe_fast.serving.patching",
+    "PatchHandle": "moe_fast.serving.patching",
+    "save": "moe_fast.serving.saving",
+    "from_pretrained": "moe_fast.serving.saving",
     # Expert pruning.
     "prune": "moe_fast.pruning",
     "PruneReport": "moe_fast.pruning",
     "PruneResult": "moe_fast.pruning",
-    "load_calibration": "moe_fast.calibration",
+    "load_calibration": "moe_fast.data.calibration",
     # experts_implementation="moe_fast" in transformers, explicitly (import already does it lazily).
-    "register": "moe_fast.experts",
+    "register": "moe_fast.serving.experts",
 }
 
 

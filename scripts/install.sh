@@ -52,5 +52,5 @@ else
   say "installing moe_fast in editable mode from ${here} (reuses the build above)"
   "${PIP[@]}" --no-build-isolation --no-deps -e .
 fi
-"${PY}" -c "import moe_fast, torch; print(f'[install] moe_fast {moe_fast.__version__} built against torch {torch.__version__}, CUDA kernels: {moe_fast._extension.HAS_CUDA_KERNELS}')"
+"${PY}" -c "import moe_fast, torch; print(f'[install] moe_fast {moe_fast.__version__} built against torch {torch.__version__}, CUDA kernels: {moe_fast.kernels.extension.HAS_CUDA_KERNELS}')"
 say "done"

@@ -4,7 +4,7 @@ Why a test: an import added in a function runs only when that job runs, so a use
 with pip (not scripts/install.sh) meets the missing package after minutes of work. Reads the
 package's source (every import, also inside functions) and pyproject.toml; checks that core code
 imports only core dependencies at module level, that each optional package belongs to the extra
-that moe_fast.extras names for it, and that a missing extra stops the demo before any work.
+that moe_fast.host.extras names for it, and that a missing extra stops the demo before any work.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from moe_fast.extras import EXTRAS
+from moe_fast.host.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = ROOT / "moe_fast"
 # Packages that load moe_fast rather than the other way round: imported only by the plugin folder
 # that the host finds through its entry point, never a requirement of moe_fast itself.
-HOSTS = {"vllm": "moe_fast/vllm_plugin/"}
+HOSTS = {"vllm": "moe_fast/serving/vllm_plugin/"}
 
 
 def _requirement_name(req: str) -> str:
@@ -84,7 +84,7 @@ def _distribution(import_name: str, installed: bool = True) -> str:
 def test_extras_map_declared_extras():
     declared = _pyproject()["optional-dependencies"]
     for extra, modules in EXTRAS.items():
-        assert extra in declared, f"moe_fast.extras names extra {extra!r}, pyproject.toml lacks it"
+        assert extra in declared, f"moe_fast.host.extras names extra {extra!r}, pyproject.toml lacks it"
         wanted = {_requirement_name(r) for r in declared[extra]}
         for module in modules:
             assert _distribution(module, installed=False) in wanted, f"{module} is not installed by moe_fast[{extra}]"
@@ -106,7 +106,7 @@ def test_every_import_is_declared():
             assert not at_top, f"optional {name!r} imported at module level in {at_top}: import moe_fast would need it"
             continue
         assert _distribution(name) in core, (
-            f"{name!r} (in {sorted(files)}) is neither a dependency in pyproject.toml nor an extra in moe_fast/extras.py"
+            f"{name!r} (in {sorted(files)}) is neither a dependency in pyproject.toml nor an extra in moe_fast/host/extras.py"
         )
 
 
@@ -133,7 +133,7 @@ def test_demo_without_its_extra_stops_before_work(tmp_path):
 
 
 def test_require_unknown_extra():
-    from moe_fast.extras import missing_modules
+    from moe_fast.host.extras import missing_modules
 
     with pytest.raises(KeyError, match="unknown extra 'nope'"):
         missing_modules("nope")

@@ -7,7 +7,7 @@
 // rules.h) on one lane, but are not promised bit-identical: exp() is CUDA's, and with
 // renormalize=False the partition sum is added per lane and then across lanes (a shuffle tree),
 // not in expert order. They agree with the CPU to a few float64 ulps before the final rounding
-// to float32 (tests/test_cuda_ops.py: 1e-6).
+// to float32 (tests/kernels/test_cuda_ops.py: 1e-6).
 // Plan: a stable radix sort of the slot ids (cub::DeviceRadixSort::SortPairs, keys = ids,
 // values = slot index) gives perm; counts and offsets are lower bounds in the sorted keys.
 #include <cub/device/device_radix_sort.cuh>

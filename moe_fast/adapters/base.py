@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from moe_fast.routing_spec import RoutingSpec, softmax_routing
+from moe_fast.kernels.routing_spec import RoutingSpec, softmax_routing
 
 
 @dataclass
@@ -86,6 +86,13 @@ class MoEAdapter:
         None for most families."""
         return {}
 
+    def add_serving_keys(self, config) -> None:
+        """Sets the ``serving_config_keys`` that ``config`` lacks (values it has are kept), so that
+        vLLM routes an export or a saved model as transformers does."""
+        for key, value in self.serving_config_keys().items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
+
     # --- modules ------------------------------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
         """The bare decoder (embeddings, layers, rotary) of any model class of the family.
@@ -140,7 +147,7 @@ class MoEAdapter:
         """Key prefix of a layer's MoE block in a checkpoint, e.g. 'model.layers.3.mlp'."""
         return f"model.layers.{layer}.{self.block_attr}"
 
-    # --- pruning hooks (moe_fast.pruning, moe_fast.export) --------------------------------------
+    # --- pruning hooks (moe_fast.pruning, moe_fast.pruning.export) --------------------------------------
     def router_logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] of the block's router on hidden [T, H] (the router's index 0)."""
         return getattr(block, self.router_attr)(hidden)[0]

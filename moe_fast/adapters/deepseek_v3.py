@@ -8,7 +8,7 @@ and not load the selection bias. A config saved by transformers lacks them, so e
 Kimi-K2-style checkpoints use the same architecture, but transformers maps no ``kimi_k2``
 model_type to it (they load through their own remote code, whose modules this adapter does not
 know): load them as ``deepseek_v3`` to use moe_fast. Their 384 experts are within the kernels'
-limit of 512 (tests/test_kimi_k2_shape.py).
+limit of 512 (tests/adapters/test_kimi_k2_shape.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ with biases and a clamped SwiGLU on an interleaved, transposed gate_up tensor (d
 Checkpoints in transformers' layout (``mlp.experts.gate_up_proj`` [E, H, 2I] and its bias, ...)
 are exported by slicing dim 0. OpenAI's MXFP4 release (every gpt-oss checkpoint on the hub:
 ``mlp.experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] and ``_scales`` [E, 2I, H/32], the same for
-down_proj, uint8, see moe_fast/mxfp4.py) is read with the expert weights dequantized one layer at a
+down_proj, uint8, see moe_fast/checkpoint/mxfp4.py) is read with the expert weights dequantized one layer at a
 time (pruning from a path) and exported still MXFP4: blocks and scales keep the kept experts' rows of
 dim 0, config.json its ``quantization_config``. A model loaded whole must be dequantized
 (``Mxfp4Config(dequantize=True)``, what moe_fast's own loading passes); transformers' quantized
@@ -19,9 +19,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from moe_fast import mxfp4
+from moe_fast.checkpoint import mxfp4
 from moe_fast.adapters.base import MoEAdapter, MoEBlockRef
-from moe_fast.routing_spec import RoutingSpec, topk_softmax_routing
+from moe_fast.kernels.routing_spec import RoutingSpec, topk_softmax_routing
 
 
 class GptOssAdapter(MoEAdapter):

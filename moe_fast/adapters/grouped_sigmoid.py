@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moe_fast.adapters.base import MoEAdapter
-from moe_fast.routing_spec import RoutingSpec, grouped_sigmoid_routing
+from moe_fast.kernels.routing_spec import RoutingSpec, grouped_sigmoid_routing
 
 
 class GroupedSigmoidAdapter(MoEAdapter):

@@ -4,8 +4,8 @@ Perplexity on held-out text, greedy tokens/s, peak memory, parameters, size on d
 skip rate when the model skips. MODEL is a checkpoint directory, a hub id, or a model shipped
 with moe_fast (``builtin:small-mixtral``, see ``moe_fast.models.BUILTIN_MODELS``).
 ``--tasks``: accuracy through lm-evaluation-harness on the model as moe_fast loaded it
-(:mod:`moe_fast.tasks.harness`). ``--base``: KL divergence, top-1 agreement and perplexity
-ratio against the original model on the ``--data`` text (:mod:`moe_fast.comparison`).
+(:mod:`moe_fast.evaluation.tasks.harness`). ``--base``: KL divergence, top-1 agreement and perplexity
+ratio against the original model on the ``--data`` text (:mod:`moe_fast.evaluation.comparison`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 import torch
 
 from moe_fast.commands import builtin_corpora_text, model_help
-from moe_fast.loading import DTYPES
-from moe_fast.model_checks import check_device
+from moe_fast.checkpoint.loading import DTYPES
+from moe_fast.checkpoint.preflight import check_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_fast.evaluation import data_texts, evaluate, is_skipping, load_model, write_json  # lazy: CLI start-up (the parser imports every command)
+    from moe_fast.evaluation.measures import data_texts, evaluate, is_skipping, load_model, write_json  # lazy: CLI start-up (the parser imports every command)
 
     check_device(args.device)  # before any loading: --device tpu or cuda without CUDA is one line
     if args.threads:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--base and --tasks: run them as two commands (--tasks scores one model)")
     prepared = limit = None
     if args.tasks:  # every task and its data checked before any model is loaded
-        from moe_fast.tasks.harness import parse_limit, prepare  # lazy: CLI start-up (the parser imports every command)
+        from moe_fast.evaluation.tasks.harness import parse_limit, prepare  # lazy: CLI start-up (the parser imports every command)
 
         limit = parse_limit(args.limit)
         if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         return _compare(args, skip)
     model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], args.device, skip=skip and args.beta is None)
     if args.beta is not None:
-        from moe_fast.patching import patch  # lazy: CLI start-up (the parser imports every command)
+        from moe_fast.serving.patching import patch  # lazy: CLI start-up (the parser imports every command)
 
         patch(model, betas=args.beta)
     if skip:
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             log.debug("%s", json.dumps(result.to_dict()))
         return 0
-    from moe_fast.tasks.harness import metric_rows, metric_table, run_tasks, serializable  # lazy: CLI start-up (the parser imports every command)
+    from moe_fast.evaluation.tasks.harness import metric_rows, metric_table, run_tasks, serializable  # lazy: CLI start-up (the parser imports every command)
 
     results = run_tasks(model, tokenizer, prepared, num_fewshot=args.num_fewshot, limit=limit,
                         batch_size=args.task_batch_size, measure_skips=skip)
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace, skip: bool) -> int:
     """``--base``: MODEL against the original on the --data text, one model loaded at a time."""
-    from moe_fast.comparison import compare_models  # lazy: CLI start-up (the parser imports every command)
-    from moe_fast.evaluation import write_json  # lazy: CLI start-up (the parser imports every command)
+    from moe_fast.evaluation.comparison import compare_models  # lazy: CLI start-up (the parser imports every command)
+    from moe_fast.evaluation.measures import write_json  # lazy: CLI start-up (the parser imports every command)
 
     if args.kl_top < 0:
         raise ValueError(f"--kl-top {args.kl_top}: give 0 (keep every log-probability) or a count of tokens")

@@ -7,7 +7,7 @@ import os
 
 from moe_fast.commands import calib_help, model_help
 from moe_fast.commands.skip import add_skip_arguments
-from moe_fast.model_checks import check_device, check_model_dir
+from moe_fast.checkpoint.preflight import check_device, check_model_dir
 from moe_fast.models import resolve_model
 
 USAGE = (
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 wrote the checkpoint and reports
         return 0
     if args.skip:
-        from moe_fast.skip_export import skip_checkpoint  # lazy: CLI start-up (the parser imports every command)
+        from moe_fast.serving.skip_export import skip_checkpoint  # lazy: CLI start-up (the parser imports every command)
 
         skipped = skip_checkpoint(
             args.out,

@@ -2,7 +2,7 @@
 
 Measures per-layer betas on calibration tokens and writes a checkpoint that remembers them
 (``config.json``: ``"moe_fast": {"skipping": ...}``); ``moe_fast.from_pretrained(DIR)`` loads it
-with skipping on. The work is :func:`moe_fast.skip_export.skip_checkpoint`.
+with skipping on. The work is :func:`moe_fast.serving.skip_export.skip_checkpoint`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_fast.skip_export import skip_checkpoint  # lazy: CLI start-up (the parser imports every command)
+    from moe_fast.serving.skip_export import skip_checkpoint  # lazy: CLI start-up (the parser imports every command)
 
     report = skip_checkpoint(
         args.model, args.calib, args.out, quantile=args.quantile, n_samples=args.n_samples, seq_len=args.seq_len,

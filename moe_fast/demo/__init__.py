@@ -14,7 +14,7 @@ One run:
   EAN; progressive reconstruction runs ``moe_fast.prune`` per r; random draws five times;
 * scores every selection on the masked model (:mod:`.scoring`): perplexity and the mean KL
   divergence from the unpruned model on each test split, accuracy on a fixed subset of the
-  built-in tasks ``moe_fast_next_line`` and ``moe_fast_docstring`` (:mod:`moe_fast.tasks`,
+  built-in tasks ``moe_fast_next_line`` and ``moe_fast_docstring`` (:mod:`moe_fast.evaluation.tasks`,
   scored as lm-eval scores them), expert FLOPs per token, size on disk; plus dynamic skipping
   alone and on the layer-wise model;
 * repairs the strongest reconstruction selection at the seeded r with ``moe_fast.prune(...,
@@ -36,20 +36,20 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_fast.adapters import get_adapter
-from moe_fast.calibration import load_calibration
+from moe_fast.data.calibration import load_calibration
 from moe_fast.demo.repair import Repaired, repair_search, repaired_model
-from moe_fast.demo.report import findings, markdown_table, summarize, write_plot
+from moe_fast.demo.summary import findings, markdown_table, summarize, write_plot
 from moe_fast.demo.scoring import masked, perplexity_and_kl, pruned_weight_bytes, reference, skip_betas
 from moe_fast.demo.selection import (
     Selection, expert_flops_per_token, one_pass_selections, progressive_selection, random_selection,
 )
-from moe_fast.demo.settings import CALIBS, Settings
-from moe_fast.evaluation import data_texts, load_model, tokenize
-from moe_fast.export import export_selection
-from moe_fast.extras import require
-from moe_fast.staging import staged_directory
-from moe_fast.tasks.items import TASKS, task_items
-from moe_fast.tasks.scorer import accuracy, choice_loglikelihoods, encode, subset
+from moe_fast.demo.options import CALIBS, Settings
+from moe_fast.evaluation.measures import data_texts, load_model, tokenize
+from moe_fast.pruning.export import export_selection
+from moe_fast.host.extras import require
+from moe_fast.checkpoint.staging import staged_directory
+from moe_fast.evaluation.tasks.items import TASKS, task_items
+from moe_fast.evaluation.tasks.scorer import accuracy, choice_loglikelihoods, encode, subset
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import get_adapter
-from moe_fast.masked_forward import MaskedForward
-from moe_fast.skipping import quantile_betas
+from moe_fast.routing.masked_forward import MaskedForward
+from moe_fast.serving.skipping import quantile_betas
 
 
 @contextlib.contextmanager
@@ -83,7 +83,7 @@ def skip_betas(model: nn.Module, kept: dict[int, list[int]] | None, ids: torch.T
     """Per MoE layer and slot j >= 1: the ``quantile`` of w_j / w_0 over ``ids``, among kept experts.
 
     The same rule as :func:`moe_fast.calibrate_skipping` on the pruned checkpoint
-    (:func:`moe_fast.skipping.quantile_betas`): ratios of the (unskipped) routing weights, each
+    (:func:`moe_fast.serving.skipping.quantile_betas`): ratios of the (unskipped) routing weights, each
     layer seeing the inputs of the pruned, unskipped model.
     """
     ratios: dict[int, list[torch.Tensor]] = {}

@@ -2,7 +2,7 @@
 
 ``builtin:small-mixtral`` names the checkpoint in ``moe_fast/models/small_mixtral/`` (8 experts,
 top-2) and ``builtin:small-qwen3-moe`` the one in ``moe_fast/models/small_qwen3_moe/`` (a
-fine-grained Qwen3-MoE), both trained by :mod:`moe_fast.models.train_small` on the built-in
+fine-grained Qwen3-MoE), both trained by ``scripts/train_small_models.py`` on the built-in
 corpora (each directory's ``training_info.json`` holds the exact command). Anything else is
 passed to transformers as a path or hub id.
 """
@@ -34,7 +34,7 @@ def resolve_model(spec: str) -> str:
         if not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(
                 f"the built-in model {name!r} is missing from {path!r}; rebuild it with "
-                "`python -m moe_fast.models.train_small`"
+                "`python scripts/train_small_models.py`"
             )
         return path
     return spec

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import ops
+from moe_fast.kernels import ops
 from moe_fast.adapters import MoEAdapter
-from moe_fast.layer_routing import layer_routing, unpruned_weights
+from moe_fast.routing.layer_routing import layer_routing, unpruned_weights
 
 
 @dataclass

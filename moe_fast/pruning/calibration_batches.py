@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast.calibration import calibration_fingerprint, load_calibration
-from moe_fast.loading import load_tokenizer
+from moe_fast.data.calibration import calibration_fingerprint, load_calibration
+from moe_fast.checkpoint.loading import load_tokenizer
 from moe_fast.pruning.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def load_batches(
     seed: int,
     limits: tuple[int | None, int | None] = (None, None),
 ) -> CalibrationBatches:
-    """Loads the calibration ids (``moe_fast.calibration.load_calibration``) and describes them;
+    """Loads the calibration ids (``moe_fast.data.calibration.load_calibration``) and describes them;
     ``limits`` (the model's vocab size and max_position_embeddings) refuse ids it cannot take."""
     ids = load_calibration(calibration, tokenizer, n_samples, seq_len, seed, *limits)
     n, length = ids.shape

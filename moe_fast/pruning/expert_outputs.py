@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moe_fast import ops, routing_runtime
+from moe_fast.kernels import ops
+from moe_fast.routing import runtime as routing_runtime
 from moe_fast.adapters import MoEAdapter
-from moe_fast.layer_routing import ranked_ids
-from moe_fast.masked_forward import run_experts
+from moe_fast.routing.layer_routing import ranked_ids
+from moe_fast.routing.masked_forward import run_experts
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
-from moe_fast.routing_spec import RoutingSpec
+from moe_fast.kernels.routing_spec import RoutingSpec
 
 
 def ranked_plan(

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import routing_runtime
+from moe_fast.routing import runtime as routing_runtime
 from moe_fast.adapters import MoEAdapter
-from moe_fast.layer_routing import route_candidates
+from moe_fast.routing.layer_routing import route_candidates
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
 from moe_fast.pruning.lazy_outputs import run_pairs
-from moe_fast.routing_spec import RoutingSpec
+from moe_fast.kernels.routing_spec import RoutingSpec
 
 GATHER_ELEMENTS = 1 << 23  # float64 elements of one gathered [C, n, k, H] block (64 MiB)
 

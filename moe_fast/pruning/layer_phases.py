@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter
-from moe_fast.masked_forward import MaskedForward
-from moe_fast.memory import release_freed_memory
+from moe_fast.routing.masked_forward import MaskedForward
+from moe_fast.host.ram import release_freed_memory
 from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.hidden_states import HiddenStates
 from moe_fast.pruning.report import LayerResult

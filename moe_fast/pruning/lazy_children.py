@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_fast import ops, routing_runtime
+from moe_fast.kernels import ops
+from moe_fast.routing import runtime as routing_runtime
 from moe_fast.pruning.lazy_outputs import LazyOutputs
 
 def first_kept(order: torch.Tensor, dropped: torch.Tensor, n: int) -> torch.Tensor:

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_fast import ops, routing_runtime
+from moe_fast.kernels import ops
+from moe_fast.routing import runtime as routing_runtime
 from moe_fast.adapters import MoEAdapter
 from moe_fast.pruning.block_recorder import BlockRecorder, RecordedChunk
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from moe_fast.memory import peak_rss_bytes
+from moe_fast.host.ram import peak_rss_bytes
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

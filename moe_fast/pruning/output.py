@@ -1,6 +1,6 @@
 """What a pruning run leaves behind: the pruned checkpoint with its report, and the pruned model.
 
-The checkpoint is written into a fresh directory beside ``out`` (``moe_fast.staging.staged_directory``),
+The checkpoint is written into a fresh directory beside ``out`` (``moe_fast.checkpoint.staging.staged_directory``),
 verified there (every shard its index names present, with its tensors and size; config and
 report present) and only then moved to ``out`` in one rename: ``out`` never holds a partial export.
 """
@@ -15,15 +15,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moe_fast import export, loading
-from moe_fast.checkpoint_check import verify_checkpoint
+from moe_fast.pruning import export
+from moe_fast.checkpoint import loading
+from moe_fast.checkpoint.verify import verify_checkpoint
 from moe_fast.models import quiet_loading
 from moe_fast.pruning.memory import Timings, peak_memory
 from moe_fast.pruning.progress import naming_errors
 from moe_fast.pruning.repair import apply_repaired
 from moe_fast.pruning.report import REPORT_NAME, PruneReport
 from moe_fast.pruning.source import LayerSource
-from moe_fast.staging import staged_directory
+from moe_fast.checkpoint.staging import staged_directory
 
 
 def finish_report(report: PruneReport, clock: Timings, device: torch.device) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_fast.pruning import distributed
-from moe_fast.model_checks import check_device, model_limits
+from moe_fast.checkpoint.preflight import check_device, model_limits
 from moe_fast.pruning.carried_states import load_states, remove_other_states, restore, save_states
 from moe_fast.pruning.calibration_batches import check_same_on_all_ranks, find_tokenizer, load_batches, needs_tokenizer
 from moe_fast.pruning.hidden_states import HiddenStates
@@ -87,7 +87,7 @@ def prune(
         model_or_path: a loaded transformers model (pruned in place) or a checkpoint directory
             (streamed one layer at a time; the returned model is loaded from ``out``, or None with
             ``return_model=False``).
-        calibration: a spec for :func:`moe_fast.calibration.load_calibration` or ids [n, L].
+        calibration: a spec for :func:`moe_fast.data.calibration.load_calibration` or ids [n, L].
         keep: R, experts kept per layer (top-k <= R < E). A grouped router (``topk_group < n_group``)
             keeps R / n_group experts in every group and is searched over such sets only
             (``grouped_search``); a keep it cannot have is refused before any forward.

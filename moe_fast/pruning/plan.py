@@ -17,7 +17,7 @@ import os
 import torch
 
 from moe_fast.adapters import get_adapter
-from moe_fast.loading import resolve_dtype
+from moe_fast.checkpoint.loading import resolve_dtype
 from moe_fast.pruning.grouped_search import balanced_count
 from moe_fast.pruning.settings import check_grouped_keep, grouped_routing
 

@@ -2,7 +2,7 @@
 
 Every finished layer is saved to ``progress.json`` there, with the hidden states carried past it
 (``carried_states``), so that ``resume=True`` continues after an interruption with the same
-settings exactly as the interrupted run would have. The folder's lock (``moe_fast.staging.FolderLock``) is
+settings exactly as the interrupted run would have. The folder's lock (``moe_fast.checkpoint.staging.FolderLock``) is
 held from the start of a run to its end, so two runs into one ``out`` never interleave; a run that
 fails keeps the folder (and its progress), a run that finishes removes it.
 """
@@ -18,7 +18,7 @@ from typing import Iterator
 
 from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.report import LayerResult, PruneReport, layer_dict
-from moe_fast.staging import LOCK_NAME, FolderBusy, FolderLock, describe_holder, remove_stale_stages
+from moe_fast.checkpoint.staging import LOCK_NAME, FolderBusy, FolderLock, describe_holder, remove_stale_stages
 
 log = logging.getLogger(__name__)
 

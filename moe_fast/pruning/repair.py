@@ -33,9 +33,9 @@ from torch import nn
 
 from moe_fast.adapters import MoEAdapter
 from moe_fast.adapters.base import MoEAdapter as _BaseAdapter
-from moe_fast.layer_routing import layer_routing, route_masked
-from moe_fast.masked_forward import MaskedForward
-from moe_fast.memory import available_ram_bytes
+from moe_fast.routing.layer_routing import layer_routing, route_masked
+from moe_fast.routing.masked_forward import MaskedForward
+from moe_fast.host.ram import available_ram_bytes
 from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.hidden_states import HiddenStates
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter
-from moe_fast.layer_routing import layer_routing, route_masked
-from moe_fast.masked_forward import MaskedForward
+from moe_fast.routing.layer_routing import layer_routing, route_masked
+from moe_fast.routing.masked_forward import MaskedForward
 from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.hidden_states import HiddenStates
 from moe_fast.pruning.repair import RankSums, Rows, block_io, keep_if_lower, layer_losses, objective_loss, squared_error

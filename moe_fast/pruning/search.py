@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from moe_fast import ops
-from moe_fast.routing_spec import RoutingSpec
+from moe_fast.kernels import ops
+from moe_fast.kernels.routing_spec import RoutingSpec
 
 Dropped = tuple[int, ...]
 Scorer = Callable[[Sequence[Dropped]], list[float]]

@@ -12,7 +12,7 @@ from moe_fast.adapters import MoEAdapter
 from moe_fast.pruning.grouped_search import balanced_count
 from moe_fast.pruning.search import choose_search
 from moe_fast.pruning.source import LayerSource
-from moe_fast.routing_spec import RoutingSpec
+from moe_fast.kernels.routing_spec import RoutingSpec
 
 MODES = ("layerwise", "progressive")
 OBJECTIVES = ("paper", "mse")

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter, get_adapter
-from moe_fast.loading import match_dequantized_experts, resolve_dtype
-from moe_fast.model_checks import check_model_dir
+from moe_fast.checkpoint.loading import match_dequantized_experts, resolve_dtype
+from moe_fast.checkpoint.preflight import check_model_dir
 from moe_fast.models import resolve_model
 
 log = logging.getLogger(__name__)

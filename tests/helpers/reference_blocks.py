@@ -4,7 +4,7 @@ The reference (the paper's skip rule) is written from the rule itself, not from 
 float64 softmax over all experts, top-k, slot j >= 1 dropped when ``w_j < beta_j * w_0``, the
 kept weights renormalized (or, without ``norm_topk_prob``, rescaled to the top-k's sum as in
 ``moe_fast.reference.route``), then a loop over experts with the stock weights.
-tests/test_reference_blocks.py checks it against stock transformers.
+tests/serving/test_reference_blocks.py checks it against stock transformers.
 """
 
 from __future__ import annotations

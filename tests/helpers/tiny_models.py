@@ -13,8 +13,8 @@ from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, Qwen2Mo
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # Families routed by a RoutingSpec other than plain softmax (issue 13): patching, skipping and
-# export are tested for them (tests/test_families_routing.py), their pruning search in
-# tests/test_prune_routing_families.py and, with expert groups, tests/test_prune_grouped_routers.py;
+# export are tested for them (tests/adapters/test_families_routing.py), their pruning search in
+# tests/pruning/test_prune_routing_families.py and, with expert groups, tests/pruning/test_prune_grouped_routers.py;
 # they stay out of FAMILIES, which the softmax pruning tests iterate.
 ROUTING_FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss"]
 VOCAB = 96

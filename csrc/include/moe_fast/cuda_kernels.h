@@ -7,7 +7,7 @@
 // the validate_* function for the message). Conditions on device data (ids ranked, group ids in
 // range, candidate sizes) cannot be read without a synchronization: the caller guarantees them
 // (the torch binding checks them on the device). Semantics are those
-// of the CPU kernels in kernels.h (specified by moe_fast/reference.py); workspaces are allocated by
+// of the CPU kernels in kernels.h (specified by moe_fast/kernels/reference.py); workspaces are allocated by
 // the caller (the torch binding uses the caching allocator).
 #pragma once
 #include <cuda_runtime_api.h>

@@ -2,7 +2,7 @@
 //
 // Everything here works on raw pointers so that other MoE projects, the C++ tests and the CUDA
 // sources can use the kernels without torch. The torch bindings in csrc/bindings/ check every
-// tensor and call these; the exact semantics are specified by moe_fast/reference.py.
+// tensor and call these; the exact semantics are specified by moe_fast/kernels/reference.py.
 //
 // Errors. The whole-op entry points check their arguments against the kernels' limits before
 // touching memory and report instead of computing wrong numbers:
@@ -43,7 +43,7 @@ struct RouteArgs {
   const uint8_t* keep = nullptr;
 };
 
-// Op 1 for any router (docs/ROUTING.md; semantics: route_spec in moe_fast/reference.py): the
+// Op 1 for any router (docs/ROUTING.md; semantics: route_spec in moe_fast/kernels/reference.py): the
 // scoring, a selection bias, expert groups and a scaling factor on top of RouteArgs. Same
 // outputs as Op 1. The skip test compares log-weights (rules.h: skips_by_log_ratio): the logits
 // for the softmax scorings (exactly Op 1's rule), the logs of the float32 sigmoid scores for

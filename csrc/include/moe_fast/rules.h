@@ -3,7 +3,7 @@
 // the skip threshold and route's slot weights, the experts a candidate keeps among a token's
 // ranked ones, what a candidate keep-set may drop, and the general router's rules (sigmoid
 // scores, group scores and eligibility, routing keys, the skip test on log-weights). Plain C++ callable from host and device
-// code (MOE_FAST_HD); no torch header. moe_fast/reference.py states the same rules in PyTorch;
+// code (MOE_FAST_HD); no torch header. moe_fast/kernels/reference.py states the same rules in PyTorch;
 // docs/ARCHITECTURE.md says where each layer sits.
 #pragma once
 #include <cfloat>
@@ -159,7 +159,7 @@ inline bool candidate_drops_within_rank(int64_t kept, int64_t num_experts, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// Routing descriptors (docs/ROUTING.md; semantics: route_spec in moe_fast/reference.py): the
+// Routing descriptors (docs/ROUTING.md; semantics: route_spec in moe_fast/kernels/reference.py): the
 // rules of the general route kernels (csrc/cpu/route_spec.cpp, csrc/cuda/route_spec.cu).
 // ---------------------------------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ MOE_FAST_HD void sigmoid_slot_weights(const float (&s)[N], int32_t k, bool has_s
 
 // ---------------------------------------------------------------------------------------------
 // subset_loss for a routing descriptor without groups (csrc/cpu/subset_loss.cpp,
-// csrc/cuda/subset_loss.cu; semantics: subset_weights_spec in moe_fast/reference.py). A candidate
+// csrc/cuda/subset_loss.cu; semantics: subset_weights_spec in moe_fast/kernels/reference.py). A candidate
 // routes a token to the first k kept experts of its ranked row; only the weights depend on the
 // scoring.
 // ---------------------------------------------------------------------------------------------

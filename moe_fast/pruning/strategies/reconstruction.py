@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moe_fast.adapters import MoEAdapter
-from moe_fast.layer_routing import layer_routing
+from moe_fast.routing.layer_routing import layer_routing
 from moe_fast.pruning.distributed import Dist
 from moe_fast.pruning.expert_outputs import LayerStats, StatsForward
 from moe_fast.pruning.grouped_outputs import GroupedOutputs, GroupedRecorder
