@@ -2,7 +2,7 @@
 
 One Mixtral-shaped random-weight model whose experts dominate the cost (default hidden 1024, expert
 width 3584, 4 layers, 8 experts, top-2, bf16), no tokenizer (token ids are fed). Each row is its own
-``vllm.LLM`` on the same engine settings (bf16, eager, same batch limits), in a child process (this
+``vllm.LLM`` on the same engine settings (bf16, eager or ``--compile``, same batch limits), in a child process (this
 script with ``--child``), with moe_fast's plugin doing the skipping. Per row: offline prefill
 throughput (``--prompts`` prompts of ``--prompt-len`` tokens, one new token each), decode throughput
 (``--seqs`` sequences of 16-token prompts, ``--new-tokens`` new tokens each, EOS ignored; tokens/s
@@ -15,6 +15,10 @@ but not the cost.
     python benchmarks/bench_vllm.py --quick              # a small smoke run
     python benchmarks/bench_vllm.py --json out.json --workdir /tmp/bench_vllm
     OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --clock cpu     # on a busy shared machine
+    OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --clock cpu --compile --rounds 2   # compiled mode
+
+``--compile`` serves every row in vLLM's compiled mode (torch.compile/inductor on CPU) instead of
+eager; ``--rounds N`` runs each row's engine N times in alternating row order and reports medians.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement (the median is reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="engines per row: the rows run this many times, in alternating order (forward, reverse, ...), "
+                   "and each number is the median over rounds (load that changes during a run hits every row)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU seconds (all its threads; the model runs in it), steadier than "
                    "wall-clock when other jobs share the cores (use with OMP_NUM_THREADS=1)")
@@ -226,9 +233,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     folders = build_checkpoints(args, root)
     print(f"checkpoints built in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
-    results = {}
-    for row in args.rows:
-        out = os.path.join(root, f"{row.replace(' ', '_').replace('+', 'and')}.json")
+    rounds: dict[str, list[dict]] = {row: [] for row in args.rows}
+    order = [row for r in range(args.rounds) for row in (args.rows if r % 2 == 0 else args.rows[::-1])]
+    for row in order:
+        out = os.path.join(root, f"{row.replace(' ', '_').replace('+', 'and')}.{len(rounds[row])}.json")
         child = [sys.executable, os.path.abspath(__file__), "--child", f"{folders[row]}::{out}"] + [a for a in (argv or sys.argv[1:])]
         t = time.perf_counter()
         proc = subprocess.run(child, env=os.environ | CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -238,13 +246,17 @@ def main(argv=None) -> int:
         with open(out[: -len(".json")] + ".log", "w") as f:  # the engine's own log (compilation, warnings)
             f.write(proc.stdout)
         with open(out) as f:
-            results[row] = json.load(f)
-        print(f"{row}: {time.perf_counter() - t:.0f} s", flush=True)
+            rounds[row].append(json.load(f))
+        r = rounds[row][-1]
+        print(f"{row} (round {len(rounds[row])}): {time.perf_counter() - t:.0f} s; prefill {r['prefill_tok_s']:.0f} tok/s, "
+              f"decode {r['decode_tok_s']:.1f} tok/s", flush=True)
+    # the median of each number over the rounds
+    results = {row: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for row, rs in rounds.items()}
     base = results[args.rows[0]]
     print(
         f"\nbench_vllm: Mixtral-shaped hidden {args.hidden}, expert width {args.ffn}, {args.layers} layers, 8 experts top-2, "
         f"bf16, vLLM {'compiled' if args.compile else 'eager'}; prefill {args.prompts} x {args.prompt_len} tokens, decode {args.seqs} seqs x {args.new_tokens} new tokens; "
-        f"medians of {args.repeats}, {args.clock} clock; torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}\n"
+        f"medians of {args.repeats} runs x {args.rounds} rounds (rows in alternating order), {args.clock} clock; torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}\n"
     )
     head = ["row", "prefill tok/s", "x", "decode tok/s", "x", "skip rate (prefill/decode)", "expert rows/token",
             "time in experts (prefill/decode)", "experts touched/step (prefill/decode)", "weights MiB"]
@@ -260,7 +272,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": results}, f, indent=2)
+            json.dump({"args": vars(args), "rows": results, "rounds": rounds}, f, indent=2)
     return 0
 
 

@@ -13,8 +13,9 @@ Compiled mode (vLLM without ``enforce_eager``): on CPU, vLLM 0.32 calls a MoE la
 (``_moe_forward``) directly, so Dynamo traces into it and fails on the rule's data-dependent steps
 (the counters' ``int``, ``nonzero``, the survivors' row count). A skipping layer is therefore
 entered through vLLM's own opaque custom op (``torch.ops.vllm.moe_forward``, what vLLM uses on CUDA;
-``opaque_entry``): the compiled graph calls it, and inside it the rule and the survivors run eagerly,
-as in eager mode. Attention, norms and the rest of the model are compiled.
+``opaque_entry``, in compiled mode only: eager mode keeps vLLM's direct call): the compiled graph
+calls it, and inside it the rule and the survivors run eagerly, as in eager mode. Attention, norms
+and the rest of the model are compiled.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def opaque_entry(runner: Any) -> None:
     entry = getattr(runner, "_forward_entry", None)
     if entry is not None and ops.get(entry) is not None:
         runner._forward_entry = ops[entry]
+
+
+def _compiled() -> bool:
+    """Whether vLLM compiles this model (``enforce_eager`` sets the compilation mode to NONE)."""
+    from vllm.config import CompilationMode, get_current_vllm_config
+
+    return get_current_vllm_config().compilation_config.mode != CompilationMode.NONE
 
 
 def attach(runner: Any, skip: ServingSkip, seen: set[int]) -> None:
@@ -116,7 +124,8 @@ def attach(runner: Any, skip: ServingSkip, seen: set[int]) -> None:
             "(monolithic); the plugin cannot skip there"
         )
 
-    opaque_entry(runner)
+    if _compiled():
+        opaque_entry(runner)
     router.select_experts = skipping_select_experts
     experts.forward_modular = survivors_forward_modular
     experts.forward_monolithic = refuse_monolithic
