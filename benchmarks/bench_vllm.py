@@ -2,7 +2,7 @@
 
 One Mixtral-shaped random-weight model whose experts dominate the cost (default hidden 1024, expert
 width 3584, 4 layers, 8 experts, top-2, bf16), no tokenizer (token ids are fed). Each row is its own
-``vllm.LLM`` on the same engine settings (bf16, eager, same batch limits), in a child process (this
+``vllm.LLM`` on the same engine settings (bf16, eager or ``--compile``, same batch limits), in a child process (this
 script with ``--child``), with moe_fast's plugin doing the skipping. Per row: offline prefill
 throughput (``--prompts`` prompts of ``--prompt-len`` tokens, one new token each), decode throughput
 (``--seqs`` sequences of 16-token prompts, ``--new-tokens`` new tokens each, EOS ignored; tokens/s
@@ -15,6 +15,10 @@ but not the cost.
     python benchmarks/bench_vllm.py --quick              # a small smoke run
     python benchmarks/bench_vllm.py --json out.json --workdir /tmp/bench_vllm
     OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --clock cpu     # on a busy shared machine
+    OMP_NUM_THREADS=1 python benchmarks/bench_vllm.py --clock cpu --compile --rounds 2   # compiled mode
+
+``--compile`` serves every row in vLLM's compiled mode (torch.compile/inductor on CPU) instead of
+eager; ``--rounds N`` runs each row's engine N times in alternating row order and reports medians.
 """
 
 from __future__ import annotations
@@ -51,14 +55,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement (the median is reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="engines per row: the rows run this many times, in alternating order (forward, reverse, ...), "
+                   "and each number is the median over rounds (load that changes during a run hits every row)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: this process's CPU seconds (all its threads; the model runs in it), steadier than "
                    "wall-clock when other jobs share the cores (use with OMP_NUM_THREADS=1)")
+    p.add_argument("--compile", action="store_true",
+                   help="serve in vLLM's compiled mode (torch.compile/inductor on CPU) instead of enforce_eager")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="comma-separated subset of the rows (default all: %(default)s); the first is the baseline of x")
     p.add_argument("--quick", action="store_true", help="hidden 256, ffn 512, 2 layers, 8 x 128 prompts, 8 x 16 new tokens")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
     if args.quick:
         args.hidden, args.ffn, args.layers, args.prompts, args.prompt_len, args.seqs, args.new_tokens = 256, 512, 2, 8, 128, 8, 16
         args.repeats = 1
@@ -118,19 +133,35 @@ def weight_bytes(folder: str) -> int:
 CLOCK = time.perf_counter
 
 
-def time_expert_calls() -> dict[str, float]:
-    """Wraps vLLM's expert call (``RoutedExperts.forward_modular``) to sum its seconds (bench-only)."""
+def time_expert_calls(compiled: bool) -> dict[str, float]:
+    """Wraps vLLM's expert call (``RoutedExperts.forward_modular``) to sum its seconds (bench-only).
+
+    Compiled: a clock cannot run inside a Dynamo-traced graph, so every row's MoE layers are entered
+    through vLLM's opaque custom op (``torch.ops.vllm.moe_forward``, what the plugin does for skipping
+    layers, ``moe_fast.serving.vllm_plugin.layer_hooks.opaque_entry``): the rows stay comparable, and the rest
+    of the model (attention, norms, lm_head) is compiled.
+    """
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    spent = {"seconds": 0.0}
+    import torch
+
+    if compiled:
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+        MoERunner._select_forward = lambda self: torch.ops.vllm.moe_forward if self._shared_experts is None else torch.ops.vllm.moe_forward_shared
+
+    spent = {"seconds": 0.0, "calls": 0, "experts_touched": 0}
     inner = RoutedExperts.forward_modular
 
-    def timed(self, *a, **k):
+    def timed(self, x, topk_weights, topk_ids, *a, **k):
         t = CLOCK()
         try:
-            return inner(self, *a, **k)
+            return inner(self, x, topk_weights, topk_ids, *a, **k)
         finally:
             spent["seconds"] += CLOCK() - t
+            # experts whose weights this call reads (the survivors' ids when the plugin skips), untimed
+            spent["calls"] += 1
+            spent["experts_touched"] += int(torch.unique(topk_ids).numel())
 
     RoutedExperts.forward_modular = timed
     return spent
@@ -143,9 +174,9 @@ def run_row(args, folder: str) -> dict:
 
     from moe_fast.serving.vllm_plugin import stats
 
-    spent = time_expert_calls()
+    spent = time_expert_calls(args.compile)
     llm = LLM(
-        model=folder, dtype="bfloat16", enforce_eager=True, skip_tokenizer_init=True, seed=0,
+        model=folder, dtype="bfloat16", enforce_eager=not args.compile, skip_tokenizer_init=True, seed=0,
         max_model_len=args.prompt_len + 16, max_num_seqs=max(args.prompts, args.seqs), max_num_batched_tokens=8192,
         enable_prefix_caching=False,
     )
@@ -158,10 +189,11 @@ def run_row(args, folder: str) -> dict:
 
     def timed(prompts, params) -> tuple[float, float, dict]:
         stats.reset()
-        spent["seconds"] = 0.0
+        spent.update(seconds=0.0, calls=0, experts_touched=0)
         t = CLOCK()
         llm.generate(prompts, params, use_tqdm=False)
-        return CLOCK() - t, spent["seconds"], stats.snapshot()
+        elapsed = CLOCK() - t
+        return elapsed, spent["seconds"], stats.snapshot(), spent["experts_touched"] / max(spent["calls"], 1)
 
     pre = [timed(prefill, one) for _ in range(args.repeats)]
     dec = [timed(decode, many) for _ in range(args.repeats)]
@@ -178,6 +210,8 @@ def run_row(args, folder: str) -> dict:
         "skip_rate_decode": stats.skip_rate(dec[0][2]) if dec[0][2] else 0.0,
         "expert_rows_per_token": rows / tokens if counts else 2.0,  # no record: the plugin is idle, top-2 rows
         "weight_bytes": weight_bytes(folder),
+        "experts_touched_prefill": pre[0][3],  # per layer call (one engine step), of 8 (6 pruned)
+        "experts_touched_decode": dec[0][3],
     }
 
 
@@ -199,38 +233,46 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     folders = build_checkpoints(args, root)
     print(f"checkpoints built in {time.perf_counter() - t0:.0f} s under {root}", flush=True)
-    results = {}
-    for row in ROWS:
-        out = os.path.join(root, f"{row.replace(' ', '_').replace('+', 'and')}.json")
+    rounds: dict[str, list[dict]] = {row: [] for row in args.rows}
+    order = [row for r in range(args.rounds) for row in (args.rows if r % 2 == 0 else args.rows[::-1])]
+    for row in order:
+        out = os.path.join(root, f"{row.replace(' ', '_').replace('+', 'and')}.{len(rounds[row])}.json")
         child = [sys.executable, os.path.abspath(__file__), "--child", f"{folders[row]}::{out}"] + [a for a in (argv or sys.argv[1:])]
         t = time.perf_counter()
         proc = subprocess.run(child, env=os.environ | CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
             print(proc.stdout[-5000:], file=sys.stderr)
             raise SystemExit(f"bench_vllm: the {row!r} engine failed (rc {proc.returncode})")
+        with open(out[: -len(".json")] + ".log", "w") as f:  # the engine's own log (compilation, warnings)
+            f.write(proc.stdout)
         with open(out) as f:
-            results[row] = json.load(f)
-        print(f"{row}: {time.perf_counter() - t:.0f} s", flush=True)
-    base = results["unpruned"]
+            rounds[row].append(json.load(f))
+        r = rounds[row][-1]
+        print(f"{row} (round {len(rounds[row])}): {time.perf_counter() - t:.0f} s; prefill {r['prefill_tok_s']:.0f} tok/s, "
+              f"decode {r['decode_tok_s']:.1f} tok/s", flush=True)
+    # the median of each number over the rounds
+    results = {row: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for row, rs in rounds.items()}
+    base = results[args.rows[0]]
     print(
         f"\nbench_vllm: Mixtral-shaped hidden {args.hidden}, expert width {args.ffn}, {args.layers} layers, 8 experts top-2, "
-        f"bf16, vLLM eager; prefill {args.prompts} x {args.prompt_len} tokens, decode {args.seqs} seqs x {args.new_tokens} new tokens; "
-        f"medians of {args.repeats}, {args.clock} clock; torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}\n"
+        f"bf16, vLLM {'compiled' if args.compile else 'eager'}; prefill {args.prompts} x {args.prompt_len} tokens, decode {args.seqs} seqs x {args.new_tokens} new tokens; "
+        f"medians of {args.repeats} runs x {args.rounds} rounds (rows in alternating order), {args.clock} clock; torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d')}\n"
     )
     head = ["row", "prefill tok/s", "x", "decode tok/s", "x", "skip rate (prefill/decode)", "expert rows/token",
-            "time in experts (prefill/decode)", "weights MiB"]
+            "time in experts (prefill/decode)", "experts touched/step (prefill/decode)", "weights MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, r in results.items():
         lines.append(
             f"| {row} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['decode_tok_s']:.1f} | "
             f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['skip_rate_prefill']:.1%} / {r['skip_rate_decode']:.1%} | "
             f"{r['expert_rows_per_token']:.2f} | {r['prefill_expert_share']:.0%} / {r['decode_expert_share']:.0%} | "
+            f"{r.get('experts_touched_prefill', float('nan')):.2f} / {r.get('experts_touched_decode', float('nan')):.2f} | "
             f"{r['weight_bytes'] / 2**20:.0f} |"
         )
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": results}, f, indent=2)
+            json.dump({"args": vars(args), "rows": results, "rounds": rounds}, f, indent=2)
     return 0
 
 

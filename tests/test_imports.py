@@ -146,9 +146,6 @@ def test_library_code_runs_no_part_of_the_spec():
     assert f"{PACKAGE}.routing.runtime" in import_graph()[f"{PACKAGE}.routing.layer_routing"]
 
 
-# Folders the header rule below does not cover yet: moe_fast/serving/vllm_plugin/ is being edited on another
-# branch (its imports of moe_fast modules inside functions are left to that work).
-NOT_YET_CHECKED = ("vllm_plugin",)
 # Why an import of a moe_fast module may stay inside a function, said on its line: "# lazy: ..." (kept
 # out of a start-up: transformers out of `import moe_fast`, the jobs out of the CLI's parser),
 # "# cycle: ..." (the module named imports this one) or "# optional ...".
@@ -184,7 +181,6 @@ def test_imports_of_moe_fast_modules_sit_in_the_header():
     wrong = [
         f"{path.relative_to(PACKAGE_DIR.parent)}:{line}"
         for module, path in module_names().items()
-        if not any(part in NOT_YET_CHECKED for part in path.relative_to(PACKAGE_DIR).parts)
         for line in local_imports_without_a_reason(path, module)
     ]
     assert not wrong, "imports of moe_fast modules inside functions, with no '# lazy:'/'# cycle:' reason: " + ", ".join(wrong)

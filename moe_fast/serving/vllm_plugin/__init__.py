@@ -14,6 +14,6 @@ __all__ = ["register"]
 
 def register() -> None:
     """vLLM's entry point: installs the load-time hooks (idempotent; cheap when no record asks)."""
-    from moe_fast.serving.vllm_plugin import hooks
+    from moe_fast.serving.vllm_plugin import hooks  # lazy: entry-point discovery imports this package; the hooks load when vLLM registers them
 
     hooks.install()

@@ -8,6 +8,14 @@ experts, moe_fast's mark) and the layer's experts are called on the surviving (t
 only, as top-1 rows, and their outputs summed back per token. Nothing new runs on the device: the
 same expert kernels see fewer rows. On CUDA the same Python path runs (unverified until a GPU run;
 its data-dependent row count needs eager mode, no CUDA graphs).
+
+Compiled mode (vLLM without ``enforce_eager``): on CPU, vLLM 0.32 calls a MoE layer's Python forward
+(``_moe_forward``) directly, so Dynamo traces into it and fails on the rule's data-dependent steps
+(the counters' ``int``, ``nonzero``, the survivors' row count). A skipping layer is therefore
+entered through vLLM's own opaque custom op (``torch.ops.vllm.moe_forward``, what vLLM uses on CUDA;
+``opaque_entry``, in compiled mode only: eager mode keeps vLLM's direct call): the compiled graph
+calls it, and inside it the rule and the survivors run eagerly, as in eager mode. Attention, norms
+and the rest of the model are compiled.
 """
 
 from __future__ import annotations
@@ -30,6 +38,31 @@ def layer_index(layer_name: str) -> int:
     if match is None:
         raise SkipRecordError(f"moe_fast vLLM plugin: cannot tell the decoder layer of MoE module {layer_name!r}")
     return int(match.group(1))
+
+
+def opaque_entry(runner: Any) -> None:
+    """Enters ``runner``'s MoE forward through vLLM's opaque custom op, so that Dynamo does not trace the skipping.
+
+    vLLM 0.32 picks ``_moe_forward`` (plain Python) on CPU and ``torch.ops.vllm.moe_forward`` (the same
+    function registered as a custom op, with a fake implementation for tracing) elsewhere; both call
+    ``runner._forward_impl``. Anything else (another vLLM layout) is left as it is.
+    """
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    ops = {
+        getattr(moe_runner, "_moe_forward", None): getattr(torch.ops.vllm, "moe_forward", None),
+        getattr(moe_runner, "_moe_forward_shared", None): getattr(torch.ops.vllm, "moe_forward_shared", None),
+    }
+    entry = getattr(runner, "_forward_entry", None)
+    if entry is not None and ops.get(entry) is not None:
+        runner._forward_entry = ops[entry]
+
+
+def _compiled() -> bool:
+    """Whether vLLM compiles this model (``enforce_eager`` sets the compilation mode to NONE)."""
+    from vllm.config import CompilationMode, get_current_vllm_config
+
+    return get_current_vllm_config().compilation_config.mode != CompilationMode.NONE
 
 
 def attach(runner: Any, skip: ServingSkip, seen: set[int]) -> None:
@@ -91,6 +124,8 @@ def attach(runner: Any, skip: ServingSkip, seen: set[int]) -> None:
             "(monolithic); the plugin cannot skip there"
         )
 
+    if _compiled():
+        opaque_entry(runner)
     router.select_experts = skipping_select_experts
     experts.forward_modular = survivors_forward_modular
     experts.forward_monolithic = refuse_monolithic

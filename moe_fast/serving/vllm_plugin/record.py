@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moe_fast.adapters import get_adapter
 from moe_fast.serving.betas import layer_betas
 from moe_fast.checkpoint.config_record import CONFIG_KEY, SKIP_RECORD_VERSION as RECORD_VERSION, SKIPPING_KEY
 # moe_fast's families, whose routers vLLM serves through its fused-MoE layer.
@@ -60,8 +61,6 @@ def read_serving_skip(hf_config: Any, checkpoint: str) -> ServingSkip | None:
             f"{where}: model_type {model_type!r} is not a family the moe_fast vLLM plugin skips in "
             f"(covered: {', '.join(SERVED_MODEL_TYPES)})"
         )
-    from moe_fast.adapters import get_adapter
-
     adapter = get_adapter(hf_config)
     k = adapter.top_k
     if k < 2:
